@@ -2,5 +2,6 @@
 //! long as the client keeps heartbeating.
 #![deny(unsafe_code)]
 
+pub mod engine;
 pub mod wheel;
 pub mod wire;

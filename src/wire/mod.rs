@@ -389,7 +389,7 @@ impl<'a> Message<'a> {
         }
     }
 
-    fn parse(kind: Kind, body: &'a [u8]) -> Result<Message<'a>, Error> {
+    pub(crate) fn parse(kind: Kind, body: &'a [u8]) -> Result<Message<'a>, Error> {
         let mut r = Reader { buf: body, kind };
         let message = match kind {
             Kind::Hello => Message::Hello {

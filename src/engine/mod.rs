@@ -1,0 +1,1229 @@
+//! The sans-IO session and task engine: every rule of the protocol, with no
+//! socket, thread or clock.
+//!
+//! The engine is a state machine in the style of quinn-proto. The caller owns
+//! the socket, the clock and the worker threads, and drives it with four
+//! inputs and three outputs:
+//!
+//! ```text
+//!            datagram bytes, source, now ──► handle_datagram ─┐
+//!                                  now ──► handle_timeout  ─┤      ┌─► poll_transmit: replies to send
+//!   task started / finished, now ──► handle_task_event ─────┼─► engine
+//!                                  now ──► begin_shutdown  ─┘      ├─► poll_effect: run / cancel a task
+//!                                                                  └─► poll_timeout: when to call again
+//! ```
+//!
+//! Time is a [`Timestamp`] in microseconds from an origin the caller picks
+//! (the server uses its start). It is converted to wheel [`Tick`]s in one
+//! place, [`Engine::tick_at_or_after`], which rounds deadlines *up*: a
+//! session whose last datagram arrived at `t` expires at the first tick
+//! boundary at or after `t + ttl`, so never early and at most one tick late
+//! if the caller calls [`Engine::handle_timeout`] when
+//! [`Engine::poll_timeout`] says.
+//!
+//! Sessions live in a slab; the session wheel is keyed by the slab index.
+//! Tasks live in a second slab, and a task id is `serial << 32 | index`, so
+//! finding a task is an index plus one comparison, and an id is never reused
+//! for another task. A session that ends while some of its tasks are still
+//! running stays in its slab slot (unreachable by lookup) until the last of
+//! them has reported its final state, so that state can still be pushed to
+//! the session's address under the session's own numbering.
+//!
+//! # DoS notes
+//!
+//! Every structure an unauthenticated peer can grow is bounded: live sessions
+//! (`max_sessions`, then REJECTED 6), remembered incarnations of ended
+//! sessions (`max_client_records`, oldest first), tasks waiting for a worker
+//! (`max_waiting_tasks`, REJECTED 2), unfinished tasks per session
+//! (`max_tasks_per_session`, REJECTED 3), remembered request ids per session,
+//! retained final states (`max_finished_tasks`, oldest first), and queued
+//! replies (`max_outbox_bytes`, excess dropped and counted).
+
+mod outbox;
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::net::SocketAddr;
+
+use slab::Slab;
+
+use crate::wheel::{Tick, Wheel, WheelKey};
+use crate::wire::{
+    self, CancelOutcome, CancelReason, Datagram, Flags, Header, MacKey, Message, RejectCode,
+    ReplayError, ReplayWindow, TaskReport,
+};
+use outbox::{Outbox, PeerAddr};
+
+type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// Microseconds since an origin chosen by the caller. The engine only ever
+/// compares and subtracts them; it never reads a clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Timestamp(pub u64);
+
+impl Timestamp {
+    /// `ms` milliseconds after the origin.
+    pub const fn from_millis(ms: u64) -> Timestamp {
+        Timestamp(ms * 1000)
+    }
+    /// Microseconds since the origin.
+    pub const fn as_micros(self) -> u64 {
+        self.0
+    }
+    /// `self` plus `ms` milliseconds.
+    #[must_use]
+    pub const fn plus_millis(self, ms: u64) -> Timestamp {
+        Timestamp(self.0 + ms * 1000)
+    }
+}
+
+/// A task's id on the wire: `serial << 32 | slab index`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TaskId(pub u64);
+
+impl TaskId {
+    fn index(self) -> usize {
+        (self.0 & 0xffff_ffff) as usize
+    }
+}
+
+impl fmt::Display for TaskId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// Index of a job in the [`JobTable`], and so in the worker pool's registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct JobId(pub u16);
+
+/// What a job accepts as payload; a SUBMIT outside it gets REJECTED 4.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PayloadRule {
+    /// Any payload.
+    Any,
+    /// Exactly this many bytes.
+    Exactly(usize),
+}
+
+impl PayloadRule {
+    fn admits(self, payload: &[u8]) -> bool {
+        match self {
+            PayloadRule::Any => true,
+            PayloadRule::Exactly(n) => payload.len() == n,
+        }
+    }
+}
+
+/// The names of the jobs the server can run, and what payload each takes.
+#[derive(Debug, Clone, Default)]
+pub struct JobTable {
+    jobs: Vec<(String, PayloadRule)>,
+}
+
+impl JobTable {
+    /// Adds a job; its [`JobId`] is its position. A name used twice keeps
+    /// the first.
+    pub fn add(&mut self, name: &str, rule: PayloadRule) -> JobId {
+        if let Some(id) = self.lookup(name) {
+            return id;
+        }
+        self.jobs.push((name.to_owned(), rule));
+        JobId((self.jobs.len() - 1) as u16)
+    }
+    /// The job called `name`.
+    pub fn lookup(&self, name: &str) -> Option<JobId> {
+        self.jobs
+            .iter()
+            .position(|(n, _)| n == name)
+            .map(|i| JobId(i as u16))
+    }
+    /// The name of `id`.
+    pub fn name(&self, id: JobId) -> &str {
+        self.jobs.get(usize::from(id.0)).map_or("?", |(n, _)| n)
+    }
+    fn rule(&self, id: JobId) -> PayloadRule {
+        self.jobs[usize::from(id.0)].1
+    }
+}
+
+/// The engine's settings. [`Config::default`] holds the server's defaults.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Length of a wheel tick in microseconds (whole milliseconds, ≥ 1 ms).
+    pub tick_us: u64,
+    /// TTL granted to a HELLO that asks for 0.
+    pub default_ttl_ms: u32,
+    /// Smallest TTL granted.
+    pub min_ttl_ms: u32,
+    /// Largest TTL granted.
+    pub max_ttl_ms: u32,
+    /// Live sessions at most; a HELLO past it gets REJECTED 6.
+    pub max_sessions: usize,
+    /// Unfinished tasks per session at most; a SUBMIT past it gets REJECTED 3.
+    pub max_tasks_per_session: usize,
+    /// Tasks scheduled or queued (not yet on a worker) at most; a SUBMIT
+    /// past it gets REJECTED 2.
+    pub max_waiting_tasks: usize,
+    /// Final task states retained at most (oldest dropped first).
+    pub max_finished_tasks: usize,
+    /// How long final states are kept, at least.
+    pub finished_retention_ms: u64,
+    /// Ended clients whose largest incarnation is remembered, at most.
+    pub max_client_records: usize,
+    /// How long an ended client's largest incarnation is remembered, at least.
+    pub client_memory_ms: u64,
+    /// Bytes of replies waiting to be sent, at most.
+    pub max_outbox_bytes: usize,
+    /// The shared secret; `None` runs keyless.
+    pub key: Option<MacKey>,
+    /// The jobs SUBMIT can name.
+    pub jobs: JobTable,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            tick_us: 10_000,
+            default_ttl_ms: 3_000,
+            min_ttl_ms: 100,
+            max_ttl_ms: 3_600_000,
+            max_sessions: 1_000_000,
+            max_tasks_per_session: 64,
+            max_waiting_tasks: 65_536,
+            max_finished_tasks: 100_000,
+            finished_retention_ms: 60_000,
+            max_client_records: 1_000_000,
+            client_memory_ms: 600_000,
+            max_outbox_bytes: 16 << 20,
+            key: None,
+            jobs: JobTable::default(),
+        }
+    }
+}
+
+/// A command for the worker pool.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Effect {
+    /// Queue this task for a worker. Report back with
+    /// [`TaskEvent::Started`] and [`TaskEvent::Finished`].
+    Run {
+        /// The task.
+        task: TaskId,
+        /// Which job.
+        job: JobId,
+        /// Its payload.
+        payload: Vec<u8>,
+    },
+    /// Flip this task's cancel flag. A queued task must then not start
+    /// (report [`TaskEvent::Finished`] with anything, or nothing at all); a
+    /// running one reports [`TaskEvent::Finished`] when it stops.
+    Cancel {
+        /// The task.
+        task: TaskId,
+        /// Why, for the task to read.
+        reason: CancelReason,
+    },
+}
+
+/// What a worker reports about a task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskEvent {
+    /// A worker took the task and is about to run it.
+    Started,
+    /// The job returned this result.
+    Finished(JobOutcome),
+}
+
+/// How a job ended, from the job's side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobOutcome {
+    /// It returned a result.
+    Done(Vec<u8>),
+    /// It returned an error, or panicked (the text says which).
+    Failed(String),
+}
+
+/// Why [`Engine::handle_datagram`] dropped a datagram without any reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Dropped {
+    /// Larger than 1200 bytes.
+    TooLarge,
+    /// Breaks a framing or body rule.
+    Malformed(wire::Error),
+    /// A server-to-client kind arrived at the server.
+    WrongDirection,
+    /// MAC missing, unexpected or wrong.
+    Auth(wire::Error),
+    /// Seen before or too old for the replay window.
+    Replay(ReplayError),
+    /// A HELLO whose incarnation is not larger than one already used.
+    StaleHello,
+}
+
+impl fmt::Display for Dropped {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Dropped::TooLarge => f.write_str("datagram too large"),
+            Dropped::Malformed(e) => write!(f, "malformed: {e}"),
+            Dropped::WrongDirection => f.write_str("server-to-client kind sent to the server"),
+            Dropped::Auth(e) => write!(f, "authentication: {e}"),
+            Dropped::Replay(e) => write!(f, "replay: {e}"),
+            Dropped::StaleHello => f.write_str("stale HELLO: incarnation not larger than before"),
+        }
+    }
+}
+
+impl std::error::Error for Dropped {}
+
+/// Counters, all monotonic except the `*_live`/`*_now` gauges.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Datagrams handed to the engine.
+    pub datagrams: u64,
+    /// Of those, accepted as part of a live session or opening one.
+    pub accepted: u64,
+    /// Heartbeats accepted.
+    pub heartbeats: u64,
+    /// Dropped: larger than 1200 bytes.
+    pub dropped_too_large: u64,
+    /// Dropped: broke a framing or body rule, or wrong direction.
+    pub dropped_malformed: u64,
+    /// Dropped: MAC missing, unexpected or wrong.
+    pub dropped_bad_mac: u64,
+    /// Dropped: replayed or too old.
+    pub dropped_replay: u64,
+    /// Dropped: stale HELLO.
+    pub dropped_stale_hello: u64,
+    /// Answered with UNKNOWN_SESSION.
+    pub unknown_session: u64,
+    /// Replies queued for sending.
+    pub replies: u64,
+    /// Replies dropped because the outbox was full.
+    pub replies_dropped: u64,
+    /// Sessions opened.
+    pub sessions_opened: u64,
+    /// Sessions ended by expiry.
+    pub sessions_expired: u64,
+    /// Sessions ended by BYE.
+    pub sessions_left: u64,
+    /// Sessions ended by a newer incarnation.
+    pub sessions_replaced: u64,
+    /// HELLOs refused for want of room.
+    pub sessions_refused: u64,
+    /// Tasks accepted.
+    pub tasks_accepted: u64,
+    /// SUBMITs rejected.
+    pub tasks_rejected: u64,
+    /// Tasks ended done.
+    pub tasks_done: u64,
+    /// Tasks ended failed.
+    pub tasks_failed: u64,
+    /// Tasks ended cancelled.
+    pub tasks_cancelled: u64,
+    /// Final states dropped before their retention ran out, for room.
+    pub finished_evicted_early: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RequestReply {
+    Accepted(TaskId),
+    Rejected(RejectCode),
+}
+
+/// What a session holds once it has submitted anything; idle sessions
+/// carry only the `None` of the box.
+#[derive(Debug, Default)]
+struct SessionWork {
+    /// Every request id answered, oldest first, bounded by `request_memory`.
+    requests: VecDeque<(u32, RequestReply)>,
+    unfinished: Vec<TaskId>,
+}
+
+#[derive(Debug)]
+struct Session {
+    client_id: u64,
+    incarnation: u64,
+    replay: ReplayWindow,
+    peer: PeerAddr,
+    tx_seq: u32,
+    ttl_ms: u32,
+    live: bool,
+    work: Option<Box<SessionWork>>,
+}
+
+impl Session {
+    /// The header of this session's next datagram to the client.
+    fn next_header(&mut self) -> Header {
+        self.tx_seq = self.tx_seq.wrapping_add(1).max(1);
+        Header {
+            flags: Flags::empty(),
+            client_id: self.client_id,
+            incarnation: self.incarnation,
+            seq: self.tx_seq,
+        }
+    }
+    fn unfinished(&self) -> usize {
+        self.work.as_ref().map_or(0, |w| w.unfinished.len())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TaskState {
+    Scheduled,
+    Queued,
+    Running,
+    Done,
+    Failed,
+    Cancelled(CancelReason),
+}
+
+impl TaskState {
+    fn is_final(self) -> bool {
+        matches!(
+            self,
+            TaskState::Done | TaskState::Failed | TaskState::Cancelled(_)
+        )
+    }
+}
+
+#[derive(Debug)]
+struct Task {
+    id: TaskId,
+    client_id: u64,
+    /// The owning session's slab index; meaningful while unfinished.
+    session: u32,
+    job: JobId,
+    state: TaskState,
+    /// Set when a running task has been told to stop; wins over whatever
+    /// the job returns afterwards.
+    cancelling: Option<CancelReason>,
+    deadline_ms: u32,
+    /// The payload until the task is queued, then the result or error text.
+    data: Vec<u8>,
+    ended_at: Timestamp,
+}
+
+impl Task {
+    fn report(&self) -> TaskReport<'_> {
+        match self.state {
+            TaskState::Scheduled => TaskReport::Scheduled,
+            TaskState::Queued => TaskReport::Queued,
+            TaskState::Running => TaskReport::Running,
+            TaskState::Done => TaskReport::Done(&self.data),
+            // Failed texts are stored already truncated to a valid length.
+            TaskState::Failed => {
+                TaskReport::Failed(std::str::from_utf8(&self.data).unwrap_or("error"))
+            }
+            TaskState::Cancelled(reason) => TaskReport::Cancelled(reason),
+        }
+    }
+}
+
+/// The sans-IO tether engine. See the module documentation.
+pub struct Engine {
+    config: Config,
+    now: Timestamp,
+    sessions: Slab<Session>,
+    live_by_client: FastMap<u64, u32>,
+    session_wheel: Wheel,
+    /// Largest incarnation of clients with no live session.
+    retired: FastMap<u64, (u64, Timestamp)>,
+    retired_order: VecDeque<(u64, u64, Timestamp)>,
+    tasks: Slab<Task>,
+    task_serial: u32,
+    /// Delay timers of scheduled tasks and deadlines of running ones.
+    task_wheel: Wheel,
+    finished_order: VecDeque<(TaskId, Timestamp)>,
+    waiting_tasks: usize,
+    unfinished_tasks: usize,
+    shutting_down: bool,
+    outbox: Outbox,
+    effects: VecDeque<Effect>,
+    expired_scratch: Vec<WheelKey>,
+    task_scratch: Vec<TaskId>,
+    stats: Stats,
+}
+
+impl Engine {
+    /// An engine whose clock starts at `now`.
+    pub fn new(config: Config, now: Timestamp) -> Engine {
+        assert!(
+            config.tick_us >= 1000 && config.tick_us % 1000 == 0,
+            "tick must be a whole number of milliseconds, got {} us",
+            config.tick_us
+        );
+        let start = Tick(now.0 / config.tick_us);
+        let mut session_wheel = Wheel::new(start);
+        // Reserve address space for every session up front so a HELLO never
+        // reallocates; pages are only touched as sessions arrive.
+        session_wheel.reserve_keys(config.max_sessions);
+        let outbox = Outbox::new(config.max_outbox_bytes);
+        Engine {
+            sessions: Slab::with_capacity(config.max_sessions.min(1 << 24)),
+            live_by_client: FastMap::default(),
+            session_wheel,
+            retired: FastMap::default(),
+            retired_order: VecDeque::new(),
+            tasks: Slab::new(),
+            task_serial: 0,
+            task_wheel: Wheel::new(start),
+            finished_order: VecDeque::new(),
+            waiting_tasks: 0,
+            unfinished_tasks: 0,
+            shutting_down: false,
+            outbox,
+            effects: VecDeque::new(),
+            expired_scratch: Vec::new(),
+            task_scratch: Vec::new(),
+            stats: Stats::default(),
+            now,
+            config,
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Live sessions.
+    pub fn live_sessions(&self) -> usize {
+        self.live_by_client.len()
+    }
+
+    /// Tasks not yet in a final state.
+    pub fn unfinished_tasks(&self) -> usize {
+        self.unfinished_tasks
+    }
+
+    /// Whether [`Engine::begin_shutdown`] has been called.
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down
+    }
+
+    /// Call for every datagram that arrives, with the time it was read.
+    /// Replies are queued for [`Engine::poll_transmit`] and task commands
+    /// for [`Engine::poll_effect`]. A dropped datagram changed nothing and
+    /// must not be answered.
+    pub fn handle_datagram(
+        &mut self,
+        now: Timestamp,
+        from: SocketAddr,
+        data: &[u8],
+    ) -> Result<(), Dropped> {
+        self.advance_clock(now);
+        self.stats.datagrams += 1;
+        let datagram = match Datagram::decode(data, self.config.key.as_ref()) {
+            Ok(d) => d,
+            Err(e) => return Err(self.count_drop(Self::classify(e))),
+        };
+        if !datagram.message.kind().is_from_client() {
+            return Err(self.count_drop(Dropped::WrongDirection));
+        }
+        let from = PeerAddr::from(from);
+        if let Message::Hello { ttl_ms, .. } = datagram.message {
+            return self.on_hello(&datagram.header, ttl_ms, from);
+        }
+        let h = datagram.header;
+        let index = match self.live_by_client.get(&h.client_id) {
+            Some(&i) if self.sessions[i as usize].incarnation == h.incarnation => i,
+            _ => {
+                // No state to protect, and the reply is never larger than the
+                // datagram: both are bare headers (plus a MAC when keyed, and
+                // then the datagram carried one too).
+                self.stats.unknown_session += 1;
+                self.reply_unknown_session(&h, from);
+                return Ok(());
+            }
+        };
+        let ttl_ms = {
+            let session = &mut self.sessions[index as usize];
+            if let Err(e) = session.replay.check(h.seq) {
+                return Err(self.count_drop(Dropped::Replay(e)));
+            }
+            session.replay.record(h.seq);
+            session.peer = from;
+            session.ttl_ms
+        };
+        self.stats.accepted += 1;
+        self.refresh(index, ttl_ms);
+        match datagram.message {
+            Message::Heartbeat => {
+                self.stats.heartbeats += 1;
+                if h.flags.contains(Flags::ACK) {
+                    self.reply(index, Message::HeartbeatAck { acked_seq: h.seq });
+                }
+            }
+            Message::Submit {
+                request_id,
+                delay_ms,
+                deadline_ms,
+                job,
+                payload,
+            } => self.on_submit(index, request_id, delay_ms, deadline_ms, job, payload),
+            Message::Cancel { task_id } => {
+                let outcome = self.cancel_by_client(h.client_id, TaskId(task_id));
+                self.reply(index, Message::CancelResult { task_id, outcome });
+            }
+            Message::Status { task_id } => self.on_status(index, h.client_id, task_id),
+            Message::Bye => {
+                self.reply(index, Message::ByeAck);
+                self.stats.sessions_left += 1;
+                self.end_session(index, CancelReason::Left);
+            }
+            Message::Hello { .. } => unreachable!("HELLO handled above"),
+            _ => unreachable!("server kinds refused above"),
+        }
+        Ok(())
+    }
+
+    /// Call when [`Engine::poll_timeout`]'s time has come (calling more
+    /// often is harmless). Call it only after reading every datagram that
+    /// was already waiting, so a paused caller does not expire sessions
+    /// whose heartbeats are sitting in its socket.
+    pub fn handle_timeout(&mut self, now: Timestamp) {
+        self.advance_clock(now);
+        let tick = Tick(self.now.0 / self.config.tick_us);
+        let mut expired = std::mem::take(&mut self.expired_scratch);
+        self.session_wheel.advance(tick, &mut expired);
+        for key in expired.drain(..) {
+            self.stats.sessions_expired += 1;
+            self.end_session(key.0, CancelReason::Expired);
+        }
+        self.task_wheel.advance(tick, &mut expired);
+        for key in expired.drain(..) {
+            let task = &mut self.tasks[key.0 as usize];
+            match task.state {
+                TaskState::Scheduled => {
+                    task.state = TaskState::Queued;
+                    let run = Effect::Run {
+                        task: task.id,
+                        job: task.job,
+                        payload: std::mem::take(&mut task.data),
+                    };
+                    self.effects.push_back(run);
+                }
+                TaskState::Running => {
+                    let id = task.id;
+                    self.cancel_task(id, CancelReason::Deadline);
+                }
+                other => debug_assert!(false, "timer fired for task in state {other:?}"),
+            }
+        }
+        self.expired_scratch = expired;
+        self.age_records();
+    }
+
+    /// Call when a worker reports on a task. Reports for tasks that already
+    /// reached a final state (cancelled while queued) are ignored.
+    pub fn handle_task_event(&mut self, now: Timestamp, task: TaskId, event: TaskEvent) {
+        self.advance_clock(now);
+        let Some(t) = self.task_mut(task) else {
+            return;
+        };
+        match event {
+            TaskEvent::Started => {
+                if t.state != TaskState::Queued {
+                    return;
+                }
+                t.state = TaskState::Running;
+                let deadline_ms = t.deadline_ms;
+                self.waiting_tasks -= 1;
+                if deadline_ms > 0 {
+                    let due = self.tick_at_or_after(self.now.plus_millis(u64::from(deadline_ms)));
+                    let inserted = self.task_wheel.insert(WheelKey(task.index() as u32), due);
+                    debug_assert!(inserted.is_ok(), "deadline timer: {inserted:?}");
+                }
+            }
+            TaskEvent::Finished(outcome) => {
+                if !matches!(t.state, TaskState::Running | TaskState::Queued) {
+                    return;
+                }
+                let state = match (t.cancelling, outcome) {
+                    (Some(reason), _) => TaskState::Cancelled(reason),
+                    (None, JobOutcome::Done(result)) if result.len() <= wire::MAX_RESULT_LEN => {
+                        t.data = result;
+                        TaskState::Done
+                    }
+                    (None, JobOutcome::Done(result)) => {
+                        t.data = format!(
+                            "result of {} bytes exceeds the {} a datagram can carry",
+                            result.len(),
+                            wire::MAX_RESULT_LEN
+                        )
+                        .into_bytes();
+                        TaskState::Failed
+                    }
+                    (None, JobOutcome::Failed(error)) => {
+                        t.data = wire::truncate_text(&error, wire::MAX_TEXT_LEN)
+                            .as_bytes()
+                            .to_vec();
+                        TaskState::Failed
+                    }
+                };
+                self.finish(task, state);
+            }
+        }
+    }
+
+    /// Stops taking work: later HELLOs and SUBMITs get REJECTED 5, and every
+    /// unfinished task is cancelled with reason shutdown. Keep calling the
+    /// other methods until [`Engine::unfinished_tasks`] is zero and the
+    /// outbox is empty, or the grace period runs out.
+    pub fn begin_shutdown(&mut self, now: Timestamp) {
+        self.advance_clock(now);
+        self.shutting_down = true;
+        let mut ids = std::mem::take(&mut self.task_scratch);
+        ids.extend(
+            self.tasks
+                .iter()
+                .filter(|(_, t)| !t.state.is_final())
+                .map(|(_, t)| t.id),
+        );
+        for id in ids.drain(..) {
+            self.cancel_task(id, CancelReason::Shutdown);
+        }
+        self.task_scratch = ids;
+    }
+
+    /// When to call [`Engine::handle_timeout`] next; `None` when nothing is
+    /// pending (no session, no timer), so the caller can sleep until a
+    /// datagram arrives.
+    pub fn poll_timeout(&self) -> Option<Timestamp> {
+        let next = match (self.session_wheel.next_due(), self.task_wheel.next_due()) {
+            (Some(a), Some(b)) => a.min(b),
+            (a, b) => a.or(b)?,
+        };
+        Some(Timestamp(next.0 * self.config.tick_us))
+    }
+
+    /// Copies the next queued reply into `buf` (which must hold
+    /// [`wire::MAX_DATAGRAM`] bytes) and returns its destination and length.
+    pub fn poll_transmit(&mut self, buf: &mut [u8]) -> Option<(SocketAddr, usize)> {
+        self.outbox.pop(buf)
+    }
+
+    /// Puts back the reply last taken by [`Engine::poll_transmit`] because
+    /// the socket would block; it is sent first next time.
+    pub fn unpoll_transmit(&mut self, to: SocketAddr, datagram: &[u8]) {
+        self.outbox.push_front(PeerAddr::from(to), datagram);
+    }
+
+    /// The next task command for the worker pool.
+    pub fn poll_effect(&mut self) -> Option<Effect> {
+        self.effects.pop_front()
+    }
+
+    /// Whether replies are waiting.
+    pub fn has_transmits(&self) -> bool {
+        !self.outbox.is_empty()
+    }
+
+    /// The first tick boundary at or after `t`: deadlines round up, so they
+    /// never fire early.
+    fn tick_at_or_after(&self, t: Timestamp) -> Tick {
+        Tick(t.0.div_ceil(self.config.tick_us))
+    }
+
+    fn advance_clock(&mut self, now: Timestamp) {
+        // A caller's clock that steps back must not move deadlines back.
+        self.now = self.now.max(now);
+    }
+
+    fn classify(e: wire::Error) -> Dropped {
+        match e {
+            wire::Error::TooLarge { .. } => Dropped::TooLarge,
+            e if e.is_auth() => Dropped::Auth(e),
+            e => Dropped::Malformed(e),
+        }
+    }
+
+    fn count_drop(&mut self, why: Dropped) -> Dropped {
+        let counter = match why {
+            Dropped::TooLarge => &mut self.stats.dropped_too_large,
+            Dropped::Malformed(_) | Dropped::WrongDirection => &mut self.stats.dropped_malformed,
+            Dropped::Auth(_) => &mut self.stats.dropped_bad_mac,
+            Dropped::Replay(_) => &mut self.stats.dropped_replay,
+            Dropped::StaleHello => &mut self.stats.dropped_stale_hello,
+        };
+        *counter += 1;
+        why
+    }
+
+    fn refresh(&mut self, index: u32, ttl_ms: u32) {
+        let due = self.tick_at_or_after(self.now.plus_millis(u64::from(ttl_ms)));
+        let reset = self.session_wheel.reset(WheelKey(index), due);
+        debug_assert!(reset.is_ok(), "refresh of session {index}: {reset:?}");
+    }
+
+    fn on_hello(&mut self, h: &Header, requested_ttl_ms: u32, from: PeerAddr) -> Result<(), Dropped> {
+        if let Some(&index) = self.live_by_client.get(&h.client_id) {
+            let session = &mut self.sessions[index as usize];
+            if h.incarnation < session.incarnation {
+                return Err(self.count_drop(Dropped::StaleHello));
+            }
+            if h.incarnation == session.incarnation {
+                if let Err(e) = session.replay.check(h.seq) {
+                    return Err(self.count_drop(Dropped::Replay(e)));
+                }
+                session.replay.record(h.seq);
+                session.peer = from;
+                let ttl_ms = session.ttl_ms;
+                self.stats.accepted += 1;
+                self.refresh(index, ttl_ms);
+                self.welcome(index);
+                return Ok(());
+            }
+            if self.shutting_down {
+                self.reject_hello(h, from, RejectCode::ShuttingDown);
+                return Ok(());
+            }
+            self.stats.sessions_replaced += 1;
+            self.end_session(index, CancelReason::Replaced);
+        } else if let Some(&(largest, _)) = self.retired.get(&h.client_id) {
+            if h.incarnation <= largest {
+                return Err(self.count_drop(Dropped::StaleHello));
+            }
+        }
+        if self.shutting_down {
+            self.reject_hello(h, from, RejectCode::ShuttingDown);
+            return Ok(());
+        }
+        if self.live_by_client.len() >= self.config.max_sessions {
+            self.stats.sessions_refused += 1;
+            self.reject_hello(h, from, RejectCode::TooManySessions);
+            return Ok(());
+        }
+        let ttl_ms = if requested_ttl_ms == 0 {
+            self.config.default_ttl_ms
+        } else {
+            requested_ttl_ms
+        }
+        .clamp(self.config.min_ttl_ms, self.config.max_ttl_ms);
+        let index = self.sessions.insert(Session {
+            client_id: h.client_id,
+            incarnation: h.incarnation,
+            replay: ReplayWindow::new(h.seq),
+            peer: from,
+            tx_seq: 0,
+            ttl_ms,
+            live: true,
+            work: None,
+        }) as u32;
+        self.live_by_client.insert(h.client_id, index);
+        self.retired.remove(&h.client_id);
+        let due = self.tick_at_or_after(self.now.plus_millis(u64::from(ttl_ms)));
+        let inserted = self.session_wheel.insert(WheelKey(index), due);
+        debug_assert!(inserted.is_ok(), "new session {index}: {inserted:?}");
+        self.stats.accepted += 1;
+        self.stats.sessions_opened += 1;
+        self.welcome(index);
+        Ok(())
+    }
+
+    fn welcome(&mut self, index: u32) {
+        let ttl_ms = self.sessions[index as usize].ttl_ms;
+        let tick_ms = (self.config.tick_us / 1000) as u32;
+        self.reply(index, Message::Welcome { ttl_ms, tick_ms });
+    }
+
+    fn on_submit(
+        &mut self,
+        index: u32,
+        request_id: u32,
+        delay_ms: u32,
+        deadline_ms: u32,
+        job: &str,
+        payload: &[u8],
+    ) {
+        let remembered = self.sessions[index as usize]
+            .work
+            .as_ref()
+            .and_then(|w| w.requests.iter().find(|(id, _)| *id == request_id))
+            .map(|&(_, reply)| reply);
+        let reply = match remembered {
+            Some(reply) => reply,
+            None => {
+                let reply = self.admit(index, delay_ms, deadline_ms, job, payload);
+                self.remember_request(index, request_id, reply);
+                reply
+            }
+        };
+        match reply {
+            RequestReply::Accepted(task) => self.reply(
+                index,
+                Message::Accepted {
+                    request_id,
+                    task_id: task.0,
+                },
+            ),
+            RequestReply::Rejected(code) => self.reply(
+                index,
+                Message::Rejected {
+                    request_id,
+                    code,
+                    message: reject_text(code),
+                },
+            ),
+        }
+    }
+
+    fn admit(
+        &mut self,
+        index: u32,
+        delay_ms: u32,
+        deadline_ms: u32,
+        job: &str,
+        payload: &[u8],
+    ) -> RequestReply {
+        if self.shutting_down {
+            self.stats.tasks_rejected += 1;
+            return RequestReply::Rejected(RejectCode::ShuttingDown);
+        }
+        let Some(job) = self.config.jobs.lookup(job) else {
+            self.stats.tasks_rejected += 1;
+            return RequestReply::Rejected(RejectCode::UnknownJob);
+        };
+        let code = if !self.config.jobs.rule(job).admits(payload) {
+            Some(RejectCode::BadRequest)
+        } else if self.sessions[index as usize].unfinished() >= self.config.max_tasks_per_session {
+            Some(RejectCode::TooManyTasks)
+        } else if self.waiting_tasks >= self.config.max_waiting_tasks {
+            Some(RejectCode::QueueFull)
+        } else {
+            None
+        };
+        if let Some(code) = code {
+            self.stats.tasks_rejected += 1;
+            return RequestReply::Rejected(code);
+        }
+        self.task_serial = self.task_serial.wrapping_add(1);
+        let entry = self.tasks.vacant_entry();
+        let id = TaskId(u64::from(self.task_serial) << 32 | entry.key() as u64);
+        let state = if delay_ms > 0 {
+            TaskState::Scheduled
+        } else {
+            TaskState::Queued
+        };
+        let session = &mut self.sessions[index as usize];
+        entry.insert(Task {
+            id,
+            client_id: session.client_id,
+            session: index,
+            job,
+            state,
+            cancelling: None,
+            deadline_ms,
+            data: if delay_ms > 0 { payload.to_vec() } else { Vec::new() },
+            ended_at: Timestamp(0),
+        });
+        session.work.get_or_insert_with(Box::default).unfinished.push(id);
+        self.waiting_tasks += 1;
+        self.unfinished_tasks += 1;
+        self.stats.tasks_accepted += 1;
+        if delay_ms > 0 {
+            let due = self.tick_at_or_after(self.now.plus_millis(u64::from(delay_ms)));
+            let inserted = self.task_wheel.insert(WheelKey(id.index() as u32), due);
+            debug_assert!(inserted.is_ok(), "delay timer: {inserted:?}");
+        } else {
+            self.effects.push_back(Effect::Run {
+                task: id,
+                job,
+                payload: payload.to_vec(),
+            });
+        }
+        RequestReply::Accepted(id)
+    }
+
+    /// Keeps the answer to `request_id` so a retry gets the same one. The
+    /// memory is bounded: past it, the oldest answer that no longer names an
+    /// unfinished task is forgotten.
+    fn remember_request(&mut self, index: u32, request_id: u32, reply: RequestReply) {
+        let limit = request_memory(self.config.max_tasks_per_session);
+        let tasks = &self.tasks;
+        let work = self.sessions[index as usize]
+            .work
+            .get_or_insert_with(Box::default);
+        if work.requests.len() >= limit {
+            let unfinished = |r: &RequestReply| match r {
+                RequestReply::Accepted(id) => tasks
+                    .get(id.index())
+                    .is_some_and(|t| t.id == *id && !t.state.is_final()),
+                RequestReply::Rejected(_) => false,
+            };
+            if let Some(pos) = work.requests.iter().position(|(_, r)| !unfinished(r)) {
+                work.requests.remove(pos);
+            }
+        }
+        work.requests.push_back((request_id, reply));
+    }
+
+    fn on_status(&mut self, index: u32, client_id: u64, task_id: u64) {
+        let report = match find_task(&self.tasks, client_id, TaskId(task_id)) {
+            Some(task) => task.report(),
+            None => TaskReport::Unknown,
+        };
+        let session = &mut self.sessions[index as usize];
+        let (peer, header) = (session.peer, session.next_header());
+        let message = Message::TaskState { task_id, report };
+        queue(&mut self.outbox, &mut self.stats, self.config.key.as_ref(), peer, &header, &message);
+    }
+
+    fn cancel_by_client(&mut self, client_id: u64, id: TaskId) -> CancelOutcome {
+        match find_task(&self.tasks, client_id, id).map(|t| t.state) {
+            None => CancelOutcome::UnknownTask,
+            Some(state) if state.is_final() => CancelOutcome::AlreadyFinished,
+            Some(_) => {
+                self.cancel_task(id, CancelReason::Cancelled);
+                CancelOutcome::CancelledNow
+            }
+        }
+    }
+
+    /// Cancels an unfinished task: a scheduled or queued one reaches its
+    /// final state now; a running one has its flag flipped and reaches it
+    /// when the worker reports that it stopped.
+    fn cancel_task(&mut self, id: TaskId, reason: CancelReason) {
+        let Some(task) = self.task_mut(id) else {
+            return;
+        };
+        match task.state {
+            TaskState::Scheduled => {
+                self.task_wheel.remove(WheelKey(id.index() as u32));
+                self.finish(id, TaskState::Cancelled(reason));
+            }
+            TaskState::Queued => {
+                self.effects.push_back(Effect::Cancel { task: id, reason });
+                self.finish(id, TaskState::Cancelled(reason));
+            }
+            TaskState::Running => {
+                if task.cancelling.is_none() {
+                    task.cancelling = Some(reason);
+                    self.task_wheel.remove(WheelKey(id.index() as u32));
+                    self.effects.push_back(Effect::Cancel { task: id, reason });
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Moves a task to its final state and pushes TASK_STATE to its session.
+    fn finish(&mut self, id: TaskId, state: TaskState) {
+        debug_assert!(state.is_final());
+        let now = self.now;
+        let task = &mut self.tasks[id.index()];
+        debug_assert!(!task.state.is_final(), "finishing {id} twice: {task:?}");
+        if matches!(task.state, TaskState::Scheduled | TaskState::Queued) {
+            self.waiting_tasks -= 1;
+            if task.state == TaskState::Scheduled {
+                task.data.clear();
+            }
+        }
+        task.state = state;
+        task.ended_at = now;
+        let session_index = task.session;
+        match state {
+            TaskState::Done => self.stats.tasks_done += 1,
+            TaskState::Failed => self.stats.tasks_failed += 1,
+            _ => self.stats.tasks_cancelled += 1,
+        }
+        self.unfinished_tasks -= 1;
+        let session = &mut self.sessions[session_index as usize];
+        if let Some(work) = session.work.as_mut() {
+            work.unfinished.retain(|t| *t != id);
+        }
+        let (peer, header) = (session.peer, session.next_header());
+        let message = Message::TaskState {
+            task_id: id.0,
+            report: self.tasks[id.index()].report(),
+        };
+        queue(&mut self.outbox, &mut self.stats, self.config.key.as_ref(), peer, &header, &message);
+        self.release_if_done(session_index);
+        self.finished_order.push_back((id, now));
+        self.age_records();
+    }
+
+    /// Ends a live session: it can no longer be found, its wheel entry goes,
+    /// its incarnation is remembered, and its unfinished tasks are cancelled.
+    fn end_session(&mut self, index: u32, reason: CancelReason) {
+        let session = &mut self.sessions[index as usize];
+        debug_assert!(session.live, "ending session {index} twice");
+        session.live = false;
+        let (client_id, incarnation) = (session.client_id, session.incarnation);
+        let mut ids = std::mem::take(&mut self.task_scratch);
+        if let Some(work) = session.work.as_ref() {
+            ids.extend_from_slice(&work.unfinished);
+        }
+        self.live_by_client.remove(&client_id);
+        self.session_wheel.remove(WheelKey(index));
+        self.retire(client_id, incarnation);
+        for id in ids.drain(..) {
+            self.cancel_task(id, reason);
+        }
+        self.task_scratch = ids;
+        self.release_if_done(index);
+    }
+
+    /// Frees an ended session's slot once no task of it is unfinished.
+    /// Tolerates a slot already freed by a nested call (ending a session
+    /// finishes its tasks, and the last of those frees the slot).
+    fn release_if_done(&mut self, index: u32) {
+        let done = self
+            .sessions
+            .get(index as usize)
+            .is_some_and(|s| !s.live && s.unfinished() == 0);
+        if done {
+            self.sessions.remove(index as usize);
+        }
+    }
+
+    fn retire(&mut self, client_id: u64, incarnation: u64) {
+        let now = self.now;
+        if self.retired_order.len() >= self.config.max_client_records {
+            if let Some((old_client, old_incarnation, _)) = self.retired_order.pop_front() {
+                self.forget_client(old_client, old_incarnation);
+            }
+        }
+        self.retired.insert(client_id, (incarnation, now));
+        self.retired_order.push_back((client_id, incarnation, now));
+    }
+
+    fn forget_client(&mut self, client_id: u64, incarnation: u64) {
+        // Only if nothing newer was recorded for it since.
+        if self.retired.get(&client_id).map(|r| r.0) == Some(incarnation) {
+            self.retired.remove(&client_id);
+        }
+    }
+
+    /// Drops final states and client records past their retention, and
+    /// final states past their bound.
+    fn age_records(&mut self) {
+        let now = self.now.0;
+        let retention_us = self.config.finished_retention_ms * 1000;
+        while let Some(&(id, ended)) = self.finished_order.front() {
+            let over_bound = self.finished_order.len() > self.config.max_finished_tasks;
+            if !over_bound && now.saturating_sub(ended.0) < retention_us {
+                break;
+            }
+            if over_bound && now.saturating_sub(ended.0) < retention_us {
+                self.stats.finished_evicted_early += 1;
+            }
+            self.finished_order.pop_front();
+            if self.tasks.get(id.index()).is_some_and(|t| t.id == id) {
+                self.tasks.remove(id.index());
+            }
+        }
+        let memory_us = self.config.client_memory_ms * 1000;
+        while let Some(&(client_id, incarnation, ended)) = self.retired_order.front() {
+            if now.saturating_sub(ended.0) < memory_us {
+                break;
+            }
+            self.retired_order.pop_front();
+            self.forget_client(client_id, incarnation);
+        }
+    }
+
+
+    fn task_mut(&mut self, id: TaskId) -> Option<&mut Task> {
+        self.tasks.get_mut(id.index()).filter(|t| t.id == id)
+    }
+
+    fn reply(&mut self, index: u32, message: Message<'_>) {
+        let session = &mut self.sessions[index as usize];
+        let (peer, header) = (session.peer, session.next_header());
+        queue(&mut self.outbox, &mut self.stats, self.config.key.as_ref(), peer, &header, &message);
+    }
+
+    /// Answers with the header fields of the datagram answered, as the
+    /// protocol asks of UNKNOWN_SESSION and a REJECTED HELLO.
+    fn reply_to_request(&mut self, h: &Header, to: PeerAddr, message: Message<'_>) {
+        let header = Header {
+            flags: Flags::empty(),
+            ..*h
+        };
+        queue(&mut self.outbox, &mut self.stats, self.config.key.as_ref(), to, &header, &message);
+    }
+
+    fn reply_unknown_session(&mut self, h: &Header, to: PeerAddr) {
+        self.reply_to_request(h, to, Message::UnknownSession);
+    }
+
+    fn reject_hello(&mut self, h: &Header, to: PeerAddr, code: RejectCode) {
+        self.reply_to_request(
+            h,
+            to,
+            Message::Rejected {
+                request_id: 0,
+                code,
+                message: reject_text(code),
+            },
+        );
+    }
+}
+
+impl fmt::Debug for Engine {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Engine")
+            .field("now", &self.now)
+            .field("live_sessions", &self.live_by_client.len())
+            .field("slab_sessions", &self.sessions.len())
+            .field("tasks", &self.tasks.len())
+            .field("unfinished_tasks", &self.unfinished_tasks)
+            .field("waiting_tasks", &self.waiting_tasks)
+            .field("session_wheel", &self.session_wheel)
+            .field("task_wheel", &self.task_wheel)
+            .finish()
+    }
+}
+
+fn find_task(tasks: &Slab<Task>, client_id: u64, id: TaskId) -> Option<&Task> {
+    tasks
+        .get(id.index())
+        .filter(|t| t.id == id && t.client_id == client_id)
+}
+
+/// Encodes a reply into the outbox, counting it, or counting its drop when
+/// the outbox is full. A free function so callers can hold borrows of other
+/// engine fields (a task's result) while queueing.
+fn queue(
+    outbox: &mut Outbox,
+    stats: &mut Stats,
+    key: Option<&MacKey>,
+    to: PeerAddr,
+    header: &Header,
+    message: &Message<'_>,
+) {
+    stats.replies += 1;
+    if !outbox.push(to, header, message, key) {
+        stats.replies_dropped += 1;
+    }
+}
+
+/// How many answered request ids a session remembers: enough to cover every
+/// unfinished task twice over, so a retry within any sane window is
+/// recognised, while a client cannot grow the table without bound.
+fn request_memory(max_tasks_per_session: usize) -> usize {
+    (2 * max_tasks_per_session).max(64)
+}
+
+/// Short texts, so a REJECTED stays close to the size of what it answers.
+fn reject_text(code: RejectCode) -> &'static str {
+    match code {
+        RejectCode::UnknownJob => "unknown job",
+        RejectCode::QueueFull => "queue full",
+        RejectCode::TooManyTasks => "too many tasks",
+        RejectCode::BadRequest => "bad payload",
+        RejectCode::ShuttingDown => "shutting down",
+        RejectCode::TooManySessions => "",
+    }
+}
+
+#[cfg(test)]
+mod tests;

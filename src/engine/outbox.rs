@@ -1,0 +1,168 @@
+//! Replies waiting to be sent, encoded as soon as they are decided.
+//!
+//! All queued datagrams share one byte arena, reset whenever the queue
+//! empties, so the steady state allocates nothing. The arena is bounded; a
+//! reply that does not fit is dropped (and counted by the engine) rather than
+//! letting a peer that never reads grow the server's memory.
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+use crate::wire::{Datagram, Header, MacKey, Message};
+
+/// A peer address in 19 bytes instead of `SocketAddr`'s 32: sessions store
+/// one each, and a million of them is the design point. IPv6 scope and flow
+/// labels are not kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct PeerAddr {
+    ip: [u8; 16],
+    port: u16,
+    v6: bool,
+}
+
+impl From<SocketAddr> for PeerAddr {
+    #[inline]
+    fn from(addr: SocketAddr) -> PeerAddr {
+        match addr.ip() {
+            IpAddr::V4(ip) => PeerAddr {
+                ip: ip.to_ipv6_mapped().octets(),
+                port: addr.port(),
+                v6: false,
+            },
+            IpAddr::V6(ip) => PeerAddr {
+                ip: ip.octets(),
+                port: addr.port(),
+                v6: true,
+            },
+        }
+    }
+}
+
+impl From<PeerAddr> for SocketAddr {
+    fn from(peer: PeerAddr) -> SocketAddr {
+        let v6 = Ipv6Addr::from(peer.ip);
+        let ip = match (peer.v6, v6.to_ipv4_mapped()) {
+            (false, Some(v4)) => IpAddr::V4(v4),
+            _ => IpAddr::V6(v6),
+        };
+        SocketAddr::new(ip, peer.port)
+    }
+}
+
+struct Queued {
+    to: PeerAddr,
+    start: u32,
+    len: u16,
+}
+
+pub(crate) struct Outbox {
+    arena: Vec<u8>,
+    queue: VecDeque<Queued>,
+    /// Datagrams put back by `push_front`; sent before the queue.
+    front: Vec<(SocketAddr, Vec<u8>)>,
+    max_bytes: usize,
+}
+
+impl Outbox {
+    pub(crate) fn new(max_bytes: usize) -> Outbox {
+        Outbox {
+            arena: Vec::new(),
+            queue: VecDeque::new(),
+            front: Vec::new(),
+            max_bytes,
+        }
+    }
+
+    /// Encodes and queues a datagram; false when it had to be dropped.
+    pub(crate) fn push(
+        &mut self,
+        to: PeerAddr,
+        header: &Header,
+        message: &Message<'_>,
+        key: Option<&MacKey>,
+    ) -> bool {
+        let datagram = Datagram {
+            header: *header,
+            message: *message,
+        };
+        let len = datagram.encoded_len(key.is_some());
+        if self.arena.len() + len > self.max_bytes {
+            return false;
+        }
+        let start = self.arena.len();
+        self.arena.resize(start + len, 0);
+        match datagram.emit(key, &mut self.arena[start..]) {
+            Ok(n) => {
+                debug_assert_eq!(n, len);
+                self.queue.push_back(Queued {
+                    to,
+                    start: start as u32,
+                    len: len as u16,
+                });
+                true
+            }
+            Err(e) => {
+                // The engine bounds every field before it builds a reply, so
+                // this is a bug; drop the reply rather than the server.
+                debug_assert!(false, "cannot encode {message:?}: {e}");
+                self.arena.truncate(start);
+                false
+            }
+        }
+    }
+
+    pub(crate) fn push_front(&mut self, to: PeerAddr, datagram: &[u8]) {
+        self.front.push((to.into(), datagram.to_vec()));
+    }
+
+    pub(crate) fn pop(&mut self, buf: &mut [u8]) -> Option<(SocketAddr, usize)> {
+        if let Some((to, bytes)) = self.front.pop() {
+            buf[..bytes.len()].copy_from_slice(&bytes);
+            return Some((to, bytes.len()));
+        }
+        let q = self.queue.pop_front()?;
+        let (start, len) = (q.start as usize, usize::from(q.len));
+        buf[..len].copy_from_slice(&self.arena[start..start + len]);
+        if self.queue.is_empty() {
+            self.arena.clear();
+        }
+        Some((q.to.into(), len))
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.queue.is_empty() && self.front.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_addr_round_trips_v4_and_v6() {
+        for s in ["127.0.0.1:7900", "[::1]:7900", "[::ffff:10.0.0.1]:1", "0.0.0.0:0"] {
+            let addr: SocketAddr = s.parse().unwrap();
+            assert_eq!(SocketAddr::from(PeerAddr::from(addr)), addr, "{s}");
+        }
+    }
+
+    #[test]
+    fn bounded_and_reused() {
+        let header = Header {
+            flags: crate::wire::Flags::empty(),
+            client_id: 1,
+            incarnation: 1,
+            seq: 1,
+        };
+        let to = PeerAddr::from("127.0.0.1:1".parse::<SocketAddr>().unwrap());
+        let mut outbox = Outbox::new(60);
+        assert!(outbox.push(to, &header, &Message::ByeAck, None));
+        assert!(outbox.push(to, &header, &Message::ByeAck, None));
+        assert!(!outbox.push(to, &header, &Message::ByeAck, None), "over 60 bytes");
+        let mut buf = [0u8; 1200];
+        assert_eq!(outbox.pop(&mut buf).map(|(_, n)| n), Some(28));
+        assert_eq!(outbox.pop(&mut buf).map(|(_, n)| n), Some(28));
+        assert!(outbox.pop(&mut buf).is_none());
+        assert!(outbox.push(to, &header, &Message::ByeAck, None), "arena reset");
+    }
+}

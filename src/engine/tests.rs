@@ -1,0 +1,909 @@
+//! Engine scenarios on a simulated clock: no sockets, threads or sleeps, so
+//! hours of protocol time run in milliseconds.
+
+use super::*;
+use crate::wire::{Datagram, Flags, Header, MacKey, Message, MAX_DATAGRAM};
+
+const TTL: u32 = 3000;
+
+fn config() -> Config {
+    let mut jobs = JobTable::default();
+    jobs.add("sleep", PayloadRule::Exactly(4));
+    jobs.add("echo", PayloadRule::Any);
+    Config {
+        jobs,
+        max_sessions: 1000,
+        max_client_records: 1000,
+        ..Config::default()
+    }
+}
+
+struct Sim {
+    engine: Engine,
+    now: Timestamp,
+    key: Option<MacKey>,
+}
+
+#[derive(Clone)]
+struct Client {
+    id: u64,
+    incarnation: u64,
+    seq: u32,
+    addr: SocketAddr,
+}
+
+impl Client {
+    fn new(id: u64) -> Client {
+        Client {
+            id,
+            incarnation: 1_000,
+            seq: 0,
+            addr: format!("127.0.0.1:{}", 10_000 + id % 50_000).parse().unwrap(),
+        }
+    }
+    fn next_incarnation(&self) -> Client {
+        Client {
+            incarnation: self.incarnation + 1,
+            seq: 0,
+            ..self.clone()
+        }
+    }
+}
+
+/// A reply as bytes, decoded on demand.
+#[derive(Debug, Clone)]
+struct Reply {
+    to: SocketAddr,
+    bytes: Vec<u8>,
+}
+
+impl Reply {
+    fn datagram(&self, key: Option<&MacKey>) -> Datagram<'_> {
+        Datagram::decode(&self.bytes, key).expect("engine emitted an invalid datagram")
+    }
+    /// The body, without checking a MAC: tests that need the MAC checked
+    /// call `Reply::datagram` with the key.
+    fn message(&self) -> Message<'_> {
+        let body_len = usize::from(u16::from_be_bytes([self.bytes[6], self.bytes[7]]));
+        let kind = crate::wire::Kind::from_byte(self.bytes[3]).unwrap();
+        Message::parse(kind, &self.bytes[28..28 + body_len]).unwrap()
+    }
+    fn header(&self) -> Header {
+        let field = |r: std::ops::Range<usize>| {
+            self.bytes[r].iter().fold(0u64, |acc, &b| acc << 8 | u64::from(b))
+        };
+        Header {
+            flags: Flags::empty(),
+            client_id: field(8..16),
+            incarnation: field(16..24),
+            seq: field(24..28) as u32,
+        }
+    }
+}
+
+fn test_key() -> MacKey {
+    MacKey::new(&[0x42; 32]).unwrap()
+}
+
+impl Sim {
+    fn new(config: Config) -> Sim {
+        let key = config.key.clone();
+        Sim {
+            engine: Engine::new(config, Timestamp(0)),
+            now: Timestamp(0),
+            key,
+        }
+    }
+
+    fn encode(&self, c: &mut Client, flags: Flags, message: Message<'_>) -> Vec<u8> {
+        c.seq += 1;
+        let d = Datagram {
+            header: Header {
+                flags,
+                client_id: c.id,
+                incarnation: c.incarnation,
+                seq: c.seq,
+            },
+            message,
+        };
+        let mut buf = vec![0; MAX_DATAGRAM];
+        let n = d.emit(self.key.as_ref(), &mut buf).unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    fn raw(&mut self, from: SocketAddr, bytes: &[u8]) -> Result<Vec<Reply>, Dropped> {
+        self.engine.handle_datagram(self.now, from, bytes)?;
+        Ok(self.replies())
+    }
+
+    fn send(&mut self, c: &mut Client, message: Message<'_>) -> Result<Vec<Reply>, Dropped> {
+        self.send_flags(c, Flags::empty(), message)
+    }
+
+    fn send_flags(
+        &mut self,
+        c: &mut Client,
+        flags: Flags,
+        message: Message<'_>,
+    ) -> Result<Vec<Reply>, Dropped> {
+        let bytes = self.encode(c, flags, message);
+        self.raw(c.addr, &bytes)
+    }
+
+    /// Sends and expects exactly one reply.
+    fn ask(&mut self, c: &mut Client, message: Message<'_>) -> Reply {
+        let mut replies = self.send(c, message).expect("dropped");
+        assert_eq!(replies.len(), 1, "replies: {replies:?}");
+        replies.pop().unwrap()
+    }
+
+    fn hello(&mut self, c: &mut Client, ttl_ms: u32) -> Reply {
+        self.ask(c, Message::Hello { ttl_ms, name: "t" })
+    }
+
+    fn submit(&mut self, c: &mut Client, request_id: u32, job: &str, payload: &[u8]) -> Reply {
+        self.submit_timed(c, request_id, 0, 0, job, payload)
+    }
+
+    fn submit_timed(
+        &mut self,
+        c: &mut Client,
+        request_id: u32,
+        delay_ms: u32,
+        deadline_ms: u32,
+        job: &str,
+        payload: &[u8],
+    ) -> Reply {
+        self.ask(
+            c,
+            Message::Submit {
+                request_id,
+                delay_ms,
+                deadline_ms,
+                job,
+                payload,
+            },
+        )
+    }
+
+    fn replies(&mut self) -> Vec<Reply> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; MAX_DATAGRAM];
+        while let Some((to, n)) = self.engine.poll_transmit(&mut buf) {
+            out.push(Reply {
+                to,
+                bytes: buf[..n].to_vec(),
+            });
+        }
+        out
+    }
+
+    fn effects(&mut self) -> Vec<Effect> {
+        std::iter::from_fn(|| self.engine.poll_effect()).collect()
+    }
+
+    /// Moves the clock to `t`, calling `handle_timeout` at every time
+    /// `poll_timeout` asks for on the way, as the server's loop does.
+    fn run_until(&mut self, t: Timestamp) {
+        while let Some(due) = self.engine.poll_timeout() {
+            if due > t {
+                break;
+            }
+            self.now = self.now.max(due);
+            self.engine.handle_timeout(self.now);
+        }
+        self.now = t;
+        self.engine.handle_timeout(t);
+    }
+
+    fn run_ms(&mut self, ms: u64) {
+        self.run_until(self.now.plus_millis(ms));
+    }
+
+    fn event(&mut self, task: TaskId, event: TaskEvent) -> Vec<Reply> {
+        self.engine.handle_task_event(self.now, task, event);
+        self.replies()
+    }
+}
+
+fn accepted_task(reply: &Reply) -> TaskId {
+    match reply.message() {
+        Message::Accepted { task_id, .. } => TaskId(task_id),
+        other => panic!("expected ACCEPTED, got {other:?}"),
+    }
+}
+
+fn rejected_code(reply: &Reply) -> RejectCode {
+    match reply.message() {
+        Message::Rejected { code, .. } => code,
+        other => panic!("expected REJECTED, got {other:?}"),
+    }
+}
+
+fn task_report(reply: &Reply) -> (u64, String) {
+    match reply.message() {
+        Message::TaskState { task_id, report } => (task_id, format!("{report:?}")),
+        other => panic!("expected TASK_STATE, got {other:?}"),
+    }
+}
+
+fn is_cancelled_with(reply: &Reply, reason: CancelReason) -> bool {
+    matches!(
+        reply.message(),
+        Message::TaskState {
+            report: TaskReport::Cancelled(r),
+            ..
+        } if r == reason
+    )
+}
+
+#[test]
+fn hello_grants_clamped_ttl_and_reports_tick() {
+    let mut sim = Sim::new(config());
+    for (asked, granted) in [(0, 3000), (5, 100), (2500, 2500), (u32::MAX, 3_600_000)] {
+        let mut c = Client::new(u64::from(asked) + 1);
+        let reply = sim.hello(&mut c, asked);
+        assert_eq!(
+            reply.message(),
+            Message::Welcome {
+                ttl_ms: granted,
+                tick_ms: 10
+            }
+        );
+        assert_eq!(reply.to, c.addr);
+        let h = reply.header();
+        assert_eq!((h.client_id, h.incarnation, h.seq), (c.id, c.incarnation, 1));
+    }
+    assert_eq!(sim.engine.live_sessions(), 4);
+}
+
+#[test]
+fn repeated_hello_repeats_welcome_with_first_ttl() {
+    let mut sim = Sim::new(config());
+    let mut c = Client::new(1);
+    sim.hello(&mut c, 1000);
+    let again = sim.hello(&mut c, 9000);
+    assert_eq!(
+        again.message(),
+        Message::Welcome {
+            ttl_ms: 1000,
+            tick_ms: 10
+        }
+    );
+    assert_eq!(again.header().seq, 2, "server numbers its datagrams");
+    assert_eq!(sim.engine.stats().sessions_opened, 1);
+}
+
+#[test]
+fn heartbeats_keep_a_session_alive_for_hours_then_silence_expires_it_on_time() {
+    let mut sim = Sim::new(config());
+    let mut c = Client::new(1);
+    sim.hello(&mut c, TTL);
+    let mut s = Client::new(2);
+    sim.hello(&mut s, TTL);
+    let task = accepted_task(&sim.submit(&mut s, 1, "sleep", &[0, 0, 0, 1]));
+    sim.effects();
+    sim.event(task, TaskEvent::Started);
+    // Three hours of one heartbeat a second, with jitter up to 1.9 s.
+    let end = Timestamp::from_millis(3 * 3600 * 1000);
+    let mut i = 0u64;
+    while sim.now < end {
+        i += 1;
+        sim.run_ms(1000 + (i * 7919) % 900);
+        assert!(sim.send(&mut c, Message::Heartbeat).unwrap().is_empty());
+        assert!(sim.send(&mut s, Message::Heartbeat).unwrap().is_empty());
+    }
+    assert_eq!(sim.engine.stats().sessions_expired, 0);
+    assert_eq!(sim.engine.stats().heartbeats, 2 * i);
+    // Now `s` goes silent: its task is cancelled, reason expired, no earlier
+    // than TTL after its last datagram and within one tick after that.
+    let last = sim.now;
+    let mut expired_at = None;
+    while expired_at.is_none() {
+        let due = sim.engine.poll_timeout().expect("a timer is pending");
+        sim.now = due;
+        sim.engine.handle_timeout(due);
+        for effect in sim.effects() {
+            assert_eq!(
+                effect,
+                Effect::Cancel {
+                    task,
+                    reason: CancelReason::Expired
+                }
+            );
+            expired_at = Some(due);
+        }
+        if sim.now.0 - last.0 < 2000 * 1000 {
+            // Keep `c` alive meanwhile.
+            sim.send(&mut c, Message::Heartbeat).unwrap();
+        }
+    }
+    let late_us = expired_at.unwrap().0 - last.0;
+    assert!(late_us >= u64::from(TTL) * 1000, "early by {late_us} us");
+    assert!(late_us <= u64::from(TTL) * 1000 + 10_000, "late: {late_us} us");
+    let replies = sim.event(task, TaskEvent::Finished(JobOutcome::Done(vec![])));
+    assert_eq!(replies.len(), 1);
+    assert!(is_cancelled_with(&replies[0], CancelReason::Expired));
+    assert_eq!(replies[0].to, s.addr);
+    assert_eq!(sim.engine.live_sessions(), 1);
+}
+
+#[test]
+fn many_clients_with_jitter_never_expire_early_or_late() {
+    let mut sim = Sim::new(config());
+    let ttl_ms = |id: u64| 1000 + (id as u32 * 37) % 2000;
+    let mut clients: Vec<Client> = (1..=200).map(Client::new).collect();
+    let mut last_seen = vec![Timestamp(0); clients.len()];
+    for c in clients.iter_mut() {
+        sim.hello(c, ttl_ms(c.id));
+    }
+    let mut alive = vec![true; clients.len()];
+    let mut step = 0u64;
+    // An hour in uneven steps of 1–97 ms; each client heartbeats at
+    // pseudo-random moments, sometimes too rarely to stay alive.
+    while sim.now < Timestamp::from_millis(3600 * 1000) {
+        step += 1;
+        let target = Timestamp(sim.now.0 + 1000 + (step * 7_654_321) % 96_000);
+        // Drive the clock as the server does, checking every client each
+        // time an expiry is decided.
+        while let Some(due) = sim.engine.poll_timeout().filter(|&d| d <= target) {
+            sim.now = due;
+            let before = sim.engine.stats().sessions_expired;
+            sim.engine.handle_timeout(due);
+            if sim.engine.stats().sessions_expired == before {
+                continue;
+            }
+            for (i, c) in clients.iter().enumerate() {
+                if alive[i] && !sim.engine.live_by_client.contains_key(&c.id) {
+                    let since = due.0 - last_seen[i].0;
+                    let ttl_us = u64::from(ttl_ms(c.id)) * 1000;
+                    assert!(since >= ttl_us, "client {} expired early: {since} us", c.id);
+                    assert!(since <= ttl_us + 10_000, "client {} expired late: {since} us", c.id);
+                    alive[i] = false;
+                }
+            }
+        }
+        sim.now = target;
+        sim.engine.handle_timeout(target);
+        for (i, c) in clients.iter_mut().enumerate() {
+            assert_eq!(alive[i], sim.engine.live_by_client.contains_key(&c.id));
+            if (c.id * 2_654_435_761 + step * 40_503) % 1000 < 12 {
+                if alive[i] {
+                    sim.send(c, Message::Heartbeat).unwrap();
+                } else {
+                    *c = c.next_incarnation();
+                    sim.hello(c, ttl_ms(c.id));
+                    alive[i] = true;
+                }
+                last_seen[i] = sim.now;
+            }
+        }
+    }
+    assert!(sim.engine.stats().sessions_expired > 50, "{:?}", sim.engine.stats());
+}
+
+#[test]
+fn late_datagrams_after_expiry_get_unknown_session_and_do_not_revive() {
+    let mut sim = Sim::new(config());
+    let mut c = Client::new(1);
+    sim.hello(&mut c, 500);
+    sim.run_ms(511);
+    assert_eq!(sim.engine.live_sessions(), 0);
+    for message in [Message::Heartbeat, Message::Status { task_id: 1 }, Message::Bye] {
+        let reply = sim.ask(&mut c, message);
+        assert_eq!(reply.message(), Message::UnknownSession);
+        let h = reply.header();
+        assert_eq!((h.client_id, h.incarnation, h.seq), (c.id, c.incarnation, c.seq));
+        assert_eq!(reply.bytes.len(), 28);
+    }
+    assert_eq!(sim.engine.live_sessions(), 0);
+    // A HELLO of the same incarnation is stale now: dropped, no reply.
+    let mut same = c.clone();
+    assert_eq!(
+        sim.send(&mut same, Message::Hello { ttl_ms: 0, name: "" })
+            .unwrap_err(),
+        Dropped::StaleHello
+    );
+    let mut next = c.next_incarnation();
+    assert!(matches!(sim.hello(&mut next, 0).message(), Message::Welcome { .. }));
+}
+
+#[test]
+fn newer_incarnation_replaces_and_older_is_stale() {
+    let mut sim = Sim::new(config());
+    let mut old = Client::new(7);
+    sim.hello(&mut old, TTL);
+    let task = accepted_task(&sim.submit(&mut old, 1, "sleep", &[0, 0, 1, 0]));
+    sim.effects();
+    sim.event(task, TaskEvent::Started);
+    let mut new = old.next_incarnation();
+    new.addr = "127.0.0.1:4444".parse().unwrap();
+    sim.hello(&mut new, TTL);
+    assert_eq!(
+        sim.effects(),
+        vec![Effect::Cancel {
+            task,
+            reason: CancelReason::Replaced
+        }]
+    );
+    assert_eq!(sim.engine.stats().sessions_replaced, 1);
+    // The old session's datagrams are now unknown; its HELLO is stale.
+    assert_eq!(
+        sim.ask(&mut old, Message::Heartbeat).message(),
+        Message::UnknownSession
+    );
+    let mut older = old.clone();
+    older.incarnation -= 1;
+    assert_eq!(
+        sim.send(&mut older, Message::Hello { ttl_ms: 0, name: "" })
+            .unwrap_err(),
+        Dropped::StaleHello
+    );
+    // The task's final state goes to the old session's address, under its
+    // identity and numbering.
+    let replies = sim.event(task, TaskEvent::Finished(JobOutcome::Done(vec![1])));
+    assert!(is_cancelled_with(&replies[0], CancelReason::Replaced));
+    assert_eq!(replies[0].to, old.addr);
+    let h = replies[0].header();
+    assert_eq!((h.incarnation, h.seq), (old.incarnation, 3));
+    // The new session reads it too.
+    let status = sim.ask(&mut new, Message::Status { task_id: task.0 });
+    assert!(is_cancelled_with(&status, CancelReason::Replaced));
+    assert_eq!(sim.engine.sessions.len(), 1, "old slot released");
+}
+
+#[test]
+fn bye_acks_and_cancels_with_reason_left() {
+    let mut sim = Sim::new(config());
+    let mut c = Client::new(3);
+    sim.hello(&mut c, TTL);
+    let queued = accepted_task(&sim.submit(&mut c, 1, "echo", b"x"));
+    let scheduled = accepted_task(&sim.submit_timed(&mut c, 2, 500, 0, "echo", b"y"));
+    let replies = sim.send(&mut c, Message::Bye).unwrap();
+    assert_eq!(replies[0].message(), Message::ByeAck);
+    let finals: Vec<_> = replies[1..].iter().map(task_report).collect();
+    assert_eq!(
+        finals,
+        vec![
+            (queued.0, "Cancelled(Left)".to_string()),
+            (scheduled.0, "Cancelled(Left)".to_string())
+        ]
+    );
+    assert_eq!(sim.engine.stats().sessions_left, 1);
+    assert_eq!(sim.engine.unfinished_tasks(), 0);
+    // The queued task's worker must not run it.
+    let effects = sim.effects();
+    assert!(effects.contains(&Effect::Cancel {
+        task: queued,
+        reason: CancelReason::Left
+    }));
+    // A worker that picks it up anyway reports into the void.
+    assert!(sim.event(queued, TaskEvent::Started).is_empty());
+    assert!(sim
+        .event(queued, TaskEvent::Finished(JobOutcome::Done(vec![])))
+        .is_empty());
+    // The delay timer is gone: nothing ever runs.
+    sim.run_ms(10_000);
+    assert!(sim.effects().is_empty());
+}
+
+#[test]
+fn submit_is_idempotent_per_request_id() {
+    let mut sim = Sim::new(config());
+    let mut c = Client::new(1);
+    sim.hello(&mut c, TTL);
+    let first = sim.submit(&mut c, 77, "echo", b"hi");
+    let again = sim.submit(&mut c, 77, "echo", b"different");
+    assert_eq!(first.message(), again.message());
+    assert_ne!(first.header().seq, again.header().seq);
+    let runs = sim.effects();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    let bad = sim.submit(&mut c, 78, "nope", b"");
+    assert_eq!(rejected_code(&bad), RejectCode::UnknownJob);
+    // The same request id gets the same REJECTED even though it would now
+    // be accepted.
+    let bad_again = sim.submit(&mut c, 78, "echo", b"");
+    assert_eq!(rejected_code(&bad_again), RejectCode::UnknownJob);
+    assert!(sim.effects().is_empty());
+    assert_eq!(sim.engine.stats().tasks_accepted, 1);
+}
+
+#[test]
+fn rejection_codes() {
+    let mut cfg = config();
+    cfg.max_tasks_per_session = 2;
+    cfg.max_waiting_tasks = 3;
+    cfg.max_sessions = 2;
+    let mut sim = Sim::new(cfg);
+    let mut a = Client::new(1);
+    let mut b = Client::new(2);
+    sim.hello(&mut a, TTL);
+    sim.hello(&mut b, TTL);
+    assert_eq!(rejected_code(&sim.submit(&mut a, 1, "zzz", b"")), RejectCode::UnknownJob);
+    assert_eq!(rejected_code(&sim.submit(&mut a, 2, "sleep", b"123")), RejectCode::BadRequest);
+    accepted_task(&sim.submit(&mut a, 3, "sleep", &[0; 4]));
+    accepted_task(&sim.submit(&mut a, 4, "sleep", &[0; 4]));
+    assert_eq!(rejected_code(&sim.submit(&mut a, 5, "sleep", &[0; 4])), RejectCode::TooManyTasks);
+    accepted_task(&sim.submit(&mut b, 1, "echo", b""));
+    assert_eq!(rejected_code(&sim.submit(&mut b, 2, "echo", b"")), RejectCode::QueueFull);
+    // A third session is refused, copying the HELLO's header.
+    let mut c = Client::new(3);
+    let refused = sim.hello(&mut c, TTL);
+    assert_eq!(rejected_code(&refused), RejectCode::TooManySessions);
+    let h = refused.header();
+    assert_eq!((h.client_id, h.incarnation, h.seq), (3, c.incarnation, 1));
+    assert!(refused.bytes.len() <= 28 + 4 + 2 + 1);
+    assert_eq!(sim.engine.live_sessions(), 2);
+    sim.engine.begin_shutdown(sim.now);
+    sim.replies();
+    assert_eq!(rejected_code(&sim.submit(&mut b, 3, "echo", b"")), RejectCode::ShuttingDown);
+    let mut d = Client::new(4);
+    assert_eq!(rejected_code(&sim.hello(&mut d, TTL)), RejectCode::ShuttingDown);
+}
+
+#[test]
+fn delay_then_queue_then_run_then_done_with_status_at_each_step() {
+    let mut sim = Sim::new(config());
+    let mut c = Client::new(1);
+    sim.hello(&mut c, 60_000);
+    let task = accepted_task(&sim.submit_timed(&mut c, 1, 250, 0, "echo", b"payload"));
+    let status = |sim: &mut Sim, c: &mut Client| {
+        task_report(&sim.ask(c, Message::Status { task_id: task.0 })).1
+    };
+    assert_eq!(status(&mut sim, &mut c), "Scheduled");
+    assert!(sim.effects().is_empty());
+    sim.run_ms(249);
+    assert!(sim.effects().is_empty(), "delay must not end early");
+    sim.run_ms(11);
+    assert_eq!(
+        sim.effects(),
+        vec![Effect::Run {
+            task,
+            job: JobId(1),
+            payload: b"payload".to_vec()
+        }]
+    );
+    assert_eq!(status(&mut sim, &mut c), "Queued");
+    sim.event(task, TaskEvent::Started);
+    assert_eq!(status(&mut sim, &mut c), "Running");
+    let pushed = sim.event(task, TaskEvent::Finished(JobOutcome::Done(b"out".to_vec())));
+    assert_eq!(
+        pushed[0].message(),
+        Message::TaskState {
+            task_id: task.0,
+            report: TaskReport::Done(b"out")
+        }
+    );
+    assert_eq!(status(&mut sim, &mut c), "Done([111, 117, 116])");
+}
+
+#[test]
+fn deadline_counts_from_start_and_cancels_with_reason_deadline() {
+    let mut sim = Sim::new(config());
+    let mut c = Client::new(1);
+    sim.hello(&mut c, 60_000);
+    let task = accepted_task(&sim.submit_timed(&mut c, 1, 0, 300, "sleep", &[0; 4]));
+    sim.effects();
+    sim.run_ms(1000); // queued time does not count
+    assert!(sim.effects().is_empty());
+    sim.event(task, TaskEvent::Started);
+    sim.run_ms(299);
+    assert!(sim.effects().is_empty(), "deadline must not fire early");
+    sim.run_ms(11);
+    assert_eq!(
+        sim.effects(),
+        vec![Effect::Cancel {
+            task,
+            reason: CancelReason::Deadline
+        }]
+    );
+    // The job returns a result anyway; the cancellation wins.
+    let pushed = sim.event(task, TaskEvent::Finished(JobOutcome::Done(vec![9])));
+    assert!(is_cancelled_with(&pushed[0], CancelReason::Deadline));
+}
+
+#[test]
+fn cancel_and_status_reach_earlier_incarnations_but_not_other_clients() {
+    let mut sim = Sim::new(config());
+    let mut a = Client::new(1);
+    sim.hello(&mut a, TTL);
+    let t1 = accepted_task(&sim.submit(&mut a, 1, "sleep", &[0; 4]));
+    let t2 = accepted_task(&sim.submit(&mut a, 2, "echo", b""));
+    sim.effects();
+    sim.event(t1, TaskEvent::Started);
+    sim.event(t2, TaskEvent::Started);
+    sim.event(t2, TaskEvent::Finished(JobOutcome::Failed("bad".into())));
+    // The client restarts; its old session expires on its own.
+    sim.run_ms(u64::from(TTL) + 20);
+    let cancel_effects = sim.effects();
+    assert_eq!(cancel_effects.len(), 1);
+    sim.event(t1, TaskEvent::Finished(JobOutcome::Done(vec![])));
+    let mut a2 = a.next_incarnation();
+    sim.hello(&mut a2, TTL);
+    let status = sim.ask(&mut a2, Message::Status { task_id: t2.0 });
+    assert_eq!(
+        status.message(),
+        Message::TaskState {
+            task_id: t2.0,
+            report: TaskReport::Failed("bad")
+        }
+    );
+    let mut other = Client::new(2);
+    sim.hello(&mut other, TTL);
+    assert_eq!(
+        task_report(&sim.ask(&mut other, Message::Status { task_id: t2.0 })).1,
+        "Unknown"
+    );
+    let outcome = |sim: &mut Sim, c: &mut Client, id: u64| match sim
+        .ask(c, Message::Cancel { task_id: id })
+        .message()
+    {
+        Message::CancelResult { task_id, outcome } => {
+            assert_eq!(task_id, id);
+            outcome
+        }
+        m => panic!("{m:?}"),
+    };
+    assert_eq!(outcome(&mut sim, &mut other, t1.0), CancelOutcome::UnknownTask);
+    assert_eq!(outcome(&mut sim, &mut a2, t1.0), CancelOutcome::AlreadyFinished);
+    assert_eq!(outcome(&mut sim, &mut a2, 12345), CancelOutcome::UnknownTask);
+    // A running task of the new session: cancelled now, final on report.
+    let t3 = accepted_task(&sim.submit(&mut a2, 1, "sleep", &[0; 4]));
+    sim.effects();
+    sim.event(t3, TaskEvent::Started);
+    assert_eq!(outcome(&mut sim, &mut a2, t3.0), CancelOutcome::CancelledNow);
+    assert_eq!(
+        sim.effects(),
+        vec![Effect::Cancel {
+            task: t3,
+            reason: CancelReason::Cancelled
+        }]
+    );
+    assert_eq!(
+        task_report(&sim.ask(&mut a2, Message::Status { task_id: t3.0 })).1,
+        "Running"
+    );
+    let pushed = sim.event(t3, TaskEvent::Finished(JobOutcome::Failed("stopped".into())));
+    assert!(is_cancelled_with(&pushed[0], CancelReason::Cancelled));
+}
+
+#[test]
+fn final_states_kept_at_least_60s_and_bounded() {
+    let mut cfg = config();
+    cfg.max_finished_tasks = 5;
+    let mut sim = Sim::new(cfg);
+    let mut c = Client::new(1);
+    sim.hello(&mut c, 3_600_000);
+    let mut ids = Vec::new();
+    for r in 0..3 {
+        let t = accepted_task(&sim.submit(&mut c, r, "echo", b""));
+        sim.event(t, TaskEvent::Started);
+        sim.event(t, TaskEvent::Finished(JobOutcome::Done(vec![])));
+        ids.push(t);
+    }
+    let state = |sim: &mut Sim, c: &mut Client, t: TaskId| {
+        task_report(&sim.ask(c, Message::Status { task_id: t.0 })).1
+    };
+    sim.run_ms(59_990);
+    assert_eq!(state(&mut sim, &mut c, ids[0]), "Done([])");
+    sim.run_ms(20);
+    assert_eq!(state(&mut sim, &mut c, ids[0]), "Unknown");
+    // The bound: the oldest go first.
+    let mut more = Vec::new();
+    for r in 10..17 {
+        let t = accepted_task(&sim.submit(&mut c, r, "echo", b""));
+        sim.event(t, TaskEvent::Started);
+        sim.event(t, TaskEvent::Finished(JobOutcome::Done(vec![])));
+        more.push(t);
+    }
+    assert_eq!(state(&mut sim, &mut c, more[0]), "Unknown");
+    assert_eq!(state(&mut sim, &mut c, more[1]), "Unknown");
+    assert_eq!(state(&mut sim, &mut c, more[2]), "Done([])");
+    assert_eq!(sim.engine.stats().finished_evicted_early, 2);
+    assert!(sim.engine.tasks.len() <= 5);
+}
+
+#[test]
+fn replays_are_dropped_and_change_nothing() {
+    let mut sim = Sim::new(config());
+    let mut c = Client::new(1);
+    let hello = sim.encode(&mut c, Flags::empty(), Message::Hello { ttl_ms: 500, name: "" });
+    assert_eq!(sim.raw(c.addr, &hello).unwrap().len(), 1);
+    let submit = sim.encode(
+        &mut c,
+        Flags::empty(),
+        Message::Submit {
+            request_id: 1,
+            delay_ms: 0,
+            deadline_ms: 0,
+            job: "echo",
+            payload: b"",
+        },
+    );
+    assert_eq!(sim.raw(c.addr, &submit).unwrap().len(), 1);
+    sim.effects();
+    let heartbeat = sim.encode(&mut c, Flags::ACK, Message::Heartbeat);
+    assert_eq!(sim.raw(c.addr, &heartbeat).unwrap().len(), 1);
+    let before = *sim.engine.stats();
+    for bytes in [&hello, &submit, &heartbeat] {
+        assert_eq!(
+            sim.raw(c.addr, bytes).unwrap_err(),
+            Dropped::Replay(ReplayError::Seen)
+        );
+    }
+    assert!(sim.effects().is_empty());
+    assert_eq!(sim.engine.stats().dropped_replay, before.dropped_replay + 3);
+    // A replayed heartbeat does not keep the session alive.
+    for _ in 0..20 {
+        sim.run_ms(100);
+        let _ = sim.raw(c.addr, &heartbeat);
+    }
+    assert_eq!(sim.engine.live_sessions(), 0);
+    // Far-behind seqs are refused too.
+    let mut c2 = Client::new(2);
+    sim.hello(&mut c2, TTL);
+    c2.seq = 100;
+    sim.send(&mut c2, Message::Heartbeat).unwrap();
+    c2.seq = 30;
+    assert_eq!(
+        sim.send(&mut c2, Message::Heartbeat).unwrap_err(),
+        Dropped::Replay(ReplayError::TooOld)
+    );
+}
+
+#[test]
+fn malformed_and_wrong_direction_are_dropped_silently() {
+    let mut sim = Sim::new(config());
+    let mut c = Client::new(1);
+    sim.hello(&mut c, TTL);
+    let before = sim.engine.stats().dropped_malformed;
+    let mut bytes = sim.encode(&mut c, Flags::empty(), Message::Heartbeat);
+    bytes[0] = b'X';
+    assert!(matches!(
+        sim.raw(c.addr, &bytes),
+        Err(Dropped::Malformed(wire::Error::BadMagic))
+    ));
+    let welcome = sim.encode(&mut c, Flags::empty(), Message::Welcome { ttl_ms: 1, tick_ms: 1 });
+    assert_eq!(sim.raw(c.addr, &welcome).unwrap_err(), Dropped::WrongDirection);
+    assert_eq!(sim.raw(c.addr, &[0u8; 1201]).unwrap_err(), Dropped::TooLarge);
+    assert_eq!(sim.engine.stats().dropped_malformed, before + 2);
+    assert_eq!(sim.engine.stats().dropped_too_large, 1);
+    // None of it touched the session's replay window: the next seq works.
+    assert!(sim.send(&mut c, Message::Heartbeat).is_ok());
+}
+
+#[test]
+fn keyed_engine_drops_unauthenticated_and_signs_replies() {
+    let mut cfg = config();
+    cfg.key = Some(test_key());
+    let mut sim = Sim::new(cfg);
+    let mut c = Client::new(1);
+    let welcome = sim.hello(&mut c, TTL);
+    let d = welcome.datagram(Some(&test_key()));
+    assert!(d.header.flags.contains(Flags::MAC));
+    // Unsigned, and signed with another key: dropped, no reply, even for
+    // an unknown session.
+    let mut stranger = Client::new(99);
+    sim.key = None;
+    let unsigned = sim.encode(&mut stranger, Flags::empty(), Message::Heartbeat);
+    sim.key = Some(MacKey::new(&[1; 32]).unwrap());
+    let wrong = sim.encode(&mut stranger, Flags::empty(), Message::Heartbeat);
+    let wrong_hello = sim.encode(&mut c, Flags::empty(), Message::Hello { ttl_ms: 0, name: "" });
+    sim.key = Some(test_key());
+    assert!(matches!(sim.raw(stranger.addr, &unsigned), Err(Dropped::Auth(_))));
+    assert!(matches!(sim.raw(stranger.addr, &wrong), Err(Dropped::Auth(_))));
+    assert!(matches!(sim.raw(c.addr, &wrong_hello), Err(Dropped::Auth(_))));
+    assert_eq!(sim.engine.stats().dropped_bad_mac, 3);
+    // A signed datagram for an unknown session is answered, signed.
+    let reply = sim.ask(&mut stranger, Message::Heartbeat);
+    assert_eq!(reply.datagram(Some(&test_key())).message, Message::UnknownSession);
+    assert_eq!(reply.bytes.len(), 28 + 16);
+}
+
+#[test]
+fn shutdown_cancels_every_task_with_reason_shutdown() {
+    let mut sim = Sim::new(config());
+    let mut c = Client::new(1);
+    sim.hello(&mut c, TTL);
+    let running = accepted_task(&sim.submit(&mut c, 1, "sleep", &[0; 4]));
+    let queued = accepted_task(&sim.submit(&mut c, 2, "sleep", &[0; 4]));
+    let scheduled = accepted_task(&sim.submit_timed(&mut c, 3, 1000, 0, "sleep", &[0; 4]));
+    sim.effects();
+    sim.event(running, TaskEvent::Started);
+    sim.engine.begin_shutdown(sim.now);
+    let pushed = sim.replies();
+    assert_eq!(pushed.len(), 2);
+    let ids: Vec<u64> = pushed.iter().map(|r| task_report(r).0).collect();
+    assert_eq!(ids, vec![queued.0, scheduled.0]);
+    assert!(pushed.iter().all(|r| is_cancelled_with(r, CancelReason::Shutdown)));
+    assert_eq!(sim.engine.unfinished_tasks(), 1);
+    assert!(sim.effects().contains(&Effect::Cancel {
+        task: running,
+        reason: CancelReason::Shutdown
+    }));
+    let last = sim.event(running, TaskEvent::Finished(JobOutcome::Done(vec![])));
+    assert!(is_cancelled_with(&last[0], CancelReason::Shutdown));
+    assert_eq!(sim.engine.unfinished_tasks(), 0);
+}
+
+#[test]
+fn ended_clients_are_remembered_for_ten_minutes_then_forgotten() {
+    let mut sim = Sim::new(config());
+    let mut c = Client::new(5);
+    sim.hello(&mut c, TTL);
+    sim.send(&mut c, Message::Bye).unwrap();
+    sim.run_ms(599_000);
+    let mut same = c.clone();
+    assert_eq!(
+        sim.send(&mut same, Message::Hello { ttl_ms: 0, name: "" })
+            .unwrap_err(),
+        Dropped::StaleHello
+    );
+    sim.run_ms(2_000);
+    assert!(sim.engine.retired.is_empty());
+    assert!(sim.engine.retired_order.is_empty());
+}
+
+#[test]
+fn client_records_are_bounded_oldest_first() {
+    let mut cfg = config();
+    cfg.max_client_records = 3;
+    let mut sim = Sim::new(cfg);
+    for id in 1..=5 {
+        let mut c = Client::new(id);
+        sim.hello(&mut c, TTL);
+        sim.send(&mut c, Message::Bye).unwrap();
+    }
+    assert_eq!(sim.engine.retired.len(), 3);
+    assert!(!sim.engine.retired.contains_key(&1));
+    assert!(sim.engine.retired.contains_key(&5));
+}
+
+#[test]
+fn failed_texts_and_oversized_results_fit_a_datagram() {
+    let mut sim = Sim::new(config());
+    let mut c = Client::new(1);
+    sim.hello(&mut c, TTL);
+    let a = accepted_task(&sim.submit(&mut c, 1, "echo", b""));
+    let b = accepted_task(&sim.submit(&mut c, 2, "echo", b""));
+    sim.event(a, TaskEvent::Started);
+    sim.event(b, TaskEvent::Started);
+    let long = sim.event(a, TaskEvent::Finished(JobOutcome::Failed("é".repeat(300))));
+    match long[0].message() {
+        Message::TaskState {
+            report: TaskReport::Failed(text),
+            ..
+        } => assert_eq!(text.len(), 254),
+        m => panic!("{m:?}"),
+    }
+    let big = sim.event(b, TaskEvent::Finished(JobOutcome::Done(vec![0; 5000])));
+    assert!(matches!(
+        big[0].message(),
+        Message::TaskState {
+            report: TaskReport::Failed(_),
+            ..
+        }
+    ));
+}
+
+#[test]
+fn poll_timeout_is_none_when_idle() {
+    let mut sim = Sim::new(config());
+    assert_eq!(sim.engine.poll_timeout(), None);
+    let mut c = Client::new(1);
+    sim.hello(&mut c, 1000);
+    assert_eq!(sim.engine.poll_timeout(), Some(Timestamp::from_millis(1000)));
+    sim.send(&mut c, Message::Bye).unwrap();
+    assert_eq!(sim.engine.poll_timeout(), None);
+}
+
+#[test]
+fn address_follows_the_last_datagram() {
+    let mut sim = Sim::new(config());
+    let mut c = Client::new(1);
+    sim.hello(&mut c, TTL);
+    c.addr = "[::1]:5000".parse().unwrap();
+    let reply = sim.ask(&mut c, Message::Status { task_id: 1 });
+    assert_eq!(reply.to, c.addr);
+}
