@@ -763,7 +763,12 @@ impl Engine {
         debug_assert!(reset.is_ok(), "refresh of session {index}: {reset:?}");
     }
 
-    fn on_hello(&mut self, h: &Header, requested_ttl_ms: u32, from: PeerAddr) -> Result<(), Dropped> {
+    fn on_hello(
+        &mut self,
+        h: &Header,
+        requested_ttl_ms: u32,
+        from: PeerAddr,
+    ) -> Result<(), Dropped> {
         if let Some(&index) = self.live_by_client.get(&h.client_id) {
             let session = &mut self.sessions[index as usize];
             if h.incarnation < session.incarnation {
@@ -921,10 +926,18 @@ impl Engine {
             state,
             cancelling: None,
             deadline_ms,
-            data: if delay_ms > 0 { payload.to_vec() } else { Vec::new() },
+            data: if delay_ms > 0 {
+                payload.to_vec()
+            } else {
+                Vec::new()
+            },
             ended_at: Timestamp(0),
         });
-        session.work.get_or_insert_with(Box::default).unfinished.push(id);
+        session
+            .work
+            .get_or_insert_with(Box::default)
+            .unfinished
+            .push(id);
         self.waiting_tasks += 1;
         self.unfinished_tasks += 1;
         self.stats.tasks_accepted += 1;
@@ -973,7 +986,14 @@ impl Engine {
         let session = &mut self.sessions[index as usize];
         let (peer, header) = (session.peer, session.next_header());
         let message = Message::TaskState { task_id, report };
-        queue(&mut self.outbox, &mut self.stats, self.config.key.as_ref(), peer, &header, &message);
+        queue(
+            &mut self.outbox,
+            &mut self.stats,
+            self.config.key.as_ref(),
+            peer,
+            &header,
+            &message,
+        );
     }
 
     fn cancel_by_client(&mut self, client_id: u64, id: TaskId) -> CancelOutcome {
@@ -1003,12 +1023,12 @@ impl Engine {
                 self.effects.push_back(Effect::Cancel { task: id, reason });
                 self.finish(id, TaskState::Cancelled(reason));
             }
-            TaskState::Running => {
-                if task.cancelling.is_none() {
-                    task.cancelling = Some(reason);
-                    self.task_wheel.remove(WheelKey(id.index() as u32));
-                    self.effects.push_back(Effect::Cancel { task: id, reason });
-                }
+            // A second cancel of a running task changes nothing: the first
+            // reason is the one its final state records.
+            TaskState::Running if task.cancelling.is_none() => {
+                task.cancelling = Some(reason);
+                self.task_wheel.remove(WheelKey(id.index() as u32));
+                self.effects.push_back(Effect::Cancel { task: id, reason });
             }
             _ => {}
         }
@@ -1044,7 +1064,14 @@ impl Engine {
             task_id: id.0,
             report: self.tasks[id.index()].report(),
         };
-        queue(&mut self.outbox, &mut self.stats, self.config.key.as_ref(), peer, &header, &message);
+        queue(
+            &mut self.outbox,
+            &mut self.stats,
+            self.config.key.as_ref(),
+            peer,
+            &header,
+            &message,
+        );
         self.release_if_done(session_index);
         self.finished_order.push_back((id, now));
         self.age_records();
@@ -1130,7 +1157,6 @@ impl Engine {
         }
     }
 
-
     fn task_mut(&mut self, id: TaskId) -> Option<&mut Task> {
         self.tasks.get_mut(id.index()).filter(|t| t.id == id)
     }
@@ -1138,7 +1164,14 @@ impl Engine {
     fn reply(&mut self, index: u32, message: Message<'_>) {
         let session = &mut self.sessions[index as usize];
         let (peer, header) = (session.peer, session.next_header());
-        queue(&mut self.outbox, &mut self.stats, self.config.key.as_ref(), peer, &header, &message);
+        queue(
+            &mut self.outbox,
+            &mut self.stats,
+            self.config.key.as_ref(),
+            peer,
+            &header,
+            &message,
+        );
     }
 
     /// Answers with the header fields of the datagram answered, as the
@@ -1148,7 +1181,14 @@ impl Engine {
             flags: Flags::empty(),
             ..*h
         };
-        queue(&mut self.outbox, &mut self.stats, self.config.key.as_ref(), to, &header, &message);
+        queue(
+            &mut self.outbox,
+            &mut self.stats,
+            self.config.key.as_ref(),
+            to,
+            &header,
+            &message,
+        );
     }
 
     fn reply_unknown_session(&mut self, h: &Header, to: PeerAddr) {

@@ -140,7 +140,12 @@ mod tests {
 
     #[test]
     fn peer_addr_round_trips_v4_and_v6() {
-        for s in ["127.0.0.1:7900", "[::1]:7900", "[::ffff:10.0.0.1]:1", "0.0.0.0:0"] {
+        for s in [
+            "127.0.0.1:7900",
+            "[::1]:7900",
+            "[::ffff:10.0.0.1]:1",
+            "0.0.0.0:0",
+        ] {
             let addr: SocketAddr = s.parse().unwrap();
             assert_eq!(SocketAddr::from(PeerAddr::from(addr)), addr, "{s}");
         }
@@ -158,11 +163,17 @@ mod tests {
         let mut outbox = Outbox::new(60);
         assert!(outbox.push(to, &header, &Message::ByeAck, None));
         assert!(outbox.push(to, &header, &Message::ByeAck, None));
-        assert!(!outbox.push(to, &header, &Message::ByeAck, None), "over 60 bytes");
+        assert!(
+            !outbox.push(to, &header, &Message::ByeAck, None),
+            "over 60 bytes"
+        );
         let mut buf = [0u8; 1200];
         assert_eq!(outbox.pop(&mut buf).map(|(_, n)| n), Some(28));
         assert_eq!(outbox.pop(&mut buf).map(|(_, n)| n), Some(28));
         assert!(outbox.pop(&mut buf).is_none());
-        assert!(outbox.push(to, &header, &Message::ByeAck, None), "arena reset");
+        assert!(
+            outbox.push(to, &header, &Message::ByeAck, None),
+            "arena reset"
+        );
     }
 }

@@ -38,7 +38,9 @@ impl Client {
             id,
             incarnation: 1_000,
             seq: 0,
-            addr: format!("127.0.0.1:{}", 10_000 + id % 50_000).parse().unwrap(),
+            addr: format!("127.0.0.1:{}", 10_000 + id % 50_000)
+                .parse()
+                .unwrap(),
         }
     }
     fn next_incarnation(&self) -> Client {
@@ -70,7 +72,9 @@ impl Reply {
     }
     fn header(&self) -> Header {
         let field = |r: std::ops::Range<usize>| {
-            self.bytes[r].iter().fold(0u64, |acc, &b| acc << 8 | u64::from(b))
+            self.bytes[r]
+                .iter()
+                .fold(0u64, |acc, &b| acc << 8 | u64::from(b))
         };
         Header {
             flags: Flags::empty(),
@@ -253,7 +257,10 @@ fn hello_grants_clamped_ttl_and_reports_tick() {
         );
         assert_eq!(reply.to, c.addr);
         let h = reply.header();
-        assert_eq!((h.client_id, h.incarnation, h.seq), (c.id, c.incarnation, 1));
+        assert_eq!(
+            (h.client_id, h.incarnation, h.seq),
+            (c.id, c.incarnation, 1)
+        );
     }
     assert_eq!(sim.engine.live_sessions(), 4);
 }
@@ -321,7 +328,10 @@ fn heartbeats_keep_a_session_alive_for_hours_then_silence_expires_it_on_time() {
     }
     let late_us = expired_at.unwrap().0 - last.0;
     assert!(late_us >= u64::from(TTL) * 1000, "early by {late_us} us");
-    assert!(late_us <= u64::from(TTL) * 1000 + 10_000, "late: {late_us} us");
+    assert!(
+        late_us <= u64::from(TTL) * 1000 + 10_000,
+        "late: {late_us} us"
+    );
     let replies = sim.event(task, TaskEvent::Finished(JobOutcome::Done(vec![])));
     assert_eq!(replies.len(), 1);
     assert!(is_cancelled_with(&replies[0], CancelReason::Expired));
@@ -359,7 +369,11 @@ fn many_clients_with_jitter_never_expire_early_or_late() {
                     let since = due.0 - last_seen[i].0;
                     let ttl_us = u64::from(ttl_ms(c.id)) * 1000;
                     assert!(since >= ttl_us, "client {} expired early: {since} us", c.id);
-                    assert!(since <= ttl_us + 10_000, "client {} expired late: {since} us", c.id);
+                    assert!(
+                        since <= ttl_us + 10_000,
+                        "client {} expired late: {since} us",
+                        c.id
+                    );
                     alive[i] = false;
                 }
             }
@@ -380,7 +394,11 @@ fn many_clients_with_jitter_never_expire_early_or_late() {
             }
         }
     }
-    assert!(sim.engine.stats().sessions_expired > 50, "{:?}", sim.engine.stats());
+    assert!(
+        sim.engine.stats().sessions_expired > 50,
+        "{:?}",
+        sim.engine.stats()
+    );
 }
 
 #[test]
@@ -390,23 +408,39 @@ fn late_datagrams_after_expiry_get_unknown_session_and_do_not_revive() {
     sim.hello(&mut c, 500);
     sim.run_ms(511);
     assert_eq!(sim.engine.live_sessions(), 0);
-    for message in [Message::Heartbeat, Message::Status { task_id: 1 }, Message::Bye] {
+    for message in [
+        Message::Heartbeat,
+        Message::Status { task_id: 1 },
+        Message::Bye,
+    ] {
         let reply = sim.ask(&mut c, message);
         assert_eq!(reply.message(), Message::UnknownSession);
         let h = reply.header();
-        assert_eq!((h.client_id, h.incarnation, h.seq), (c.id, c.incarnation, c.seq));
+        assert_eq!(
+            (h.client_id, h.incarnation, h.seq),
+            (c.id, c.incarnation, c.seq)
+        );
         assert_eq!(reply.bytes.len(), 28);
     }
     assert_eq!(sim.engine.live_sessions(), 0);
     // A HELLO of the same incarnation is stale now: dropped, no reply.
     let mut same = c.clone();
     assert_eq!(
-        sim.send(&mut same, Message::Hello { ttl_ms: 0, name: "" })
-            .unwrap_err(),
+        sim.send(
+            &mut same,
+            Message::Hello {
+                ttl_ms: 0,
+                name: ""
+            }
+        )
+        .unwrap_err(),
         Dropped::StaleHello
     );
     let mut next = c.next_incarnation();
-    assert!(matches!(sim.hello(&mut next, 0).message(), Message::Welcome { .. }));
+    assert!(matches!(
+        sim.hello(&mut next, 0).message(),
+        Message::Welcome { .. }
+    ));
 }
 
 #[test]
@@ -436,8 +470,14 @@ fn newer_incarnation_replaces_and_older_is_stale() {
     let mut older = old.clone();
     older.incarnation -= 1;
     assert_eq!(
-        sim.send(&mut older, Message::Hello { ttl_ms: 0, name: "" })
-            .unwrap_err(),
+        sim.send(
+            &mut older,
+            Message::Hello {
+                ttl_ms: 0,
+                name: ""
+            }
+        )
+        .unwrap_err(),
         Dropped::StaleHello
     );
     // The task's final state goes to the old session's address, under its
@@ -520,13 +560,25 @@ fn rejection_codes() {
     let mut b = Client::new(2);
     sim.hello(&mut a, TTL);
     sim.hello(&mut b, TTL);
-    assert_eq!(rejected_code(&sim.submit(&mut a, 1, "zzz", b"")), RejectCode::UnknownJob);
-    assert_eq!(rejected_code(&sim.submit(&mut a, 2, "sleep", b"123")), RejectCode::BadRequest);
+    assert_eq!(
+        rejected_code(&sim.submit(&mut a, 1, "zzz", b"")),
+        RejectCode::UnknownJob
+    );
+    assert_eq!(
+        rejected_code(&sim.submit(&mut a, 2, "sleep", b"123")),
+        RejectCode::BadRequest
+    );
     accepted_task(&sim.submit(&mut a, 3, "sleep", &[0; 4]));
     accepted_task(&sim.submit(&mut a, 4, "sleep", &[0; 4]));
-    assert_eq!(rejected_code(&sim.submit(&mut a, 5, "sleep", &[0; 4])), RejectCode::TooManyTasks);
+    assert_eq!(
+        rejected_code(&sim.submit(&mut a, 5, "sleep", &[0; 4])),
+        RejectCode::TooManyTasks
+    );
     accepted_task(&sim.submit(&mut b, 1, "echo", b""));
-    assert_eq!(rejected_code(&sim.submit(&mut b, 2, "echo", b"")), RejectCode::QueueFull);
+    assert_eq!(
+        rejected_code(&sim.submit(&mut b, 2, "echo", b"")),
+        RejectCode::QueueFull
+    );
     // A third session is refused, copying the HELLO's header.
     let mut c = Client::new(3);
     let refused = sim.hello(&mut c, TTL);
@@ -537,9 +589,15 @@ fn rejection_codes() {
     assert_eq!(sim.engine.live_sessions(), 2);
     sim.engine.begin_shutdown(sim.now);
     sim.replies();
-    assert_eq!(rejected_code(&sim.submit(&mut b, 3, "echo", b"")), RejectCode::ShuttingDown);
+    assert_eq!(
+        rejected_code(&sim.submit(&mut b, 3, "echo", b"")),
+        RejectCode::ShuttingDown
+    );
     let mut d = Client::new(4);
-    assert_eq!(rejected_code(&sim.hello(&mut d, TTL)), RejectCode::ShuttingDown);
+    assert_eq!(
+        rejected_code(&sim.hello(&mut d, TTL)),
+        RejectCode::ShuttingDown
+    );
 }
 
 #[test]
@@ -645,14 +703,26 @@ fn cancel_and_status_reach_earlier_incarnations_but_not_other_clients() {
         }
         m => panic!("{m:?}"),
     };
-    assert_eq!(outcome(&mut sim, &mut other, t1.0), CancelOutcome::UnknownTask);
-    assert_eq!(outcome(&mut sim, &mut a2, t1.0), CancelOutcome::AlreadyFinished);
-    assert_eq!(outcome(&mut sim, &mut a2, 12345), CancelOutcome::UnknownTask);
+    assert_eq!(
+        outcome(&mut sim, &mut other, t1.0),
+        CancelOutcome::UnknownTask
+    );
+    assert_eq!(
+        outcome(&mut sim, &mut a2, t1.0),
+        CancelOutcome::AlreadyFinished
+    );
+    assert_eq!(
+        outcome(&mut sim, &mut a2, 12345),
+        CancelOutcome::UnknownTask
+    );
     // A running task of the new session: cancelled now, final on report.
     let t3 = accepted_task(&sim.submit(&mut a2, 1, "sleep", &[0; 4]));
     sim.effects();
     sim.event(t3, TaskEvent::Started);
-    assert_eq!(outcome(&mut sim, &mut a2, t3.0), CancelOutcome::CancelledNow);
+    assert_eq!(
+        outcome(&mut sim, &mut a2, t3.0),
+        CancelOutcome::CancelledNow
+    );
     assert_eq!(
         sim.effects(),
         vec![Effect::Cancel {
@@ -664,7 +734,10 @@ fn cancel_and_status_reach_earlier_incarnations_but_not_other_clients() {
         task_report(&sim.ask(&mut a2, Message::Status { task_id: t3.0 })).1,
         "Running"
     );
-    let pushed = sim.event(t3, TaskEvent::Finished(JobOutcome::Failed("stopped".into())));
+    let pushed = sim.event(
+        t3,
+        TaskEvent::Finished(JobOutcome::Failed("stopped".into())),
+    );
     assert!(is_cancelled_with(&pushed[0], CancelReason::Cancelled));
 }
 
@@ -708,7 +781,14 @@ fn final_states_kept_at_least_60s_and_bounded() {
 fn replays_are_dropped_and_change_nothing() {
     let mut sim = Sim::new(config());
     let mut c = Client::new(1);
-    let hello = sim.encode(&mut c, Flags::empty(), Message::Hello { ttl_ms: 500, name: "" });
+    let hello = sim.encode(
+        &mut c,
+        Flags::empty(),
+        Message::Hello {
+            ttl_ms: 500,
+            name: "",
+        },
+    );
     assert_eq!(sim.raw(c.addr, &hello).unwrap().len(), 1);
     let submit = sim.encode(
         &mut c,
@@ -764,9 +844,22 @@ fn malformed_and_wrong_direction_are_dropped_silently() {
         sim.raw(c.addr, &bytes),
         Err(Dropped::Malformed(wire::Error::BadMagic))
     ));
-    let welcome = sim.encode(&mut c, Flags::empty(), Message::Welcome { ttl_ms: 1, tick_ms: 1 });
-    assert_eq!(sim.raw(c.addr, &welcome).unwrap_err(), Dropped::WrongDirection);
-    assert_eq!(sim.raw(c.addr, &[0u8; 1201]).unwrap_err(), Dropped::TooLarge);
+    let welcome = sim.encode(
+        &mut c,
+        Flags::empty(),
+        Message::Welcome {
+            ttl_ms: 1,
+            tick_ms: 1,
+        },
+    );
+    assert_eq!(
+        sim.raw(c.addr, &welcome).unwrap_err(),
+        Dropped::WrongDirection
+    );
+    assert_eq!(
+        sim.raw(c.addr, &[0u8; 1201]).unwrap_err(),
+        Dropped::TooLarge
+    );
     assert_eq!(sim.engine.stats().dropped_malformed, before + 2);
     assert_eq!(sim.engine.stats().dropped_too_large, 1);
     // None of it touched the session's replay window: the next seq works.
@@ -789,15 +882,34 @@ fn keyed_engine_drops_unauthenticated_and_signs_replies() {
     let unsigned = sim.encode(&mut stranger, Flags::empty(), Message::Heartbeat);
     sim.key = Some(MacKey::new(&[1; 32]).unwrap());
     let wrong = sim.encode(&mut stranger, Flags::empty(), Message::Heartbeat);
-    let wrong_hello = sim.encode(&mut c, Flags::empty(), Message::Hello { ttl_ms: 0, name: "" });
+    let wrong_hello = sim.encode(
+        &mut c,
+        Flags::empty(),
+        Message::Hello {
+            ttl_ms: 0,
+            name: "",
+        },
+    );
     sim.key = Some(test_key());
-    assert!(matches!(sim.raw(stranger.addr, &unsigned), Err(Dropped::Auth(_))));
-    assert!(matches!(sim.raw(stranger.addr, &wrong), Err(Dropped::Auth(_))));
-    assert!(matches!(sim.raw(c.addr, &wrong_hello), Err(Dropped::Auth(_))));
+    assert!(matches!(
+        sim.raw(stranger.addr, &unsigned),
+        Err(Dropped::Auth(_))
+    ));
+    assert!(matches!(
+        sim.raw(stranger.addr, &wrong),
+        Err(Dropped::Auth(_))
+    ));
+    assert!(matches!(
+        sim.raw(c.addr, &wrong_hello),
+        Err(Dropped::Auth(_))
+    ));
     assert_eq!(sim.engine.stats().dropped_bad_mac, 3);
     // A signed datagram for an unknown session is answered, signed.
     let reply = sim.ask(&mut stranger, Message::Heartbeat);
-    assert_eq!(reply.datagram(Some(&test_key())).message, Message::UnknownSession);
+    assert_eq!(
+        reply.datagram(Some(&test_key())).message,
+        Message::UnknownSession
+    );
     assert_eq!(reply.bytes.len(), 28 + 16);
 }
 
@@ -816,7 +928,9 @@ fn shutdown_cancels_every_task_with_reason_shutdown() {
     assert_eq!(pushed.len(), 2);
     let ids: Vec<u64> = pushed.iter().map(|r| task_report(r).0).collect();
     assert_eq!(ids, vec![queued.0, scheduled.0]);
-    assert!(pushed.iter().all(|r| is_cancelled_with(r, CancelReason::Shutdown)));
+    assert!(pushed
+        .iter()
+        .all(|r| is_cancelled_with(r, CancelReason::Shutdown)));
     assert_eq!(sim.engine.unfinished_tasks(), 1);
     assert!(sim.effects().contains(&Effect::Cancel {
         task: running,
@@ -836,8 +950,14 @@ fn ended_clients_are_remembered_for_ten_minutes_then_forgotten() {
     sim.run_ms(599_000);
     let mut same = c.clone();
     assert_eq!(
-        sim.send(&mut same, Message::Hello { ttl_ms: 0, name: "" })
-            .unwrap_err(),
+        sim.send(
+            &mut same,
+            Message::Hello {
+                ttl_ms: 0,
+                name: ""
+            }
+        )
+        .unwrap_err(),
         Dropped::StaleHello
     );
     sim.run_ms(2_000);
@@ -893,7 +1013,10 @@ fn poll_timeout_is_none_when_idle() {
     assert_eq!(sim.engine.poll_timeout(), None);
     let mut c = Client::new(1);
     sim.hello(&mut c, 1000);
-    assert_eq!(sim.engine.poll_timeout(), Some(Timestamp::from_millis(1000)));
+    assert_eq!(
+        sim.engine.poll_timeout(),
+        Some(Timestamp::from_millis(1000))
+    );
     sim.send(&mut c, Message::Bye).unwrap();
     assert_eq!(sim.engine.poll_timeout(), None);
 }

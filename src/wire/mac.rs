@@ -31,9 +31,8 @@ impl MacKey {
         if !(MIN_KEY_LEN..=MAX_KEY_LEN).contains(&secret.len()) {
             return Err(MacKeyError { len: secret.len() });
         }
-        let keyed = HmacSha256::new_from_slice(secret).map_err(|_| MacKeyError {
-            len: secret.len(),
-        })?;
+        let keyed =
+            HmacSha256::new_from_slice(secret).map_err(|_| MacKeyError { len: secret.len() })?;
         Ok(MacKey { keyed })
     }
 

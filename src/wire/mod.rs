@@ -616,7 +616,11 @@ impl<'a> Datagram<'a> {
         if buf[field::RESERVED] != 0 {
             return Err(Error::ReservedByte(buf[field::RESERVED]));
         }
-        let mac_len = if flags.contains(Flags::MAC) { MAC_LEN } else { 0 };
+        let mac_len = if flags.contains(Flags::MAC) {
+            MAC_LEN
+        } else {
+            0
+        };
         let declared = usize::from(be_u16(&buf[field::BODY_LEN]));
         let actual = buf.len().saturating_sub(HEADER_LEN + mac_len);
         if buf.len() < HEADER_LEN + mac_len || declared != actual {
@@ -779,7 +783,10 @@ impl Error {
     /// Whether this is an authentication failure rather than a framing one
     /// (the two are counted apart).
     pub fn is_auth(&self) -> bool {
-        matches!(self, Error::MissingMac | Error::UnexpectedMac | Error::BadMac)
+        matches!(
+            self,
+            Error::MissingMac | Error::UnexpectedMac | Error::BadMac
+        )
     }
 }
 
@@ -788,7 +795,10 @@ impl fmt::Display for Error {
         match self {
             Error::TooLarge { len } => write!(f, "datagram of {len} bytes exceeds {MAX_DATAGRAM}"),
             Error::Truncated { len } => {
-                write!(f, "datagram of {len} bytes is shorter than the {HEADER_LEN}-byte header")
+                write!(
+                    f,
+                    "datagram of {len} bytes is shorter than the {HEADER_LEN}-byte header"
+                )
             }
             Error::BadMagic => f.write_str("magic is not \"TH\""),
             Error::BadVersion(v) => write!(f, "version {v} is not {VERSION}"),

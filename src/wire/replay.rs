@@ -24,7 +24,10 @@ pub struct ReplayWindow {
 impl ReplayWindow {
     /// A window that has seen exactly `first`.
     pub fn new(first: u32) -> ReplayWindow {
-        ReplayWindow { top: first, seen: 1 }
+        ReplayWindow {
+            top: first,
+            seen: 1,
+        }
     }
 
     /// The highest `seq` seen.
@@ -54,7 +57,11 @@ impl ReplayWindow {
         debug_assert!(self.check(seq).is_ok(), "record({seq}) on {self:?}");
         if seq > self.top {
             let shift = seq - self.top;
-            self.seen = if shift >= WINDOW { 0 } else { self.seen << shift };
+            self.seen = if shift >= WINDOW {
+                0
+            } else {
+                self.seen << shift
+            };
             self.seen |= 1;
             self.top = seq;
         } else {

@@ -145,9 +145,7 @@ fn submit_known_bytes() {
     assert_eq!(&bytes[6..8], &[0, 19]);
     assert_eq!(
         &bytes[HEADER_LEN..],
-        &[
-            0x0a, 0x0b, 0x0c, 0x0d, 0, 0, 0, 1, 0, 0, 0, 2, 4, b'e', b'c', b'h', b'o', b'h', b'i'
-        ]
+        &[0x0a, 0x0b, 0x0c, 0x0d, 0, 0, 0, 1, 0, 0, 0, 2, 4, b'e', b'c', b'h', b'o', b'h', b'i']
     );
 }
 
@@ -169,7 +167,10 @@ fn task_state_known_bytes() {
         },
         None,
     );
-    assert_eq!(&failed[HEADER_LEN..], &[0, 0, 0, 0, 0, 0, 0, 1, 4, 2, b'n', b'o']);
+    assert_eq!(
+        &failed[HEADER_LEN..],
+        &[0, 0, 0, 0, 0, 0, 0, 1, 4, 2, b'n', b'o']
+    );
 }
 
 #[test]
@@ -281,7 +282,10 @@ fn rule_body_len_matches_datagram() {
     // A MAC flag on a datagram too short to hold a MAC.
     let mut b = encode(Message::Heartbeat, None);
     b[4] = Flags::MAC.bits();
-    assert!(matches!(decode_err(&b), Error::BodyLength { actual: -16, .. }));
+    assert!(matches!(
+        decode_err(&b),
+        Error::BodyLength { actual: -16, .. }
+    ));
 }
 
 #[test]
@@ -306,9 +310,15 @@ fn rule_mac_required_forbidden_and_verified() {
         Error::MissingMac
     );
     let keyed = encode(Message::Cancel { task_id: 1 }, Some(&key));
-    assert_eq!(Datagram::decode(&keyed, None).unwrap_err(), Error::UnexpectedMac);
+    assert_eq!(
+        Datagram::decode(&keyed, None).unwrap_err(),
+        Error::UnexpectedMac
+    );
     let wrong = MacKey::new(&[6u8; 16]).unwrap();
-    assert_eq!(Datagram::decode(&keyed, Some(&wrong)).unwrap_err(), Error::BadMac);
+    assert_eq!(
+        Datagram::decode(&keyed, Some(&wrong)).unwrap_err(),
+        Error::BadMac
+    );
     for i in 0..keyed.len() {
         let mut b = keyed.clone();
         b[i] ^= 0x40;

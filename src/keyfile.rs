@@ -1,0 +1,106 @@
+//! Loading the shared secret from a key file, refusing one that other users
+//! can read (as ssh refuses such private keys).
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::wire::{MacKey, MacKeyError};
+
+/// Why a key file was refused.
+#[derive(Debug)]
+pub enum KeyFileError {
+    /// It could not be read.
+    Read(PathBuf, io::Error),
+    /// Group or other users have some access to it.
+    TooOpen(PathBuf, u32),
+    /// It is not 16 to 64 bytes long.
+    Length(PathBuf, MacKeyError),
+}
+
+impl fmt::Display for KeyFileError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeyFileError::Read(p, e) => write!(f, "cannot read key file {}: {e}", p.display()),
+            KeyFileError::TooOpen(p, mode) => write!(
+                f,
+                "key file {} is accessible by other users (mode {mode:04o}); run: chmod 600 {}",
+                p.display(),
+                p.display()
+            ),
+            KeyFileError::Length(p, e) => write!(
+                f,
+                "key file {}: {e} (the file holds the raw key bytes; make one with: head -c 32 /dev/urandom > FILE)",
+                p.display()
+            ),
+        }
+    }
+}
+
+impl std::error::Error for KeyFileError {}
+
+/// Reads a key file: the raw key bytes, 16 to 64 of them, in a file only
+/// its owner can access.
+pub fn load(path: &Path) -> Result<MacKey, KeyFileError> {
+    let meta = std::fs::metadata(path).map_err(|e| KeyFileError::Read(path.into(), e))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = meta.permissions().mode() & 0o7777;
+        if mode & 0o077 != 0 {
+            return Err(KeyFileError::TooOpen(path.into(), mode));
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = meta;
+    let secret = std::fs::read(path).map_err(|e| KeyFileError::Read(path.into(), e))?;
+    MacKey::new(&secret).map_err(|e| KeyFileError::Length(path.into(), e))
+}
+
+#[cfg(all(test, unix))]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn temp_key(name: &str, bytes: &[u8], mode: u32) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("tether-keyfile-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        std::fs::write(&path, bytes).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        path
+    }
+
+    #[test]
+    fn accepts_private_key_of_valid_length() {
+        assert!(load(&temp_key("ok", &[1; 32], 0o600)).is_ok());
+        assert!(load(&temp_key("ro", &[1; 16], 0o400)).is_ok());
+    }
+
+    #[test]
+    fn refuses_readable_by_others_with_chmod_hint() {
+        let err = load(&temp_key("open", &[1; 32], 0o644)).unwrap_err();
+        assert!(matches!(err, KeyFileError::TooOpen(_, 0o644)));
+        assert!(err.to_string().contains("chmod 600"));
+        assert!(matches!(
+            load(&temp_key("group", &[1; 32], 0o640)).unwrap_err(),
+            KeyFileError::TooOpen(_, 0o640)
+        ));
+    }
+
+    #[test]
+    fn refuses_wrong_length_and_missing_file() {
+        assert!(matches!(
+            load(&temp_key("short", &[1; 15], 0o600)).unwrap_err(),
+            KeyFileError::Length(..)
+        ));
+        assert!(matches!(
+            load(&temp_key("long", &[1; 65], 0o600)).unwrap_err(),
+            KeyFileError::Length(..)
+        ));
+        assert!(matches!(
+            load(Path::new("/nonexistent/tether.key")).unwrap_err(),
+            KeyFileError::Read(..)
+        ));
+    }
+}
