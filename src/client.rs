@@ -413,7 +413,8 @@ impl Client {
 
     /// Waits up to `timeout` for `task`'s final state: from the server's
     /// push, or by asking with STATUS when no push has come for a while (the
-    /// push may have been lost).
+    /// push may have been lost). The task's [`ClientEvent::TaskEnded`] is
+    /// consumed with it.
     pub fn wait(&self, task: TaskId, timeout: Duration) -> Result<TaskStatus, ClientError> {
         let deadline = Instant::now() + timeout;
         let poll_every = Duration::from_millis(500);
@@ -422,8 +423,9 @@ impl Client {
             {
                 let mut state = self.inner.state.lock();
                 loop {
-                    if let Some(status) = state.finals.get(&task.0) {
-                        return Ok(status.clone());
+                    if let Some(status) = state.finals.get(&task.0).cloned() {
+                        claim_event(&mut state.events, task);
+                        return Ok(status);
                     }
                     if state.session == SessionState::Closed {
                         return Err(ClientError::Closed);
@@ -443,7 +445,8 @@ impl Client {
             }
             match self.status(task) {
                 Ok(status) if status.is_final() || status == TaskStatus::Unknown => {
-                    return Ok(status)
+                    claim_event(&mut self.inner.state.lock().events, task);
+                    return Ok(status);
                 }
                 Ok(_) | Err(ClientError::Timeout) | Err(ClientError::SessionLost) => {}
                 Err(e) => return Err(e),
@@ -739,6 +742,12 @@ impl Inner {
         push_bounded_reply(&mut state.replies, reply);
         self.changed.notify_all();
     }
+}
+
+/// Removes `task`'s TaskEnded event once the caller has its final state
+/// from [`Client::wait`], so [`Client::next_event`] does not repeat it.
+fn claim_event(events: &mut VecDeque<ClientEvent>, task: TaskId) {
+    events.retain(|e| !matches!(e, ClientEvent::TaskEnded { task: t, .. } if *t == task));
 }
 
 fn push_bounded(events: &mut VecDeque<ClientEvent>, event: ClientEvent) {

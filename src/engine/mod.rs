@@ -588,9 +588,14 @@ impl Engine {
     /// often is harmless). Call it only after reading every datagram that
     /// was already waiting, so a paused caller does not expire sessions
     /// whose heartbeats are sitting in its socket.
+    ///
+    /// Expiry is decided for `now` itself, even when datagrams stamped
+    /// later have already been handled: the caller passes the instant up to
+    /// which it knows it has read everything (the server takes it before it
+    /// drains its socket), and nothing later may count against a session.
     pub fn handle_timeout(&mut self, now: Timestamp) {
         self.advance_clock(now);
-        let tick = Tick(self.now.0 / self.config.tick_us);
+        let tick = Tick(now.0 / self.config.tick_us);
         let mut expired = std::mem::take(&mut self.expired_scratch);
         self.session_wheel.advance(tick, &mut expired);
         for key in expired.drain(..) {

@@ -1030,3 +1030,30 @@ fn address_follows_the_last_datagram() {
     let reply = sim.ask(&mut c, Message::Status { task_id: 1 });
     assert_eq!(reply.to, c.addr);
 }
+
+#[test]
+fn a_stall_expires_nobody_whose_datagrams_are_read_before_the_decision() {
+    let mut sim = Sim::new(config());
+    let mut c = Client::new(1);
+    sim.hello(&mut c, 1000);
+    sim.run_ms(900);
+    sim.send(&mut c, Message::Heartbeat).unwrap();
+    // The caller stalls for five seconds; a heartbeat the client sent at
+    // 1.8 s sits in the socket. The caller takes the decision instant,
+    // reads what is queued (stamped at read time), then decides.
+    let decided_at = Timestamp::from_millis(5_900);
+    sim.now = decided_at;
+    sim.send(&mut c, Message::Heartbeat).unwrap();
+    sim.engine.handle_timeout(decided_at);
+    assert_eq!(sim.engine.live_sessions(), 1);
+    // Deciding for an instant before a datagram's stamp uses that instant,
+    // not the later stamp: a datagram read later cannot make time pass.
+    let mut d = Client::new(2);
+    sim.hello(&mut d, 1000);
+    sim.now = sim.now.plus_millis(990);
+    sim.send(&mut c, Message::Heartbeat).unwrap();
+    sim.engine.handle_timeout(Timestamp(sim.now.0 - 500_000));
+    assert_eq!(sim.engine.live_sessions(), 2, "d expired by a later stamp");
+    sim.run_ms(20);
+    assert_eq!(sim.engine.live_sessions(), 1);
+}
