@@ -21,7 +21,9 @@ fn reset(c: &mut Criterion) {
     for n in [1_000u32, 100_000, 1_000_000] {
         let mut wheel = Wheel::new(Tick(0));
         for k in 0..n {
-            wheel.insert(WheelKey(k), Tick(300 + u64::from(k % 100))).unwrap();
+            wheel
+                .insert(WheelKey(k), Tick(300 + u64::from(k % 100)))
+                .unwrap();
         }
         let mut rng = 0x2545_f491_4f6c_dd1du64;
         let mut deadline = 400u64;

@@ -28,7 +28,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let task = client.submit("sleep", &500u32.to_be_bytes())?;
     println!("task {task}: sleep 500 ms while we heartbeat...");
-    println!("task {task}: {:?}", client.wait(task, Duration::from_secs(10))?);
+    println!(
+        "task {task}: {:?}",
+        client.wait(task, Duration::from_secs(10))?
+    );
     if let Some(rtt) = client.rtt() {
         println!("heartbeat round trip {rtt:?}");
     }
