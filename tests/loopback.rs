@@ -351,3 +351,55 @@ fn bad_configuration_exits_non_zero_with_one_line() {
     assert_eq!(code, Some(1));
     assert!(err.contains("--min-ttl"), "{err}");
 }
+
+#[test]
+fn client_opens_a_new_session_after_unknown_session() {
+    let server = ServerProcess::start(&[]);
+    let mut config = ClientConfig::new(server.addr, 10);
+    config.ttl = Duration::from_millis(300);
+    let c = Client::connect(config).unwrap();
+    let (_, first) = c.session();
+    let task = c.submit("sleep", &600_000u32.to_be_bytes()).unwrap();
+    c.pause_heartbeats(true);
+    assert_eq!(
+        c.next_event(Duration::from_secs(5)),
+        Some(ClientEvent::TaskEnded {
+            task,
+            status: TaskStatus::Cancelled(CancelReason::Expired)
+        })
+    );
+    // The next heartbeat meets UNKNOWN_SESSION; the client says so and
+    // opens a new session with a larger incarnation.
+    c.pause_heartbeats(false);
+    assert_eq!(
+        c.next_event(Duration::from_secs(5)),
+        Some(ClientEvent::SessionLost { incarnation: first })
+    );
+    let until = Instant::now() + Duration::from_secs(5);
+    let second = loop {
+        let (_, incarnation) = c.session();
+        let reopened = incarnation > first && c.submit("echo", b"again").is_ok();
+        if reopened {
+            break incarnation;
+        }
+        assert!(Instant::now() < until, "no new session");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(second > first);
+    // The new session can still read what the old one left.
+    assert_eq!(
+        c.status(task).unwrap(),
+        TaskStatus::Cancelled(CancelReason::Expired)
+    );
+}
+
+#[test]
+fn bad_flags_get_a_one_line_error() {
+    let (code, err) = run_tether(&["serve", "--ttl", "3x"]);
+    assert_eq!(code, Some(2));
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("250ms"), "{err}");
+    let (code, err) = run_tether(&["serve", "--no-such-flag"]);
+    assert_eq!(code, Some(2));
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}

@@ -82,11 +82,26 @@ struct ServeArgs {
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text).map_err(|e| format!("{e} (write durations like 250ms, 3s, 1h)"))
+    humantime::parse_duration(text).map_err(|_| "write durations like 250ms, 3s or 1h".to_owned())
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help and --version: print and exit 0.
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+            let _ = e.print();
+            return ExitCode::from(2);
+        }
+        Err(e) => {
+            eprintln!("tether: error: {}", one_line(&e.to_string()));
+            return ExitCode::from(2);
+        }
+    };
     match cli.command {
         Command::Serve(args) => match serve(args) {
             Ok(()) => ExitCode::SUCCESS,
@@ -100,6 +115,14 @@ fn main() -> ExitCode {
             }
         },
     }
+}
+
+/// Clap's message without its "error: " prefix, usage block and blank
+/// lines, so a bad flag costs the user one line to read.
+fn one_line(clap_message: &str) -> String {
+    let first = clap_message.lines().next().unwrap_or_default();
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    format!("{first}; see tether --help")
 }
 
 enum Failure {
