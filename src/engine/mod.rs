@@ -54,6 +54,9 @@ use crate::wire::{
 };
 use outbox::{Outbox, PeerAddr};
 
+/// Sessions whose room is reserved when the engine starts, at most.
+const RESERVE_SESSIONS_MAX: usize = 4 << 20;
+
 type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// Microseconds since an origin chosen by the caller. The engine only ever
@@ -455,14 +458,20 @@ impl Engine {
             config.tick_us
         );
         let start = Tick(now.0 / config.tick_us);
+        // Reserve room for the expected sessions up front so a HELLO never
+        // triggers a large reallocation (or a rehash of a million entries)
+        // in the loop; untouched pages cost address space, not memory. The
+        // cap keeps an absurd --max-sessions from failing the allocation.
+        let expected_sessions = config.max_sessions.min(RESERVE_SESSIONS_MAX);
         let mut session_wheel = Wheel::new(start);
-        // Reserve address space for every session up front so a HELLO never
-        // reallocates; pages are only touched as sessions arrive.
-        session_wheel.reserve_keys(config.max_sessions);
+        session_wheel.reserve_keys(expected_sessions);
         let outbox = Outbox::new(config.max_outbox_bytes);
         Engine {
-            sessions: Slab::with_capacity(config.max_sessions.min(1 << 24)),
-            live_by_client: FastMap::default(),
+            sessions: Slab::with_capacity(expected_sessions),
+            live_by_client: FastMap::with_capacity_and_hasher(
+                expected_sessions,
+                foldhash::fast::RandomState::default(),
+            ),
             session_wheel,
             retired: FastMap::default(),
             retired_order: VecDeque::new(),
