@@ -50,20 +50,43 @@ pub struct Tick(pub u64);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct WheelKey(pub u32);
 
+/// Largest deadline the wheel stores; later ones are kept as this (at a
+/// 10 ms tick that is some 89,000 years away, so "never").
+pub const MAX_DEADLINE: Tick = Tick((1 << 48) - 1);
+
+/// One entry, 16 bytes: a million sessions cost 16 MB of nodes. The
+/// deadline (48 bits) and the filed slot (16 bits) share one word.
 #[derive(Debug, Clone, Copy)]
 struct Node {
-    deadline: u64,
+    deadline_and_slot: u64,
     next: u32,
     prev: u32,
+}
+
+impl Node {
+    #[inline]
+    fn deadline(self) -> u64 {
+        self.deadline_and_slot >> 16
+    }
     /// The slot the entry is filed in, or `ABSENT`.
-    slot: u16,
+    #[inline]
+    fn slot(self) -> u16 {
+        self.deadline_and_slot as u16
+    }
+    #[inline]
+    fn set_deadline(&mut self, deadline: u64) {
+        self.deadline_and_slot = deadline.min(MAX_DEADLINE.0) << 16 | u64::from(self.slot());
+    }
+    #[inline]
+    fn set_slot(&mut self, slot: u16) {
+        self.deadline_and_slot = self.deadline_and_slot & !0xffff | u64::from(slot);
+    }
 }
 
 const EMPTY_NODE: Node = Node {
-    deadline: 0,
+    deadline_and_slot: ABSENT as u64,
     next: NIL,
     prev: NIL,
-    slot: ABSENT,
 };
 
 /// The timing wheel. See the module documentation.
@@ -117,10 +140,11 @@ impl Wheel {
     /// The deadline of `key`, if it is in the wheel.
     pub fn deadline(&self, key: WheelKey) -> Option<Tick> {
         let node = self.nodes.get(key.0 as usize)?;
-        (node.slot != ABSENT).then_some(Tick(node.deadline))
+        (node.slot() != ABSENT).then_some(Tick(node.deadline()))
     }
 
-    /// Adds `key` to expire at `deadline`. Call once per key; a key already
+    /// Adds `key` to expire at `deadline` (at most [`MAX_DEADLINE`]). Call
+    /// once per key; a key already
     /// present is refused, as is a deadline that has already passed (the
     /// caller decides what an elapsed deadline means).
     pub fn insert(&mut self, key: WheelKey, deadline: Tick) -> Result<(), WheelError> {
@@ -131,11 +155,12 @@ impl Wheel {
         if i >= self.nodes.len() {
             self.nodes.resize(i + 1, EMPTY_NODE);
         }
-        if self.nodes[i].slot != ABSENT {
+        if self.nodes[i].slot() != ABSENT {
             return Err(WheelError::Occupied);
         }
-        self.nodes[i].deadline = deadline.0;
-        self.file(key.0, deadline.0.min(self.now + SLOTS as u64));
+        self.nodes[i].set_deadline(deadline.0);
+        let deadline = self.nodes[i].deadline();
+        self.file(key.0, deadline.min(self.now + SLOTS as u64));
         self.len += 1;
         Ok(())
     }
@@ -151,13 +176,13 @@ impl Wheel {
         let node = self
             .nodes
             .get_mut(key.0 as usize)
-            .filter(|n| n.slot != ABSENT)
+            .filter(|n| n.slot() != ABSENT)
             .ok_or(WheelError::Absent)?;
-        node.deadline = deadline.0;
-        let filed = Self::filed_tick(now, node.slot);
-        if deadline.0 < filed {
+        node.set_deadline(deadline.0);
+        let (deadline, filed) = (node.deadline(), Self::filed_tick(now, node.slot()));
+        if deadline < filed {
             self.unlink(key.0);
-            self.file(key.0, deadline.0);
+            self.file(key.0, deadline);
         }
         Ok(())
     }
@@ -165,9 +190,9 @@ impl Wheel {
     /// Removes `key`; returns whether it was present.
     pub fn remove(&mut self, key: WheelKey) -> bool {
         match self.nodes.get(key.0 as usize) {
-            Some(node) if node.slot != ABSENT => {
+            Some(node) if node.slot() != ABSENT => {
                 self.unlink(key.0);
-                self.nodes[key.0 as usize].slot = ABSENT;
+                self.nodes[key.0 as usize].set_slot(ABSENT);
                 self.len -= 1;
                 true
             }
@@ -214,12 +239,12 @@ impl Wheel {
             let mut i = head;
             while i != NIL {
                 let node = self.nodes[i as usize];
-                if node.deadline <= to {
-                    self.nodes[i as usize].slot = ABSENT;
+                if node.deadline() <= to {
+                    self.nodes[i as usize].set_slot(ABSENT);
                     self.len -= 1;
                     expired.push(WheelKey(i));
                 } else {
-                    self.file(i, node.deadline.min(horizon));
+                    self.file(i, node.deadline().min(horizon));
                 }
                 i = node.next;
             }
@@ -248,17 +273,15 @@ impl Wheel {
         let node = &mut self.nodes[i as usize];
         node.next = head;
         node.prev = NIL;
-        node.slot = slot as u16;
+        node.set_slot(slot as u16);
         self.heads[slot] = i;
         self.occupied[slot / 64] |= 1 << (slot % 64);
         self.summary |= 1 << (slot / 64);
     }
 
     fn unlink(&mut self, i: u32) {
-        let Node {
-            next, prev, slot, ..
-        } = self.nodes[i as usize];
-        let slot = slot as usize;
+        let node = self.nodes[i as usize];
+        let (next, prev, slot) = (node.next, node.prev, usize::from(node.slot()));
         if prev == NIL {
             self.heads[slot] = next;
             if next == NIL {
@@ -402,6 +425,16 @@ mod tests {
         assert_eq!(got.len(), 541); // deadlines 1 + 37k <= 20000 for k <= 540
         assert_eq!(w.len(), 459);
         assert_eq!(w.next_due(), Some(Tick(1 + 541 * 37)));
+    }
+
+    #[test]
+    fn nodes_are_16_bytes_and_far_deadlines_saturate() {
+        assert_eq!(std::mem::size_of::<Node>(), 16);
+        let mut w = Wheel::new(Tick(0));
+        w.insert(WheelKey(0), Tick(u64::MAX)).unwrap();
+        assert_eq!(w.deadline(WheelKey(0)), Some(MAX_DEADLINE));
+        w.reset(WheelKey(0), Tick(5)).unwrap();
+        assert_eq!(w.next_due(), Some(Tick(5)));
     }
 
     #[test]

@@ -39,6 +39,7 @@
 //! retained final states (`max_finished_tasks`, oldest first), and queued
 //! replies (`max_outbox_bytes`, excess dropped and counted).
 
+mod index;
 mod outbox;
 
 use std::collections::{HashMap, VecDeque};
@@ -52,6 +53,7 @@ use crate::wire::{
     self, CancelOutcome, CancelReason, Datagram, Flags, Header, MacKey, Message, RejectCode,
     ReplayError, ReplayWindow, TaskReport,
 };
+use index::ClientIndex;
 use outbox::{Outbox, PeerAddr};
 
 /// Sessions whose room is reserved when the engine starts, at most.
@@ -429,7 +431,7 @@ pub struct Engine {
     config: Config,
     now: Timestamp,
     sessions: Slab<Session>,
-    live_by_client: FastMap<u64, u32>,
+    live_by_client: ClientIndex,
     session_wheel: Wheel,
     /// Largest incarnation of clients with no live session.
     retired: FastMap<u64, (u64, Timestamp)>,
@@ -468,10 +470,7 @@ impl Engine {
         let outbox = Outbox::new(config.max_outbox_bytes);
         Engine {
             sessions: Slab::with_capacity(expected_sessions),
-            live_by_client: FastMap::with_capacity_and_hasher(
-                expected_sessions,
-                foldhash::fast::RandomState::default(),
-            ),
+            live_by_client: ClientIndex::with_capacity(expected_sessions),
             session_wheel,
             retired: FastMap::default(),
             retired_order: VecDeque::new(),
@@ -541,8 +540,8 @@ impl Engine {
             return self.on_hello(&datagram.header, ttl_ms, from);
         }
         let h = datagram.header;
-        let index = match self.live_by_client.get(&h.client_id) {
-            Some(&i) if self.sessions[i as usize].incarnation == h.incarnation => i,
+        let index = match self.live_session(h.client_id) {
+            Some(i) if self.sessions[i as usize].incarnation == h.incarnation => i,
             _ => {
                 // No state to protect, and the reply is never larger than the
                 // datagram: both are bare headers (plus a MAC when keyed, and
@@ -740,6 +739,13 @@ impl Engine {
         !self.outbox.is_empty()
     }
 
+    #[inline]
+    fn live_session(&self, client_id: u64) -> Option<u32> {
+        let sessions = &self.sessions;
+        self.live_by_client
+            .get(client_id, |i| sessions[i as usize].client_id)
+    }
+
     /// The first tick boundary at or after `t`: deadlines round up, so they
     /// never fire early.
     fn tick_at_or_after(&self, t: Timestamp) -> Tick {
@@ -783,7 +789,7 @@ impl Engine {
         requested_ttl_ms: u32,
         from: PeerAddr,
     ) -> Result<(), Dropped> {
-        if let Some(&index) = self.live_by_client.get(&h.client_id) {
+        if let Some(index) = self.live_session(h.client_id) {
             let session = &mut self.sessions[index as usize];
             if h.incarnation < session.incarnation {
                 return Err(self.count_drop(Dropped::StaleHello));
@@ -836,7 +842,9 @@ impl Engine {
             live: true,
             work: None,
         }) as u32;
-        self.live_by_client.insert(h.client_id, index);
+        let sessions = &self.sessions;
+        self.live_by_client
+            .insert(h.client_id, index, |i| sessions[i as usize].client_id);
         self.retired.remove(&h.client_id);
         let due = self.tick_at_or_after(self.now.plus_millis(u64::from(ttl_ms)));
         let inserted = self.session_wheel.insert(WheelKey(index), due);
@@ -1102,7 +1110,9 @@ impl Engine {
         if let Some(work) = session.work.as_ref() {
             ids.extend_from_slice(&work.unfinished);
         }
-        self.live_by_client.remove(&client_id);
+        let sessions = &self.sessions;
+        self.live_by_client
+            .remove(client_id, |i| sessions[i as usize].client_id);
         self.session_wheel.remove(WheelKey(index));
         self.retire(client_id, incarnation);
         for id in ids.drain(..) {
