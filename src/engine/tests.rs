@@ -365,7 +365,7 @@ fn many_clients_with_jitter_never_expire_early_or_late() {
                 continue;
             }
             for (i, c) in clients.iter().enumerate() {
-                if alive[i] && !sim.engine.live_session(c.id).is_some() {
+                if alive[i] && sim.engine.live_session(c.id).is_none() {
                     let since = due.0 - last_seen[i].0;
                     let ttl_us = u64::from(ttl_ms(c.id)) * 1000;
                     assert!(since >= ttl_us, "client {} expired early: {since} us", c.id);
