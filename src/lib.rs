@@ -18,9 +18,12 @@
 //! | [`pool`] | worker threads running named jobs with cancel flags | threads |
 //! | [`server`] | the mio loop: socket, clock, signals, pool | all of it |
 //! | [`client`] | a blocking client | socket, threads |
+//! | `batch` | `recvmmsg` / `sendmmsg` behind a safe interface (Linux) | syscalls |
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
+#[cfg(target_os = "linux")]
+pub mod batch;
 pub mod client;
 pub mod engine;
 pub mod keyfile;

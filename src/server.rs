@@ -37,6 +37,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::batch::RecvBatch;
 use crate::engine::{self, Effect, Engine, TaskEvent, TaskId, Timestamp};
 use crate::pool::{CancelFlag, Pool, Registry, Report, WorkItem};
 use crate::wire::MAX_DATAGRAM;
@@ -44,6 +45,9 @@ use crate::wire::MAX_DATAGRAM;
 const SOCKET: Token = Token(0);
 const WAKER: Token = Token(1);
 const SIGNALS: Token = Token(2);
+
+/// Datagrams read per system call.
+const RECV_BATCH: usize = 64;
 
 /// Receive buffer the server asks the kernel for.
 pub const RECV_BUFFER_BYTES: usize = 4 << 20;
@@ -256,7 +260,8 @@ impl Server {
     /// Runs until a graceful shutdown completes (or its grace runs out).
     pub fn run(mut self) -> Result<ShutdownReport, ServerError> {
         let mut events = Events::with_capacity(64);
-        let mut recv_buf = vec![0u8; MAX_DATAGRAM + 1];
+        // One byte over the limit, so an oversized datagram shows as such.
+        let mut batch = RecvBatch::new(RECV_BATCH, MAX_DATAGRAM + 1);
         let mut send_buf = vec![0u8; MAX_DATAGRAM];
         let mut socket_backlog = true;
         let mut send_blocked = false;
@@ -303,7 +308,7 @@ impl Server {
                 grace_deadline = Some(Instant::now() + self.grace);
             }
             if socket_backlog {
-                socket_backlog = self.drain_socket(&mut recv_buf, &mut send_buf, &mut send_blocked);
+                socket_backlog = self.drain_socket(&mut batch, &mut send_buf, &mut send_blocked);
             }
             self.apply_reports();
             self.engine.handle_timeout(decided_at);
@@ -352,27 +357,40 @@ impl Server {
         Some(wake_at.saturating_duration_since(Instant::now()))
     }
 
-    /// Reads at most one receive buffer's worth of datagrams. Returns
-    /// whether the budget ran out before the socket was empty.
+    /// Reads at most one receive buffer's worth of datagrams, a batch per
+    /// system call. Returns whether the budget ran out before the socket
+    /// was empty.
     fn drain_socket(
         &mut self,
-        buf: &mut [u8],
+        batch: &mut RecvBatch,
         send_buf: &mut [u8],
         send_blocked: &mut bool,
     ) -> bool {
-        for i in 0..self.recv_budget {
-            match self.socket.recv_from(buf) {
-                Ok((n, from)) => {
-                    // Stamped after the read, so never before its arrival.
+        let mut read = 0;
+        while read < self.recv_budget {
+            match batch.recv(&self.socket, false) {
+                Ok(n) => {
+                    // One clock read per batch, after the call returned: every
+                    // datagram in it had arrived by then, so none is stamped
+                    // before its arrival.
                     let now = self.now();
-                    let _ = self.engine.handle_datagram(now, from, &buf[..n]);
+                    for i in 0..n {
+                        let (bytes, from) = batch.get(i);
+                        if let Some(from) = from {
+                            let _ = self.engine.handle_datagram(now, from, bytes);
+                        }
+                    }
+                    read += n.max(1);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => self.recv_errors += 1,
+                Err(_) => {
+                    self.recv_errors += 1;
+                    read += 1;
+                }
             }
             // Replies go out as we read, so the outbox stays small.
-            if i % 256 == 255 && !*send_blocked {
+            if !*send_blocked && self.engine.has_transmits() {
                 *send_blocked = self.flush(send_buf);
             }
         }

@@ -1,0 +1,266 @@
+//! Batched UDP receive and send (`recvmmsg` / `sendmmsg`) behind a small
+//! safe interface.
+//!
+//! One system call moves up to a batch of datagrams. At a hundred thousand
+//! heartbeats a second the per-call cost of `recvfrom` (entering the kernel,
+//! socket lock, wake-up bookkeeping) is a large share of the server's CPU per
+//! heartbeat, and batching divides it by the batch size; the load tool needs
+//! `sendmmsg` to reach the rates it must drive. See BENCHMARKS.md.
+//!
+//! The buffers, `iovec`s, addresses and headers are allocated once, as boxed
+//! slices that never move; every call re-points the headers at them, so a
+//! batch can itself be moved freely between calls.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsRawFd, RawFd};
+
+/// A reusable batch of receive buffers.
+pub struct RecvBatch {
+    slot_len: usize,
+    data: Box<[u8]>,
+    iovecs: Box<[libc::iovec]>,
+    addrs: Box<[libc::sockaddr_storage]>,
+    headers: Box<[libc::mmsghdr]>,
+    received: usize,
+}
+
+// SAFETY: the raw pointers inside `iovecs` and `headers` only ever point
+// into this struct's own boxed slices; nothing is shared across threads.
+unsafe impl Send for RecvBatch {}
+
+impl RecvBatch {
+    /// Room for `capacity` datagrams of up to `slot_len` bytes each. A
+    /// datagram longer than `slot_len` arrives cut to `slot_len` bytes, so
+    /// make the slot one byte longer than the largest datagram accepted to
+    /// tell the two apart.
+    pub fn new(capacity: usize, slot_len: usize) -> RecvBatch {
+        let capacity = capacity.max(1);
+        RecvBatch {
+            slot_len,
+            data: vec![0u8; capacity * slot_len].into_boxed_slice(),
+            iovecs: (0..capacity)
+                .map(|_| libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                })
+                .collect(),
+            // SAFETY: sockaddr_storage is plain old data; all-zero is valid.
+            addrs: (0..capacity)
+                .map(|_| unsafe { std::mem::zeroed() })
+                .collect(),
+            // SAFETY: mmsghdr is plain old data; all-zero (null pointers,
+            // zero lengths) is valid and is overwritten before each call.
+            headers: (0..capacity)
+                .map(|_| unsafe { std::mem::zeroed() })
+                .collect(),
+            received: 0,
+        }
+    }
+
+    /// How many datagrams one call can return.
+    pub fn capacity(&self) -> usize {
+        self.headers.len()
+    }
+
+    /// Receives up to a batch from a non-blocking socket. Returns how many
+    /// arrived (`WouldBlock` when none). With `wait_for_one` on a blocking
+    /// socket, blocks until at least one arrives, then takes what is there.
+    pub fn recv(&mut self, socket: &impl AsRawFd, wait_for_one: bool) -> io::Result<usize> {
+        self.received = 0;
+        let n = self.capacity();
+        for i in 0..n {
+            self.iovecs[i] = libc::iovec {
+                iov_base: self.data[i * self.slot_len..].as_mut_ptr().cast(),
+                iov_len: self.slot_len,
+            };
+            let header = &mut self.headers[i];
+            header.msg_hdr.msg_name = (&mut self.addrs[i] as *mut libc::sockaddr_storage).cast();
+            header.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as _;
+            header.msg_hdr.msg_iov = &mut self.iovecs[i];
+            header.msg_hdr.msg_iovlen = 1;
+            header.msg_hdr.msg_control = std::ptr::null_mut();
+            header.msg_hdr.msg_controllen = 0;
+            header.msg_hdr.msg_flags = 0;
+            header.msg_len = 0;
+        }
+        let flags = if wait_for_one {
+            libc::MSG_WAITFORONE
+        } else {
+            0
+        };
+        let fd: RawFd = socket.as_raw_fd();
+        // SAFETY: `headers` holds `n` initialised mmsghdr whose name and iov
+        // pointers point into `addrs`, `iovecs` and `data`, all owned by
+        // self, sized as declared, and alive for the call; the kernel writes
+        // only within those bounds.
+        let got = unsafe {
+            libc::recvmmsg(
+                fd,
+                self.headers.as_mut_ptr(),
+                n as _,
+                flags as _,
+                std::ptr::null_mut(),
+            )
+        };
+        if got < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        self.received = got as usize;
+        Ok(self.received)
+    }
+
+    /// Datagrams received by the last [`recv`](Self::recv).
+    pub fn len(&self) -> usize {
+        self.received
+    }
+
+    /// Whether the last call received nothing.
+    pub fn is_empty(&self) -> bool {
+        self.received == 0
+    }
+
+    /// The `i`-th datagram of the last call and its source address.
+    pub fn get(&self, i: usize) -> (&[u8], Option<SocketAddr>) {
+        assert!(i < self.received, "datagram {i} of {}", self.received);
+        let len = (self.headers[i].msg_len as usize).min(self.slot_len);
+        let bytes = &self.data[i * self.slot_len..i * self.slot_len + len];
+        (bytes, to_socket_addr(&self.addrs[i]))
+    }
+}
+
+/// Converts a kernel-filled address; `None` for families other than IP.
+fn to_socket_addr(storage: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match i32::from(storage.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the kernel wrote a sockaddr_in (family AF_INET), which
+            // fits in and is no more aligned than sockaddr_storage.
+            let sin =
+                unsafe { &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let ip = Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr));
+            Some(SocketAddr::V4(SocketAddrV4::new(
+                ip,
+                u16::from_be(sin.sin_port),
+            )))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: as above, for sockaddr_in6 (family AF_INET6).
+            let sin6 = unsafe {
+                &*(storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
+            let ip = Ipv6Addr::from(sin6.sin6_addr.s6_addr);
+            Some(SocketAddr::V6(SocketAddrV6::new(
+                ip,
+                u16::from_be(sin6.sin6_port),
+                sin6.sin6_flowinfo,
+                sin6.sin6_scope_id,
+            )))
+        }
+        _ => None,
+    }
+}
+
+/// Sends many datagrams on a connected socket in one call.
+pub struct SendBatch {
+    iovecs: Vec<libc::iovec>,
+    headers: Vec<libc::mmsghdr>,
+}
+
+// SAFETY: the pointers are rebuilt from borrowed slices on every call and
+// never dereferenced outside it.
+unsafe impl Send for SendBatch {}
+
+impl SendBatch {
+    /// A batch of up to `capacity` datagrams a call.
+    pub fn new(capacity: usize) -> SendBatch {
+        SendBatch {
+            iovecs: Vec::with_capacity(capacity),
+            headers: Vec::with_capacity(capacity),
+        }
+    }
+
+    /// Sends `datagrams` (up to the capacity) on a connected socket;
+    /// returns how many the kernel took, which may be fewer.
+    pub fn send(&mut self, socket: &impl AsRawFd, datagrams: &[&[u8]]) -> io::Result<usize> {
+        let n = datagrams.len().min(self.headers.capacity());
+        if n == 0 {
+            return Ok(0);
+        }
+        self.iovecs.clear();
+        self.headers.clear();
+        for d in &datagrams[..n] {
+            self.iovecs.push(libc::iovec {
+                iov_base: d.as_ptr() as *mut _,
+                iov_len: d.len(),
+            });
+        }
+        for i in 0..n {
+            // SAFETY: mmsghdr is plain old data; zero is a valid start.
+            let mut header: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            header.msg_hdr.msg_iov = &mut self.iovecs[i];
+            header.msg_hdr.msg_iovlen = 1;
+            self.headers.push(header);
+        }
+        // SAFETY: `headers` holds `n` initialised mmsghdr whose iov pointers
+        // point into `iovecs`, which point at the caller's slices, all alive
+        // for the call; the kernel only reads them (no name: connected).
+        let sent =
+            unsafe { libc::sendmmsg(socket.as_raw_fd(), self.headers.as_mut_ptr(), n as _, 0) };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(sent as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::UdpSocket;
+    use std::time::Duration;
+
+    #[test]
+    fn sends_and_receives_batches_with_sources_and_truncation() {
+        let rx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        tx.connect(rx.local_addr().unwrap()).unwrap();
+        let big = vec![7u8; 50];
+        let datagrams: Vec<&[u8]> = vec![b"one", b"two", b"three", &big];
+        let mut send = SendBatch::new(8);
+        assert_eq!(send.send(&tx, &datagrams).unwrap(), 4);
+        rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut batch = RecvBatch::new(8, 11);
+        let mut got = Vec::new();
+        while got.len() < 4 {
+            let n = batch.recv(&rx, true).unwrap();
+            for i in 0..n {
+                let (bytes, from) = batch.get(i);
+                assert_eq!(from, Some(tx.local_addr().unwrap()));
+                got.push(bytes.to_vec());
+            }
+        }
+        assert_eq!(
+            got[..3],
+            [b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]
+        );
+        assert_eq!(got[3], vec![7u8; 11], "cut to the slot");
+        rx.set_nonblocking(true).unwrap();
+        let err = batch.recv(&rx, false).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
+        assert!(batch.is_empty());
+    }
+
+    #[test]
+    fn ipv6_sources() {
+        let Ok(rx) = UdpSocket::bind("[::1]:0") else {
+            return; // no IPv6 loopback on this machine
+        };
+        let tx = UdpSocket::bind("[::1]:0").unwrap();
+        tx.send_to(b"v6", rx.local_addr().unwrap()).unwrap();
+        rx.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut batch = RecvBatch::new(2, 16);
+        assert_eq!(batch.recv(&rx, true).unwrap(), 1);
+        assert_eq!(batch.get(0), (&b"v6"[..], Some(tx.local_addr().unwrap())));
+    }
+}
