@@ -1,0 +1,1123 @@
+//! `tether-load`: simulates up to a million heartbeating clients from one
+//! process and accounts for what the server did with them.
+//!
+//! ```text
+//!   sender thread ── HELLO all ─ SUBMIT a long sleep (silent clients) ─ heartbeat
+//!        │           every client once per --interval, phases spread evenly,
+//!        │           sendmmsg over --sockets local sockets; silent clients stop
+//!        ▼           at a random moment
+//!   server (or the built-in raw sink, for the machine's own limit)
+//!        │
+//!   receiver thread ── recvmmsg over the same sockets: WELCOME, HEARTBEAT_ACK
+//!                      (round trip), TASK_STATE expired (detection lateness; a
+//!                      false expiry if the client was not silent), UNKNOWN_SESSION
+//! ```
+//!
+//! It reads the server's CPU time and memory from /proc (`--pid`), and its
+//! own, so a reader can tell which side saturated. Every run is bounded by
+//! `--duration` plus a short drain, and only targets the address given
+//! (loopback unless `--allow-remote`).
+
+mod procfs;
+mod report;
+
+use std::io::IsTerminal;
+use std::net::{SocketAddr, UdpSocket};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::Parser;
+use mio::{Events, Interest, Poll, Token};
+
+use tether::batch::{RecvBatch, SendBatch};
+use tether::wire::{
+    CancelReason, Datagram, Flags, Header, MacKey, Message, RejectCode, TaskReport, MAX_DATAGRAM,
+};
+
+use report::{histogram_svg, Json, Percentiles};
+
+#[derive(Parser, Clone)]
+#[command(
+    name = "tether-load",
+    version,
+    about = "Load generator for tether: many heartbeating clients, with correctness accounting.",
+    after_help = "Example: tether-load --server 127.0.0.1:7900 --clients 100000 --duration 60s --silent 0.01 --ack 0.01 --pid $(pgrep -n tether)"
+)]
+struct Args {
+    /// Server address (UDP).
+    #[arg(long, default_value = "127.0.0.1:7900", value_name = "ADDR")]
+    server: SocketAddr,
+    /// Simulated clients, 1 to 1,000,000.
+    #[arg(long, default_value_t = 10_000, value_name = "N")]
+    clients: usize,
+    /// Each client heartbeats once per interval.
+    #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "D")]
+    interval: Duration,
+    /// TTL the clients ask for in HELLO.
+    #[arg(long, default_value = "3s", value_parser = parse_duration, value_name = "D")]
+    ttl: Duration,
+    /// How long the heartbeat phase lasts.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "D")]
+    duration: Duration,
+    /// Fraction of clients that submit a long `sleep` task and then, at a
+    /// random moment, stop sending.
+    #[arg(long, default_value_t = 0.0, value_name = "F")]
+    silent: f64,
+    /// Fraction of heartbeats that ask for HEARTBEAT_ACK (round-trip times).
+    #[arg(long, default_value_t = 0.0, value_name = "F")]
+    ack: f64,
+    /// Shared secret of a keyed server.
+    #[arg(long, value_name = "PATH")]
+    key_file: Option<PathBuf>,
+    /// The server's pid, to read its CPU time and memory from /proc.
+    #[arg(long, value_name = "PID")]
+    pid: Option<u32>,
+    /// Local UDP sockets the clients are spread over.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    sockets: usize,
+    /// HELLOs per second while opening sessions.
+    #[arg(long, default_value_t = 100_000, value_name = "N")]
+    hello_rate: u64,
+    /// Print one JSON line on stdout (the table goes to stderr).
+    #[arg(long)]
+    json: bool,
+    /// Write an SVG histogram of detection lateness and round-trip time.
+    #[arg(long, value_name = "FILE.svg")]
+    plot: Option<PathBuf>,
+    /// First send the same traffic to a bare batched-receive sink inside
+    /// this tool, then to the server, and compare their CPU per datagram.
+    #[arg(long)]
+    compare_raw: bool,
+    /// Only measure the raw sink.
+    #[arg(long, conflicts_with = "compare_raw")]
+    raw_only: bool,
+    /// Instead of a load run: count the server's wake-ups (voluntary context
+    /// switches, all threads) over this long while idle. Needs --pid.
+    #[arg(long, value_parser = parse_duration, value_name = "D")]
+    idle: Option<Duration>,
+    /// Allow a target outside the loopback range.
+    #[arg(long)]
+    allow_remote: bool,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|_| "write durations like 250ms, 3s or 1h".to_owned())
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tether-load: error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<(), String> {
+    if !args.server.ip().is_loopback() && !args.allow_remote {
+        return Err(format!(
+            "{} is not a loopback address; pass --allow-remote to load a server elsewhere",
+            args.server
+        ));
+    }
+    if let Some(idle) = args.idle {
+        return idle_check(args, idle);
+    }
+    if !(1..=1_000_000).contains(&args.clients) {
+        return Err("--clients must be 1 to 1000000".into());
+    }
+    if !(0.0..=1.0).contains(&args.silent) || !(0.0..=1.0).contains(&args.ack) {
+        return Err("--silent and --ack are fractions from 0 to 1".into());
+    }
+    if args.silent > 0.0 && args.duration < args.ttl + Duration::from_secs(3) {
+        return Err("with --silent, --duration must exceed --ttl by at least 3s".into());
+    }
+    let key = match &args.key_file {
+        Some(path) => Some(tether::keyfile::load(path).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    let mut results = Vec::new();
+    if args.compare_raw || args.raw_only {
+        results.push(run_once(args, Target::Sink, None)?);
+    }
+    if !args.raw_only {
+        results.push(run_once(args, Target::Server, key)?);
+    }
+    summarize(args, &results);
+    Ok(())
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Target {
+    Server,
+    Sink,
+}
+
+// Per-client flags, set by the sender (SILENT) and the receiver (others).
+const WELCOMED: u8 = 1;
+const REFUSED: u8 = 2;
+const ACCEPTED: u8 = 4;
+const SILENT: u8 = 8;
+const DETECTED: u8 = 16;
+const FALSE_EXPIRY: u8 = 32;
+
+/// State the sender and the receiver share, one slot per client.
+struct Shared {
+    base_id: u64,
+    incarnation: u64,
+    ttl_us: u64,
+    start: Instant,
+    last_sent_us: Vec<AtomicU64>,
+    flags: Vec<AtomicU8>,
+    ack_seq: Vec<AtomicU32>,
+    ack_sent_us: Vec<AtomicU64>,
+    welcomed: AtomicUsize,
+    refused: AtomicUsize,
+    accepted: AtomicUsize,
+    detected: AtomicUsize,
+    false_expiries: AtomicUsize,
+    counting: AtomicBool,
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn now_us(&self) -> u64 {
+        self.start.elapsed().as_micros() as u64
+    }
+    fn index(&self, client_id: u64) -> Option<usize> {
+        let i = client_id.checked_sub(self.base_id + 1)? as usize;
+        (i < self.flags.len()).then_some(i)
+    }
+    fn flag(&self, i: usize) -> u8 {
+        self.flags[i].load(Ordering::Acquire)
+    }
+    /// Sets `bit`; returns whether it was newly set.
+    fn set(&self, i: usize, bit: u8) -> bool {
+        self.flags[i].fetch_or(bit, Ordering::AcqRel) & bit == 0
+    }
+}
+
+/// What the receiver saw.
+#[derive(Default)]
+struct Received {
+    datagrams: u64,
+    bytes: u64,
+    early: u64,
+    unknown_session: u64,
+    lateness_ms: Vec<f64>,
+    rtt_us: Vec<f64>,
+}
+
+/// The outcome of one run against one target.
+struct RunResult {
+    target: Target,
+    clients: usize,
+    phase: Duration,
+    heartbeats: u64,
+    send_errors: u64,
+    target_rate: f64,
+    silent: usize,
+    received: Received,
+    welcomed: usize,
+    refused: usize,
+    detected: usize,
+    false_expiries: usize,
+    /// CPU the measured side (server process, or the sink thread) used
+    /// during the heartbeat phase, and the datagrams it got.
+    target_cpu: Option<Duration>,
+    target_datagrams: u64,
+    target_peak_rss_kb: Option<u64>,
+    bytes_per_session: Option<f64>,
+    tool_cpu: Duration,
+    sender_cpu: Duration,
+}
+
+fn run_once(args: &Args, target: Target, key: Option<MacKey>) -> Result<RunResult, String> {
+    let sink = match target {
+        Target::Sink => Some(Sink::start()?),
+        Target::Server => None,
+    };
+    let addr = sink.as_ref().map_or(args.server, |s| s.addr);
+    let nsockets = args.sockets.clamp(1, args.clients);
+    let mut sockets = Vec::with_capacity(nsockets);
+    for _ in 0..nsockets {
+        let local: SocketAddr = if addr.is_ipv4() {
+            ([0, 0, 0, 0], 0).into()
+        } else {
+            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let socket = UdpSocket::bind(local).map_err(|e| format!("bind a local socket: {e}"))?;
+        socket
+            .connect(addr)
+            .map_err(|e| format!("connect to {addr}: {e}"))?;
+        let socket2 = socket2::SockRef::from(&socket);
+        let _ = socket2.set_recv_buffer_size(4 << 20);
+        let _ = socket2.set_send_buffer_size(4 << 20);
+        socket
+            .set_nonblocking(true)
+            .map_err(|e| format!("socket: {e}"))?;
+        sockets.push(socket);
+    }
+    let now_ns = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64);
+    let n = args.clients;
+    let shared = Arc::new(Shared {
+        // Distinct ids per run, so a rerun never meets an earlier run's
+        // sessions (or stale-HELLO records) on the server.
+        base_id: (now_ns & 0x0000_ffff_ffff_ffff) << 16,
+        incarnation: now_ns,
+        ttl_us: args.ttl.as_micros() as u64,
+        start: Instant::now(),
+        last_sent_us: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        flags: (0..n).map(|_| AtomicU8::new(0)).collect(),
+        ack_seq: (0..n).map(|_| AtomicU32::new(0)).collect(),
+        ack_sent_us: (0..n).map(|_| AtomicU64::new(0)).collect(),
+        welcomed: AtomicUsize::new(0),
+        refused: AtomicUsize::new(0),
+        accepted: AtomicUsize::new(0),
+        detected: AtomicUsize::new(0),
+        false_expiries: AtomicUsize::new(0),
+        counting: AtomicBool::new(false),
+        stop: AtomicBool::new(false),
+    });
+    let receiver = {
+        let sockets: Vec<UdpSocket> = sockets
+            .iter()
+            .map(|s| s.try_clone().map_err(|e| e.to_string()))
+            .collect::<Result<_, _>>()?;
+        let shared = Arc::clone(&shared);
+        let key = key.clone();
+        std::thread::Builder::new()
+            .name("load-rx".into())
+            .spawn(move || receive(sockets, &shared, key.as_ref()))
+            .map_err(|e| e.to_string())?
+    };
+    let pid = args.pid.map(|p| p.to_string());
+    let mut sender = Sender::new(sockets, Arc::clone(&shared), key, args.ack);
+    let progress = Progress::new(target);
+
+    let mut bytes_per_session = None;
+    if target == Target::Server {
+        let rss_before = pid
+            .as_deref()
+            .and_then(|p| procfs::status_field(p, "VmRSS"));
+        sender.open_sessions(args, &progress)?;
+        if let (Some(before), Some(after)) = (
+            rss_before,
+            pid.as_deref()
+                .and_then(|p| procfs::status_field(p, "VmRSS")),
+        ) {
+            let welcomed = shared.welcomed.load(Ordering::Acquire).max(1);
+            bytes_per_session =
+                Some((after.saturating_sub(before) * 1024) as f64 / welcomed as f64);
+        }
+    }
+    let silent = if target == Target::Server {
+        sender.submit_silent_tasks(args)?
+    } else {
+        0
+    };
+
+    let target_cpu_of = || match (&sink, &pid) {
+        (Some(sink), _) => procfs::cpu_time(&format!("self/task/{}", sink.tid())),
+        (None, Some(pid)) => procfs::cpu_time(pid),
+        (None, None) => None,
+    };
+    let target_count_of = || sink.as_ref().map(|s| s.count.load(Ordering::Acquire));
+    let tool_cpu0 = procfs::cpu_time("self").unwrap_or_default();
+    let sender_cpu0 = procfs::cpu_time("thread-self").unwrap_or_default();
+    let cpu0 = target_cpu_of();
+    let sink_count0 = target_count_of();
+    shared.counting.store(true, Ordering::Release);
+    let phase_start = Instant::now();
+    let heartbeats = sender.heartbeat_phase(args, phase_start, args.duration, &progress, true);
+    let phase = phase_start.elapsed();
+    let cpu1 = target_cpu_of();
+    let sink_count1 = target_count_of();
+    let tool_cpu = procfs::cpu_time("self").unwrap_or_default() - tool_cpu0;
+    let sender_cpu = procfs::cpu_time("thread-self").unwrap_or_default() - sender_cpu0;
+    let peak_rss = pid
+        .as_deref()
+        .and_then(|p| procfs::status_field(p, "VmHWM"));
+
+    // Keep the live clients beating while the last silent ones are
+    // detected, so the end of the run is not mistaken for silence.
+    if silent > 0 {
+        let drain = args.ttl + Duration::from_secs(2);
+        let drain_start = Instant::now();
+        let until = drain_start + drain;
+        while Instant::now() < until && shared.detected.load(Ordering::Acquire) < silent {
+            let left = until
+                .saturating_duration_since(Instant::now())
+                .min(Duration::from_millis(200));
+            sender.heartbeat_phase(
+                args,
+                phase_start,
+                phase_start.elapsed() + left,
+                &progress,
+                false,
+            );
+        }
+    }
+    shared.counting.store(false, Ordering::Release);
+    shared.stop.store(true, Ordering::Release);
+    let received = receiver
+        .join()
+        .map_err(|_| "receiver thread panicked".to_string())?;
+    progress.done();
+    let target_datagrams = match (sink_count0, sink_count1) {
+        (Some(a), Some(b)) => b - a,
+        _ => heartbeats,
+    };
+    Ok(RunResult {
+        target,
+        clients: n,
+        phase,
+        heartbeats,
+        send_errors: sender.send_errors,
+        target_rate: n as f64 / args.interval.as_secs_f64(),
+        silent,
+        welcomed: shared.welcomed.load(Ordering::Acquire),
+        refused: shared.refused.load(Ordering::Acquire),
+        detected: shared.detected.load(Ordering::Acquire),
+        false_expiries: shared.false_expiries.load(Ordering::Acquire),
+        received,
+        target_cpu: cpu0.zip(cpu1).map(|(a, b)| b.saturating_sub(a)),
+        target_datagrams,
+        target_peak_rss_kb: peak_rss,
+        bytes_per_session,
+        tool_cpu,
+        sender_cpu,
+    })
+}
+
+/// Batches datagrams per socket and sends them with `sendmmsg`.
+struct Sender {
+    sockets: Vec<UdpSocket>,
+    pending: Vec<Vec<u8>>,
+    pending_lens: Vec<Vec<usize>>,
+    batch: SendBatch,
+    shared: Arc<Shared>,
+    key: Option<MacKey>,
+    seq: Vec<u32>,
+    silent_at_us: Vec<u64>,
+    ack_per_10k: u64,
+    next_event: u64,
+    send_errors: u64,
+    sent: u64,
+}
+
+const BATCH: usize = 64;
+
+impl Sender {
+    fn new(sockets: Vec<UdpSocket>, shared: Arc<Shared>, key: Option<MacKey>, ack: f64) -> Sender {
+        let n = shared.flags.len();
+        let k = sockets.len();
+        Sender {
+            pending: vec![Vec::with_capacity(BATCH * 64); k],
+            pending_lens: vec![Vec::with_capacity(BATCH); k],
+            sockets,
+            batch: SendBatch::new(BATCH),
+            key,
+            seq: vec![0; n],
+            silent_at_us: vec![u64::MAX; n],
+            ack_per_10k: (ack * 10_000.0).round() as u64,
+            next_event: 0,
+            send_errors: 0,
+            sent: 0,
+            shared,
+        }
+    }
+
+    fn queue(&mut self, i: usize, flags: Flags, message: Message<'_>) {
+        self.seq[i] += 1;
+        let d = Datagram {
+            header: Header {
+                flags,
+                client_id: self.shared.base_id + i as u64 + 1,
+                incarnation: self.shared.incarnation,
+                seq: self.seq[i],
+            },
+            message,
+        };
+        let s = i % self.sockets.len();
+        let buf = &mut self.pending[s];
+        let start = buf.len();
+        buf.resize(start + MAX_DATAGRAM, 0);
+        let n = d
+            .emit(self.key.as_ref(), &mut buf[start..])
+            .expect("load datagrams are small");
+        buf.truncate(start + n);
+        self.pending_lens[s].push(n);
+        let now = self.shared.now_us();
+        self.shared.last_sent_us[i].store(now, Ordering::Release);
+        if flags.contains(Flags::ACK) {
+            self.shared.ack_seq[i].store(self.seq[i], Ordering::Release);
+            self.shared.ack_sent_us[i].store(now, Ordering::Release);
+        }
+        if self.pending_lens[s].len() >= BATCH {
+            self.flush_socket(s);
+        }
+    }
+
+    fn flush_socket(&mut self, s: usize) {
+        let mut offsets = Vec::with_capacity(self.pending_lens[s].len());
+        let mut at = 0;
+        for &len in &self.pending_lens[s] {
+            offsets.push(&self.pending[s][at..at + len]);
+            at += len;
+        }
+        let mut done = 0;
+        let mut stalls = 0;
+        while done < offsets.len() {
+            match self.batch.send(&self.sockets[s], &offsets[done..]) {
+                Ok(n) => {
+                    done += n;
+                    self.sent += n as u64;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && stalls < 100 => {
+                    // The socket's send buffer is full: back off briefly.
+                    stalls += 1;
+                    std::thread::sleep(Duration::from_micros(50));
+                }
+                Err(_) => {
+                    self.send_errors += (offsets.len() - done) as u64;
+                    break;
+                }
+            }
+        }
+        self.pending[s].clear();
+        self.pending_lens[s].clear();
+    }
+
+    fn flush(&mut self) {
+        for s in 0..self.sockets.len() {
+            if !self.pending_lens[s].is_empty() {
+                self.flush_socket(s);
+            }
+        }
+    }
+
+    /// HELLO every client at `--hello-rate`, then resend to those not yet
+    /// welcomed, for up to five rounds.
+    fn open_sessions(&mut self, args: &Args, progress: &Progress) -> Result<(), String> {
+        let n = self.seq.len();
+        let ttl_ms = args.ttl.as_millis().min(u128::from(u32::MAX)) as u32;
+        for round in 0..5 {
+            let started = Instant::now();
+            let mut sent = 0u64;
+            for i in 0..n {
+                if self.shared.flag(i) & (WELCOMED | REFUSED) != 0 {
+                    continue;
+                }
+                self.queue(
+                    i,
+                    Flags::empty(),
+                    Message::Hello {
+                        ttl_ms,
+                        name: "load",
+                    },
+                );
+                sent += 1;
+                if sent % 1024 == 0 {
+                    self.flush();
+                    pace(started, sent, args.hello_rate);
+                    progress.opening(self.shared.welcomed.load(Ordering::Acquire), n);
+                }
+            }
+            self.flush();
+            let until = Instant::now() + Duration::from_secs(1 + round);
+            while Instant::now() < until {
+                let answered = self.shared.welcomed.load(Ordering::Acquire)
+                    + self.shared.refused.load(Ordering::Acquire);
+                progress.opening(self.shared.welcomed.load(Ordering::Acquire), n);
+                if answered >= n {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        if self.shared.welcomed.load(Ordering::Acquire) == 0 {
+            return Err(format!(
+                "no WELCOME from {} after five rounds of HELLO: is `tether serve` running there (and is the key right)?",
+                args.server
+            ));
+        }
+        Ok(())
+    }
+
+    /// Silent clients submit a sleep longer than the run; returns how many
+    /// were accepted.
+    fn submit_silent_tasks(&mut self, args: &Args) -> Result<usize, String> {
+        if args.silent <= 0.0 {
+            return Ok(0);
+        }
+        let n = self.seq.len();
+        let per_million = (args.silent * 1_000_000.0).round() as u64;
+        let run_us = args.duration.as_micros() as u64;
+        let ttl_us = self.shared.ttl_us;
+        let sleep_ms = (args.duration + args.ttl + Duration::from_secs(120)).as_millis() as u32;
+        let mut chosen = Vec::new();
+        for i in 0..n {
+            if mix(i as u64) % 1_000_000 < per_million && self.shared.flag(i) & WELCOMED != 0 {
+                // Stop somewhere between 10% of the run and a TTL + 2 s
+                // before its end, so every detection falls inside the run.
+                let lo = run_us / 10;
+                let hi = run_us.saturating_sub(ttl_us + 2_000_000).max(lo + 1);
+                self.silent_at_us[i] = lo + mix(i as u64 ^ 0x5eed) % (hi - lo);
+                chosen.push(i);
+            }
+        }
+        for round in 0..5 {
+            for &i in &chosen {
+                if self.shared.flag(i) & ACCEPTED == 0 {
+                    let payload = sleep_ms.to_be_bytes();
+                    let submit = Message::Submit {
+                        request_id: 1,
+                        delay_ms: 0,
+                        deadline_ms: 0,
+                        job: "sleep",
+                        payload: &payload,
+                    };
+                    self.queue(i, Flags::empty(), submit);
+                }
+            }
+            self.flush();
+            let until = Instant::now() + Duration::from_millis(500 * (round + 1));
+            while Instant::now() < until {
+                if self.shared.accepted.load(Ordering::Acquire) >= chosen.len() {
+                    return Ok(chosen.len());
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        let accepted = self.shared.accepted.load(Ordering::Acquire);
+        // Clients whose task was never accepted cannot be detected.
+        for &i in &chosen {
+            if self.shared.flag(i) & ACCEPTED == 0 {
+                self.silent_at_us[i] = u64::MAX;
+            }
+        }
+        Ok(accepted)
+    }
+
+    /// Heartbeats every client once per interval, client `i` at offset
+    /// `i / n` of the interval, until `until` after `phase_start`. Returns
+    /// heartbeats sent.
+    fn heartbeat_phase(
+        &mut self,
+        args: &Args,
+        phase_start: Instant,
+        until: Duration,
+        progress: &Progress,
+        report: bool,
+    ) -> u64 {
+        let n = self.seq.len() as u64;
+        let interval_us = args.interval.as_micros() as u64;
+        let until_us = until.as_micros() as u64;
+        let sent_before = self.sent;
+        let mut last_progress = Instant::now();
+        loop {
+            let now_us = phase_start.elapsed().as_micros() as u64;
+            if now_us >= until_us {
+                break;
+            }
+            let mut work = 0;
+            while work < 4096 {
+                let due_us =
+                    (u128::from(self.next_event) * u128::from(interval_us) / u128::from(n)) as u64;
+                if due_us > now_us {
+                    break;
+                }
+                let i = (self.next_event % n) as usize;
+                self.next_event += 1;
+                work += 1;
+                let flags = self.shared.flag(i);
+                if flags & WELCOMED == 0 && flags & REFUSED != 0 {
+                    continue;
+                }
+                if due_us >= self.silent_at_us[i] {
+                    self.shared.set(i, SILENT);
+                    continue;
+                }
+                let ack = mix(self.next_event) % 10_000 < self.ack_per_10k;
+                let flags = if ack { Flags::ACK } else { Flags::empty() };
+                self.queue(i, flags, Message::Heartbeat);
+            }
+            self.flush();
+            if report && last_progress.elapsed() >= Duration::from_secs(1) {
+                last_progress = Instant::now();
+                progress.beating(&self.shared, now_us, until_us, self.sent - sent_before);
+            }
+            if work < 4096 {
+                let next_us =
+                    (u128::from(self.next_event) * u128::from(interval_us) / u128::from(n)) as u64;
+                let wait = next_us.saturating_sub(phase_start.elapsed().as_micros() as u64);
+                std::thread::sleep(Duration::from_micros(wait.clamp(50, 1000)));
+            }
+        }
+        self.sent - sent_before
+    }
+}
+
+/// Sleeps as needed to hold `sent` events since `started` to `rate` a second.
+fn pace(started: Instant, sent: u64, rate: u64) {
+    let due = Duration::from_secs_f64(sent as f64 / rate.max(1) as f64);
+    if let Some(wait) = due.checked_sub(started.elapsed()) {
+        std::thread::sleep(wait);
+    }
+}
+
+/// A 64-bit mixer (splitmix64's finaliser) for cheap, reproducible choices.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+fn receive(sockets: Vec<UdpSocket>, shared: &Shared, key: Option<&MacKey>) -> Received {
+    let mut out = Received::default();
+    let Ok(mut poll) = Poll::new() else {
+        return out;
+    };
+    let mut sockets: Vec<mio::net::UdpSocket> = sockets
+        .into_iter()
+        .map(mio::net::UdpSocket::from_std)
+        .collect();
+    for (i, s) in sockets.iter_mut().enumerate() {
+        let _ = poll.registry().register(s, Token(i), Interest::READABLE);
+    }
+    let mut events = Events::with_capacity(256);
+    let mut batch = RecvBatch::new(64, MAX_DATAGRAM + 1);
+    // Edge-triggered: a socket that signalled is read until empty.
+    let mut ready: Vec<usize> = (0..sockets.len()).collect();
+    while !shared.stop.load(Ordering::Acquire) {
+        while let Some(s) = ready.pop() {
+            loop {
+                let n = match batch.recv(&sockets[s], false) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => break,
+                };
+                let now_us = shared.now_us();
+                for d in 0..n {
+                    let (bytes, _) = batch.get(d);
+                    out.datagrams += 1;
+                    out.bytes += bytes.len() as u64;
+                    if let Ok(datagram) = Datagram::decode(bytes, key) {
+                        account(shared, &datagram, now_us, &mut out);
+                    }
+                }
+            }
+        }
+        if poll
+            .poll(&mut events, Some(Duration::from_millis(50)))
+            .is_ok()
+        {
+            ready.extend(events.iter().map(|e| e.token().0));
+        }
+    }
+    out
+}
+
+fn account(shared: &Shared, d: &Datagram<'_>, now_us: u64, out: &mut Received) {
+    let Some(i) = shared.index(d.header.client_id) else {
+        return;
+    };
+    let counting = shared.counting.load(Ordering::Acquire);
+    match d.message {
+        Message::Welcome { .. } => {
+            if shared.set(i, WELCOMED) {
+                shared.welcomed.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        Message::Rejected {
+            request_id: 0,
+            code: RejectCode::TooManySessions | RejectCode::ShuttingDown,
+            ..
+        } => {
+            if shared.set(i, REFUSED) {
+                shared.refused.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        Message::Accepted { .. } => {
+            if shared.set(i, ACCEPTED) {
+                shared.accepted.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        Message::HeartbeatAck { acked_seq } => {
+            if shared.ack_seq[i].load(Ordering::Acquire) == acked_seq {
+                let sent = shared.ack_sent_us[i].load(Ordering::Acquire);
+                out.rtt_us.push(now_us.saturating_sub(sent) as f64);
+            }
+        }
+        Message::TaskState {
+            report: TaskReport::Cancelled(CancelReason::Expired),
+            ..
+        } => {
+            if shared.flag(i) & SILENT != 0 {
+                if shared.set(i, DETECTED) {
+                    shared.detected.fetch_add(1, Ordering::AcqRel);
+                    let last = shared.last_sent_us[i].load(Ordering::Acquire);
+                    let lateness_us = now_us as i64 - last as i64 - shared.ttl_us as i64;
+                    if lateness_us < 0 {
+                        out.early += 1;
+                    }
+                    out.lateness_ms.push(lateness_us as f64 / 1000.0);
+                }
+            } else if counting && shared.set(i, FALSE_EXPIRY) {
+                shared.false_expiries.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        Message::UnknownSession => {
+            out.unknown_session += 1;
+            let silent = shared.flag(i) & SILENT != 0;
+            if counting && !silent && shared.set(i, FALSE_EXPIRY) {
+                shared.false_expiries.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The machine's own limit: a thread that only receives, in batches,
+/// blocking until at least one datagram is there, and counts.
+struct Sink {
+    addr: SocketAddr,
+    count: Arc<AtomicU64>,
+    tid: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Sink {
+    fn start() -> Result<Sink, String> {
+        let socket = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(4 << 20);
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .map_err(|e| e.to_string())?;
+        let addr = socket.local_addr().map_err(|e| e.to_string())?;
+        let count = Arc::new(AtomicU64::new(0));
+        let tid = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (count, tid, stop) = (Arc::clone(&count), Arc::clone(&tid), Arc::clone(&stop));
+            std::thread::Builder::new()
+                .name("raw-sink".into())
+                .spawn(move || {
+                    tid.store(procfs::thread_id(), Ordering::Release);
+                    let mut batch = RecvBatch::new(64, MAX_DATAGRAM + 1);
+                    while !stop.load(Ordering::Acquire) {
+                        if let Ok(n) = batch.recv(&socket, true) {
+                            count.fetch_add(n as u64, Ordering::AcqRel);
+                        }
+                    }
+                })
+                .map_err(|e| e.to_string())?
+        };
+        while tid.load(Ordering::Acquire) == 0 {
+            std::thread::yield_now();
+        }
+        Ok(Sink {
+            addr,
+            count,
+            tid,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    fn tid(&self) -> u64 {
+        self.tid.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A one-line progress display on stderr (rewritten in place on a
+/// terminal, a line every few seconds otherwise).
+struct Progress {
+    tty: bool,
+    label: &'static str,
+    last: std::cell::Cell<Option<Instant>>,
+}
+
+impl Progress {
+    fn new(target: Target) -> Progress {
+        Progress {
+            tty: std::io::stderr().is_terminal(),
+            label: match target {
+                Target::Server => "server",
+                Target::Sink => "raw sink",
+            },
+            last: std::cell::Cell::new(None),
+        }
+    }
+
+    fn show(&self, line: &str) {
+        if self.tty {
+            eprint!("\r\x1b[2K{line}");
+        } else {
+            let due = self
+                .last
+                .get()
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(5));
+            if due {
+                self.last.set(Some(Instant::now()));
+                eprintln!("{line}");
+            }
+        }
+    }
+
+    fn opening(&self, welcomed: usize, n: usize) {
+        self.show(&format!(
+            "[{}] opening sessions: {welcomed}/{n} welcomed",
+            self.label
+        ));
+    }
+
+    fn beating(&self, shared: &Shared, now_us: u64, until_us: u64, sent: u64) {
+        let secs = now_us as f64 / 1e6;
+        let bar_width = 30;
+        let filled = ((now_us as f64 / until_us as f64) * bar_width as f64) as usize;
+        self.show(&format!(
+            "[{}] [{}{}] {:>5.1}s/{:.0}s  {:>9.0} hb/s  false expiries {}  silent detected {}",
+            self.label,
+            "#".repeat(filled.min(bar_width)),
+            " ".repeat(bar_width - filled.min(bar_width)),
+            secs,
+            until_us as f64 / 1e6,
+            sent as f64 / secs.max(1e-3),
+            shared.false_expiries.load(Ordering::Acquire),
+            shared.detected.load(Ordering::Acquire),
+        ));
+    }
+
+    fn done(&self) {
+        if self.tty {
+            eprint!("\r\x1b[2K");
+        }
+    }
+}
+
+fn idle_check(args: &Args, window: Duration) -> Result<(), String> {
+    let pid = args
+        .pid
+        .ok_or("--idle needs --pid: the server's process id")?
+        .to_string();
+    let before = procfs::voluntary_switches(&pid).ok_or(format!("no process {pid} in /proc"))?;
+    std::thread::sleep(window);
+    let after = procfs::voluntary_switches(&pid).ok_or(format!("process {pid} went away"))?;
+    let wakeups = after - before;
+    if args.json {
+        let mut j = Json::default();
+        j.num("idle_seconds", window.as_secs_f64())
+            .num("wakeups", wakeups);
+        println!("{}", j.finish());
+    } else {
+        println!(
+            "server {pid}: {wakeups} voluntary context switches (all threads) in {:.1} s idle",
+            window.as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+fn cpu_per_datagram_us(r: &RunResult) -> Option<f64> {
+    let cpu = r.target_cpu?;
+    (r.target_datagrams > 0).then(|| cpu.as_secs_f64() * 1e6 / r.target_datagrams as f64)
+}
+
+fn summarize(args: &Args, results: &[RunResult]) {
+    let mut text = String::new();
+    use std::fmt::Write as _;
+    let mut lateness = Vec::new();
+    let mut rtt = Vec::new();
+    let mut json = Json::default();
+    json.num("clients", args.clients)
+        .num("interval_ms", args.interval.as_millis())
+        .num("ttl_ms", args.ttl.as_millis())
+        .num("duration_s", args.duration.as_secs_f64())
+        .num("keyed", args.key_file.is_some());
+    for r in results {
+        let name = match r.target {
+            Target::Server => "server",
+            Target::Sink => "raw_sink",
+        };
+        let rate = r.heartbeats as f64 / r.phase.as_secs_f64();
+        let phase_s = r.phase.as_secs_f64();
+        let tool_pct = r.tool_cpu.as_secs_f64() / phase_s * 100.0;
+        let sender_pct = r.sender_cpu.as_secs_f64() / phase_s * 100.0;
+        let target_pct = r.target_cpu.map(|c| c.as_secs_f64() / phase_s * 100.0);
+        let per_dgram = cpu_per_datagram_us(r);
+        let mut late = r.received.lateness_ms.clone();
+        let late_p = Percentiles::of(&mut late);
+        let mut rt = r.received.rtt_us.clone();
+        let rtt_p = Percentiles::of(&mut rt);
+        let bottleneck = if rate >= 0.98 * r.target_rate {
+            "none: the target rate was reached"
+        } else if sender_pct >= 90.0 {
+            "the load tool's sender thread (one core) saturated first"
+        } else if target_pct.is_some_and(|p| p >= 90.0) {
+            "the measured side saturated first"
+        } else {
+            "unclear: neither side used a full core; see send errors"
+        };
+        let _ = writeln!(
+            text,
+            "== {} ({} clients, every {:?}, TTL {:?})",
+            name.replace('_', " "),
+            r.clients,
+            args.interval,
+            args.ttl
+        );
+        let _ = writeln!(
+            text,
+            "  heartbeats sent         {:>12}   ({rate:.0}/s of {:.0}/s target; {} send errors)",
+            r.heartbeats, r.target_rate, r.send_errors
+        );
+        if r.target == Target::Server {
+            let _ = writeln!(
+                text,
+                "  sessions opened         {:>12}   ({} refused)",
+                r.welcomed, r.refused
+            );
+            let _ = writeln!(text, "  false expiries          {:>12}", r.false_expiries);
+            let _ = writeln!(text, "  early expiries          {:>12}", r.received.early);
+            let _ = writeln!(
+                text,
+                "  silent detected         {:>12}   of {} ({} never reported)",
+                r.detected,
+                r.silent,
+                r.silent.saturating_sub(r.detected)
+            );
+            let _ = writeln!(text, "  detection lateness ms   p50 {:.2}  p99 {:.2}  max {:.2}   (arrival - last send - TTL)", late_p.p50, late_p.p99, late_p.max);
+            let _ = writeln!(
+                text,
+                "  round trip us           p50 {:.0}  p99 {:.0}   ({} acks)",
+                rtt_p.p50, rtt_p.p99, rtt_p.count
+            );
+            let _ = writeln!(
+                text,
+                "  replies received        {:>12}   ({} bytes; {} UNKNOWN_SESSION)",
+                r.received.datagrams, r.received.bytes, r.received.unknown_session
+            );
+        } else {
+            let _ = writeln!(text, "  datagrams received      {:>12}", r.target_datagrams);
+        }
+        match (target_pct, per_dgram) {
+            (Some(pct), Some(us)) => {
+                let _ = writeln!(
+                    text,
+                    "  {} CPU              {:>11.1}%   ({us:.3} us per datagram)",
+                    if r.target == Target::Server {
+                        "server"
+                    } else {
+                        "sink  "
+                    },
+                    pct
+                );
+            }
+            _ => {
+                let _ = writeln!(text, "  server CPU              unknown (pass --pid)");
+            }
+        }
+        if let Some(kb) = r.target_peak_rss_kb {
+            let _ = writeln!(text, "  server peak RSS         {:>9} kB", kb);
+        }
+        if let Some(b) = r.bytes_per_session {
+            let _ = writeln!(
+                text,
+                "  server memory/session   {:>12.1} bytes   (RSS growth while opening / sessions)",
+                b
+            );
+        }
+        let _ = writeln!(
+            text,
+            "  load tool CPU           {:>11.1}%   (sender thread {sender_pct:.1}%)",
+            tool_pct
+        );
+        let _ = writeln!(text, "  bottleneck              {bottleneck}");
+        let mut j = Json::default();
+        j.num("heartbeats", r.heartbeats)
+            .float("rate", rate)
+            .float("target_rate", r.target_rate)
+            .num("send_errors", r.send_errors)
+            .float("tool_cpu_pct", tool_pct)
+            .float("sender_cpu_pct", sender_pct)
+            .str("bottleneck", bottleneck);
+        if let Some(p) = target_pct {
+            j.float("cpu_pct", p);
+        }
+        if let Some(us) = per_dgram {
+            j.float("cpu_us_per_datagram", us);
+        }
+        if r.target == Target::Server {
+            j.num("sessions", r.welcomed)
+                .num("refused", r.refused)
+                .num("false_expiries", r.false_expiries)
+                .num("early_expiries", r.received.early)
+                .num("silent", r.silent)
+                .num("silent_detected", r.detected)
+                .num("silent_missed", r.silent.saturating_sub(r.detected))
+                .raw("lateness_ms", &late_p.json())
+                .raw("rtt_us", &rtt_p.json())
+                .num("replies", r.received.datagrams)
+                .num("reply_bytes", r.received.bytes);
+            if let Some(kb) = r.target_peak_rss_kb {
+                j.num("peak_rss_kb", kb);
+            }
+            if let Some(b) = r.bytes_per_session {
+                j.float("bytes_per_session", b);
+            }
+            lateness.extend_from_slice(&r.received.lateness_ms);
+            rtt.extend_from_slice(&r.received.rtt_us);
+        }
+        json.raw(name, &j.finish());
+    }
+    if let [sink, server] = results {
+        if let (Some(a), Some(b)) = (cpu_per_datagram_us(sink), cpu_per_datagram_us(server)) {
+            let _ = writeln!(
+                text,
+                "== CPU per datagram: server {b:.3} us, raw sink {a:.3} us: ratio {:.2}x",
+                b / a
+            );
+            json.float("cpu_ratio_server_to_sink", b / a);
+        }
+    }
+    if let Some(path) = &args.plot {
+        let svg = histogram_svg(&[
+            ("detection lateness", "ms past the TTL", &lateness),
+            ("heartbeat round trip", "microseconds", &rtt),
+        ]);
+        match std::fs::write(path, svg) {
+            Ok(()) => {
+                let _ = writeln!(text, "plot written to {}", path.display());
+            }
+            Err(e) => {
+                let _ = writeln!(text, "could not write {}: {e}", path.display());
+            }
+        }
+    }
+    if args.json {
+        eprint!("{text}");
+        println!("{}", json.finish());
+    } else {
+        print!("{text}");
+    }
+}

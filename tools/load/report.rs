@@ -1,0 +1,157 @@
+//! Turning samples into percentiles, a summary table, one JSON line and an
+//! SVG histogram.
+
+use std::fmt::Write as _;
+
+/// p50 / p99 / max of a sample set, in its unit.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Percentiles {
+    pub count: usize,
+    pub p50: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Percentiles {
+    pub fn of(samples: &mut [f64]) -> Percentiles {
+        if samples.is_empty() {
+            return Percentiles::default();
+        }
+        samples.sort_by(f64::total_cmp);
+        let at = |q: f64| samples[((samples.len() - 1) as f64 * q).round() as usize];
+        Percentiles {
+            count: samples.len(),
+            p50: at(0.50),
+            p99: at(0.99),
+            max: samples[samples.len() - 1],
+        }
+    }
+
+    pub fn json(&self) -> String {
+        format!(
+            "{{\"count\":{},\"p50\":{:.3},\"p99\":{:.3},\"max\":{:.3}}}",
+            self.count, self.p50, self.p99, self.max
+        )
+    }
+}
+
+/// A JSON object built field by field (numbers, strings, raw JSON).
+#[derive(Default)]
+pub struct Json(String);
+
+impl Json {
+    pub fn num(&mut self, key: &str, value: impl std::fmt::Display) -> &mut Json {
+        self.sep();
+        let _ = write!(self.0, "\"{key}\":{value}");
+        self
+    }
+    pub fn float(&mut self, key: &str, value: f64) -> &mut Json {
+        if value.is_finite() {
+            self.num(key, format!("{value:.4}"))
+        } else {
+            self.num(key, "null")
+        }
+    }
+    pub fn str(&mut self, key: &str, value: &str) -> &mut Json {
+        self.sep();
+        let escaped = value.replace('\\', "\\\\").replace('"', "\\\"");
+        let _ = write!(self.0, "\"{key}\":\"{escaped}\"");
+        self
+    }
+    pub fn raw(&mut self, key: &str, json: &str) -> &mut Json {
+        self.num(key, json)
+    }
+    fn sep(&mut self) {
+        if !self.0.is_empty() {
+            self.0.push(',');
+        }
+    }
+    pub fn finish(&self) -> String {
+        format!("{{{}}}", self.0)
+    }
+}
+
+/// An SVG with one histogram per (title, unit, samples), side by side.
+pub fn histogram_svg(panels: &[(&str, &str, &[f64])]) -> String {
+    const W: f64 = 480.0;
+    const H: f64 = 300.0;
+    const BINS: usize = 40;
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{}\" height=\"{}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n",
+        W * panels.len() as f64,
+        H
+    );
+    for (p, (title, unit, samples)) in panels.iter().enumerate() {
+        let x0 = p as f64 * W + 50.0;
+        let (plot_w, plot_h, y0) = (W - 80.0, H - 90.0, 40.0);
+        let _ = writeln!(
+            svg,
+            "<text x=\"{}\" y=\"22\" font-size=\"14\">{title} (n = {})</text>",
+            x0,
+            samples.len()
+        );
+        if samples.is_empty() {
+            let _ = writeln!(
+                svg,
+                "<text x=\"{}\" y=\"{}\">no samples</text>",
+                x0,
+                y0 + 40.0
+            );
+            continue;
+        }
+        let lo = samples
+            .iter()
+            .copied()
+            .fold(f64::INFINITY, f64::min)
+            .min(0.0);
+        let hi = samples.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let width = ((hi - lo) / BINS as f64).max(1e-9);
+        let mut counts = [0usize; BINS];
+        for &s in samples.iter() {
+            counts[(((s - lo) / width) as usize).min(BINS - 1)] += 1;
+        }
+        let top = *counts.iter().max().unwrap_or(&1) as f64;
+        for (i, &c) in counts.iter().enumerate() {
+            let h = plot_h * c as f64 / top;
+            let _ = writeln!(
+                svg,
+                "<rect x=\"{:.1}\" y=\"{:.1}\" width=\"{:.1}\" height=\"{:.1}\" fill=\"#4477aa\"/>",
+                x0 + i as f64 * plot_w / BINS as f64,
+                y0 + plot_h - h,
+                plot_w / BINS as f64 - 1.0,
+                h
+            );
+        }
+        let axis_y = y0 + plot_h;
+        let _ = writeln!(
+            svg,
+            "<line x1=\"{x0}\" y1=\"{axis_y}\" x2=\"{}\" y2=\"{axis_y}\" stroke=\"black\"/>",
+            x0 + plot_w
+        );
+        for k in 0..=4 {
+            let v = lo + (hi - lo) * k as f64 / 4.0;
+            let _ = writeln!(
+                svg,
+                "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{v:.1}</text>",
+                x0 + plot_w * k as f64 / 4.0,
+                axis_y + 16.0
+            );
+        }
+        let _ = writeln!(
+            svg,
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{unit}</text>",
+            x0 + plot_w / 2.0,
+            axis_y + 34.0
+        );
+        let _ = writeln!(
+            svg,
+            "<text x=\"{}\" y=\"{}\" text-anchor=\"end\">{}</text>",
+            x0 - 4.0,
+            y0 + 10.0,
+            top as usize
+        );
+    }
+    svg.push_str("</svg>\n");
+    svg
+}
