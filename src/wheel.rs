@@ -17,8 +17,8 @@
 //!   occupied: 4096-bit bitmap + a 64-bit summary of its words
 //! ```
 //!
-//! The heartbeat path is [`Wheel::reset`] to a later deadline, and it is a
-//! single store: the entry stays where it is filed, and only when its slot
+//! The heartbeat path is [`Wheel::extend`] to a later deadline, and it is a
+//! single store into the deadline array: the entry stays where it is filed, and only when its slot
 //! comes round does [`Wheel::advance`] find the deadline has moved and re-file
 //! it. A client heartbeating every second with a three-second TTL is thus
 //! touched by the wheel about once per TTL rather than once per heartbeat.
@@ -54,44 +54,26 @@ pub struct WheelKey(pub u32);
 /// 10 ms tick that is some 89,000 years away, so "never").
 pub const MAX_DEADLINE: Tick = Tick((1 << 48) - 1);
 
-/// One entry, 16 bytes: a million sessions cost 16 MB of nodes. The
-/// deadline (48 bits) and the filed slot (16 bits) share one word.
+/// An entry's place in its slot's list: 12 bytes. Deadlines live in their
+/// own array, so moving a deadline later touches nothing else.
 #[derive(Debug, Clone, Copy)]
-struct Node {
-    deadline_and_slot: u64,
+struct Link {
     next: u32,
     prev: u32,
-}
-
-impl Node {
-    #[inline]
-    fn deadline(self) -> u64 {
-        self.deadline_and_slot >> 16
-    }
     /// The slot the entry is filed in, or `ABSENT`.
-    #[inline]
-    fn slot(self) -> u16 {
-        self.deadline_and_slot as u16
-    }
-    #[inline]
-    fn set_deadline(&mut self, deadline: u64) {
-        self.deadline_and_slot = deadline.min(MAX_DEADLINE.0) << 16 | u64::from(self.slot());
-    }
-    #[inline]
-    fn set_slot(&mut self, slot: u16) {
-        self.deadline_and_slot = self.deadline_and_slot & !0xffff | u64::from(slot);
-    }
+    slot: u16,
 }
 
-const EMPTY_NODE: Node = Node {
-    deadline_and_slot: ABSENT as u64,
+const UNLINKED: Link = Link {
     next: NIL,
     prev: NIL,
+    slot: ABSENT,
 };
 
 /// The timing wheel. See the module documentation.
 pub struct Wheel {
-    nodes: Vec<Node>,
+    links: Vec<Link>,
+    deadlines: Vec<u64>,
     heads: Box<[u32]>,
     occupied: [u64; WORDS],
     /// Bit `w` is set when `occupied[w]` is non-zero.
@@ -106,7 +88,8 @@ impl Wheel {
     /// An empty wheel whose ticks up to and including `now` count as past.
     pub fn new(now: Tick) -> Wheel {
         Wheel {
-            nodes: Vec::new(),
+            links: Vec::new(),
+            deadlines: Vec::new(),
             heads: vec![NIL; SLOTS].into_boxed_slice(),
             occupied: [0; WORDS],
             summary: 0,
@@ -116,10 +99,11 @@ impl Wheel {
         }
     }
 
-    /// Reserves node space for keys below `keys`, so the hot path never
+    /// Reserves room for keys below `keys`, so the hot path never
     /// reallocates. Untouched capacity costs address space, not memory.
     pub fn reserve_keys(&mut self, keys: usize) {
-        self.nodes.reserve(keys.saturating_sub(self.nodes.len()));
+        self.links.reserve(keys.saturating_sub(self.links.len()));
+        self.deadlines.reserve(keys.saturating_sub(self.deadlines.len()));
     }
 
     /// The last tick processed by [`Wheel::advance`].
@@ -137,50 +121,71 @@ impl Wheel {
         self.len == 0
     }
 
+    fn is_present(&self, i: usize) -> bool {
+        self.links.get(i).is_some_and(|l| l.slot != ABSENT)
+    }
+
     /// The deadline of `key`, if it is in the wheel.
     pub fn deadline(&self, key: WheelKey) -> Option<Tick> {
-        let node = self.nodes.get(key.0 as usize)?;
-        (node.slot() != ABSENT).then_some(Tick(node.deadline()))
+        let i = key.0 as usize;
+        self.is_present(i).then(|| Tick(self.deadlines[i]))
     }
 
     /// Adds `key` to expire at `deadline` (at most [`MAX_DEADLINE`]). Call
-    /// once per key; a key already
-    /// present is refused, as is a deadline that has already passed (the
-    /// caller decides what an elapsed deadline means).
+    /// once per key; a key already present is refused, as is a deadline
+    /// that has already passed (the caller decides what an elapsed deadline
+    /// means).
     pub fn insert(&mut self, key: WheelKey, deadline: Tick) -> Result<(), WheelError> {
         if deadline.0 <= self.now {
             return Err(WheelError::Elapsed);
         }
         let i = key.0 as usize;
-        if i >= self.nodes.len() {
-            self.nodes.resize(i + 1, EMPTY_NODE);
+        if i >= self.links.len() {
+            self.links.resize(i + 1, UNLINKED);
+            self.deadlines.resize(i + 1, 0);
         }
-        if self.nodes[i].slot() != ABSENT {
+        if self.links[i].slot != ABSENT {
             return Err(WheelError::Occupied);
         }
-        self.nodes[i].set_deadline(deadline.0);
-        let deadline = self.nodes[i].deadline();
+        let deadline = deadline.0.min(MAX_DEADLINE.0);
+        self.deadlines[i] = deadline;
         self.file(key.0, deadline.min(self.now + SLOTS as u64));
         self.len += 1;
         Ok(())
     }
 
-    /// Moves the deadline of `key`. A later deadline is one store and the
-    /// entry stays where it is filed; an earlier one re-files it at once.
+    /// Moves the deadline of a present `key` to `deadline`, which must not
+    /// be earlier than its current one: a single store, the heartbeat's
+    /// whole cost in the wheel. The entry stays where it is filed and is
+    /// re-filed when its slot comes round. (A later deadline can never be
+    /// due before the filed tick, which is what makes the store enough.)
     #[inline]
+    pub fn extend(&mut self, key: WheelKey, deadline: Tick) {
+        let i = key.0 as usize;
+        debug_assert!(
+            self.is_present(i) && deadline.0 >= self.deadlines[i],
+            "extend({i}, {}) of {:?} with deadline {:?}",
+            deadline.0,
+            self.links.get(i),
+            self.deadlines.get(i)
+        );
+        self.deadlines[i] = deadline.0.min(MAX_DEADLINE.0);
+    }
+
+    /// Moves the deadline of `key` either way. A later deadline is one
+    /// store and the entry stays where it is filed; an earlier one re-files
+    /// it at once.
     pub fn reset(&mut self, key: WheelKey, deadline: Tick) -> Result<(), WheelError> {
         if deadline.0 <= self.now {
             return Err(WheelError::Elapsed);
         }
-        let now = self.now;
-        let node = self
-            .nodes
-            .get_mut(key.0 as usize)
-            .filter(|n| n.slot() != ABSENT)
-            .ok_or(WheelError::Absent)?;
-        node.set_deadline(deadline.0);
-        let (deadline, filed) = (node.deadline(), Self::filed_tick(now, node.slot()));
-        if deadline < filed {
+        let i = key.0 as usize;
+        if !self.is_present(i) {
+            return Err(WheelError::Absent);
+        }
+        let deadline = deadline.0.min(MAX_DEADLINE.0);
+        self.deadlines[i] = deadline;
+        if deadline < Self::filed_tick(self.now, self.links[i].slot) {
             self.unlink(key.0);
             self.file(key.0, deadline);
         }
@@ -189,15 +194,13 @@ impl Wheel {
 
     /// Removes `key`; returns whether it was present.
     pub fn remove(&mut self, key: WheelKey) -> bool {
-        match self.nodes.get(key.0 as usize) {
-            Some(node) if node.slot() != ABSENT => {
-                self.unlink(key.0);
-                self.nodes[key.0 as usize].set_slot(ABSENT);
-                self.len -= 1;
-                true
-            }
-            _ => false,
+        if !self.is_present(key.0 as usize) {
+            return false;
         }
+        self.unlink(key.0);
+        self.links[key.0 as usize].slot = ABSENT;
+        self.len -= 1;
+        true
     }
 
     /// The earliest tick at which [`Wheel::advance`] can have work: an
@@ -238,15 +241,16 @@ impl Wheel {
         for &head in &detached {
             let mut i = head;
             while i != NIL {
-                let node = self.nodes[i as usize];
-                if node.deadline() <= to {
-                    self.nodes[i as usize].set_slot(ABSENT);
+                let next = self.links[i as usize].next;
+                let deadline = self.deadlines[i as usize];
+                if deadline <= to {
+                    self.links[i as usize].slot = ABSENT;
                     self.len -= 1;
                     expired.push(WheelKey(i));
                 } else {
-                    self.file(i, node.deadline().min(horizon));
+                    self.file(i, deadline.min(horizon));
                 }
-                i = node.next;
+                i = next;
             }
         }
         detached.clear();
@@ -268,30 +272,31 @@ impl Wheel {
         let slot = (tick & MASK) as usize;
         let head = self.heads[slot];
         if head != NIL {
-            self.nodes[head as usize].prev = i;
+            self.links[head as usize].prev = i;
         }
-        let node = &mut self.nodes[i as usize];
-        node.next = head;
-        node.prev = NIL;
-        node.set_slot(slot as u16);
+        self.links[i as usize] = Link {
+            next: head,
+            prev: NIL,
+            slot: slot as u16,
+        };
         self.heads[slot] = i;
         self.occupied[slot / 64] |= 1 << (slot % 64);
         self.summary |= 1 << (slot / 64);
     }
 
     fn unlink(&mut self, i: u32) {
-        let node = self.nodes[i as usize];
-        let (next, prev, slot) = (node.next, node.prev, usize::from(node.slot()));
+        let Link { next, prev, slot } = self.links[i as usize];
+        let slot = usize::from(slot);
         if prev == NIL {
             self.heads[slot] = next;
             if next == NIL {
                 self.clear_occupied(slot);
             }
         } else {
-            self.nodes[prev as usize].next = next;
+            self.links[prev as usize].next = next;
         }
         if next != NIL {
-            self.nodes[next as usize].prev = prev;
+            self.links[next as usize].prev = prev;
         }
     }
 
@@ -428,8 +433,8 @@ mod tests {
     }
 
     #[test]
-    fn nodes_are_16_bytes_and_far_deadlines_saturate() {
-        assert_eq!(std::mem::size_of::<Node>(), 16);
+    fn twenty_bytes_an_entry_and_far_deadlines_saturate() {
+        assert_eq!(std::mem::size_of::<Link>() + std::mem::size_of::<u64>(), 20);
         let mut w = Wheel::new(Tick(0));
         w.insert(WheelKey(0), Tick(u64::MAX)).unwrap();
         assert_eq!(w.deadline(WheelKey(0)), Some(MAX_DEADLINE));
@@ -454,6 +459,8 @@ mod tests {
     enum Op {
         Insert(u32, u64),
         Reset(u32, u64),
+        /// A heartbeat: the deadline moves later, never earlier.
+        Extend(u32, u64),
         Remove(u32),
         Advance(u64),
         /// Sleep until the wheel's next due tick, as the server does.
@@ -465,7 +472,8 @@ mod tests {
         let offset = prop_oneof![1u64..50, 1u64..(3 * SLOTS as u64)];
         prop_oneof![
             (0u32..64, offset.clone()).prop_map(|(k, d)| Op::Insert(k, d)),
-            (0u32..64, offset).prop_map(|(k, d)| Op::Reset(k, d)),
+            (0u32..64, offset.clone()).prop_map(|(k, d)| Op::Reset(k, d)),
+            (0u32..64, offset).prop_map(|(k, d)| Op::Extend(k, d)),
             (0u32..64).prop_map(Op::Remove),
             prop_oneof![0u64..20, 0u64..(2 * SLOTS as u64)].prop_map(Op::Advance),
             Just(Op::AdvanceToNextDue),
@@ -499,6 +507,12 @@ mod tests {
                         match model.get_mut(&k) {
                             Some(dl) => { prop_assert_eq!(r, Ok(())); *dl = now + d; }
                             None => prop_assert_eq!(r, Err(WheelError::Absent)),
+                        }
+                    }
+                    Op::Extend(k, d) => {
+                        if let Some(dl) = model.get_mut(&k) {
+                            *dl = (*dl).max(now + d);
+                            w.extend(WheelKey(k), Tick(*dl));
                         }
                     }
                     Op::Remove(k) => {
