@@ -44,6 +44,32 @@ fn decode(c: &mut Criterion) {
     g.finish();
 }
 
+fn encode(c: &mut Criterion) {
+    let key = MacKey::new(&[0x11u8; 32]).unwrap();
+    let d = Datagram {
+        header: Header {
+            flags: Flags::empty(),
+            client_id: 42,
+            incarnation: 1_700_000_000_000_000_000,
+            seq: 9,
+        },
+        message: Message::TaskState {
+            task_id: 1 << 32 | 17,
+            report: tether::wire::TaskReport::Cancelled(tether::CancelReason::Expired),
+        },
+    };
+    let mut out = [0u8; MAX_DATAGRAM];
+    let mut g = c.benchmark_group("encode_task_state");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("keyless", |b| {
+        b.iter(|| black_box(&d).emit(None, black_box(&mut out)).unwrap())
+    });
+    g.bench_function("keyed", |b| {
+        b.iter(|| black_box(&d).emit(Some(&key), black_box(&mut out)).unwrap())
+    });
+    g.finish();
+}
+
 /// The candidates for HMAC-SHA256 over a 28-byte header, truncated to 16
 /// bytes, verified in constant time.
 fn mac_candidates(c: &mut Criterion) {
@@ -79,5 +105,5 @@ fn mac_candidates(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, decode, mac_candidates);
+criterion_group!(benches, decode, encode, mac_candidates);
 criterion_main!(benches);

@@ -103,7 +103,8 @@ impl Wheel {
     /// reallocates. Untouched capacity costs address space, not memory.
     pub fn reserve_keys(&mut self, keys: usize) {
         self.links.reserve(keys.saturating_sub(self.links.len()));
-        self.deadlines.reserve(keys.saturating_sub(self.deadlines.len()));
+        self.deadlines
+            .reserve(keys.saturating_sub(self.deadlines.len()));
     }
 
     /// The last tick processed by [`Wheel::advance`].

@@ -732,31 +732,24 @@ fn account(shared: &Shared, d: &Datagram<'_>, now_us: u64, out: &mut Received) {
         return;
     };
     let counting = shared.counting.load(Ordering::Acquire);
-    match d.message {
-        Message::Welcome { .. } => {
-            if shared.set(i, WELCOMED) {
-                shared.welcomed.fetch_add(1, Ordering::AcqRel);
-            }
+    let count_once = |bit: u8, counter: &AtomicUsize| {
+        if shared.set(i, bit) {
+            counter.fetch_add(1, Ordering::AcqRel);
         }
+    };
+    match d.message {
+        Message::Welcome { .. } => count_once(WELCOMED, &shared.welcomed),
         Message::Rejected {
             request_id: 0,
             code: RejectCode::TooManySessions | RejectCode::ShuttingDown,
             ..
-        } => {
-            if shared.set(i, REFUSED) {
-                shared.refused.fetch_add(1, Ordering::AcqRel);
-            }
-        }
-        Message::Accepted { .. } => {
-            if shared.set(i, ACCEPTED) {
-                shared.accepted.fetch_add(1, Ordering::AcqRel);
-            }
-        }
-        Message::HeartbeatAck { acked_seq } => {
-            if shared.ack_seq[i].load(Ordering::Acquire) == acked_seq {
-                let sent = shared.ack_sent_us[i].load(Ordering::Acquire);
-                out.rtt_us.push(now_us.saturating_sub(sent) as f64);
-            }
+        } => count_once(REFUSED, &shared.refused),
+        Message::Accepted { .. } => count_once(ACCEPTED, &shared.accepted),
+        Message::HeartbeatAck { acked_seq }
+            if shared.ack_seq[i].load(Ordering::Acquire) == acked_seq =>
+        {
+            let sent = shared.ack_sent_us[i].load(Ordering::Acquire);
+            out.rtt_us.push(now_us.saturating_sub(sent) as f64);
         }
         Message::TaskState {
             report: TaskReport::Cancelled(CancelReason::Expired),
