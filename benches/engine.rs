@@ -95,6 +95,38 @@ fn heartbeat_path(c: &mut Criterion) {
         assert_eq!(engine.stats().dropped_replay, 0);
     }
     g.finish();
+
+    // As the server calls it: a batch of 64 (one recvmmsg) at a time.
+    let mut g = c.benchmark_group("engine_heartbeat_batch64");
+    g.throughput(Throughput::Elements(64));
+    for n in [1_000u32, 100_000, 1_000_000] {
+        let mut engine = engine_with_sessions(n, 3000);
+        let mut seqs = vec![1u32; n as usize];
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        let mut now = Timestamp(0);
+        let template = datagram(1, 2, Message::Heartbeat);
+        let mut batch: Vec<(SocketAddr, Vec<u8>)> =
+            (0..64).map(|_| (addr(0), template.clone())).collect();
+        g.bench_with_input(BenchmarkId::new("keyless", n), &n, |b, &n| {
+            b.iter(|| {
+                for (from, bytes) in batch.iter_mut() {
+                    let i = (xorshift(&mut rng) % u64::from(n)) as usize;
+                    seqs[i] += 1;
+                    bytes[8..16].copy_from_slice(&(i as u64 + 1).to_be_bytes());
+                    bytes[24..28].copy_from_slice(&seqs[i].to_be_bytes());
+                    *from = addr(i as u32);
+                }
+                now.0 += 1;
+                engine.handle_datagrams(now, batch.iter().map(|(a, b)| (*a, b.as_slice())));
+            })
+        });
+        assert_eq!(engine.stats().dropped_replay, 0);
+        assert_eq!(
+            engine.stats().heartbeats,
+            engine.stats().accepted - u64::from(n)
+        );
+    }
+    g.finish();
 }
 
 /// 100K sessions, each with a running `sleep` task, all expiring in one

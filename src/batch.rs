@@ -121,6 +121,15 @@ impl RecvBatch {
         self.received == 0
     }
 
+    /// The datagrams of the last call with their IP source addresses, in
+    /// order (datagrams from other address families are skipped).
+    pub fn iter(&self) -> impl Iterator<Item = (SocketAddr, &[u8])> + Clone + '_ {
+        (0..self.received).filter_map(|i| {
+            let (bytes, from) = self.get(i);
+            Some((from?, bytes))
+        })
+    }
+
     /// The `i`-th datagram of the last call and its source address.
     pub fn get(&self, i: usize) -> (&[u8], Option<SocketAddr>) {
         assert!(i < self.received, "datagram {i} of {}", self.received);

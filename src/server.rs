@@ -374,12 +374,7 @@ impl Server {
                     // datagram in it had arrived by then, so none is stamped
                     // before its arrival.
                     let now = self.now();
-                    for i in 0..n {
-                        let (bytes, from) = batch.get(i);
-                        if let Some(from) = from {
-                            let _ = self.engine.handle_datagram(now, from, bytes);
-                        }
-                    }
+                    self.engine.handle_datagrams(now, batch.iter());
                     read += n.max(1);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,

@@ -42,6 +42,13 @@ impl ClientIndex {
         self.hasher.hash_one(client_id) as usize & (self.slots.len() - 1)
     }
 
+    /// Reads the slot a lookup of `client_id` starts at, so that a batch
+    /// can issue all its cache misses before it needs any of them.
+    #[inline]
+    pub(crate) fn touch(&self, client_id: u64) -> u32 {
+        self.slots[self.home(client_id)]
+    }
+
     /// The index whose session has `client_id`; `key_of` reads the
     /// `client_id` of the session at an index.
     #[inline]

@@ -592,6 +592,40 @@ impl Engine {
         Ok(())
     }
 
+    /// Handles datagrams read together at `now`: the same as calling
+    /// [`Engine::handle_datagram`] for each in order, but faster at scale.
+    ///
+    /// With a million sessions, each datagram's index slot and session are
+    /// cache misses (and TLB misses) that one call would take one after
+    /// another. Here a first pass reads every datagram's index slot and a
+    /// second every session, both passes of independent loads that the CPU
+    /// overlaps, so the third pass, the real work, finds them in cache.
+    pub fn handle_datagrams<'a, I>(&mut self, now: Timestamp, batch: I)
+    where
+        I: Iterator<Item = (SocketAddr, &'a [u8])> + Clone,
+    {
+        let client_id = |bytes: &[u8]| -> Option<u64> {
+            let id = bytes.get(8..16)?;
+            Some(u64::from_be_bytes(id.try_into().ok()?))
+        };
+        let mut touched = 0u64;
+        for (_, bytes) in batch.clone() {
+            if let Some(id) = client_id(bytes) {
+                touched ^= u64::from(self.live_by_client.touch(id));
+            }
+        }
+        for (_, bytes) in batch.clone() {
+            if let Some(index) = client_id(bytes).and_then(|id| self.live_session(id)) {
+                let session = &self.sessions[index as usize];
+                touched ^= session.incarnation ^ u64::from(session.ttl_ms);
+            }
+        }
+        std::hint::black_box(touched);
+        for (from, bytes) in batch {
+            let _ = self.handle_datagram(now, from, bytes);
+        }
+    }
+
     /// Call when [`Engine::poll_timeout`]'s time has come (calling more
     /// often is harmless). Call it only after reading every datagram that
     /// was already waiting, so a paused caller does not expire sessions
