@@ -342,9 +342,12 @@ fn run_once(args: &Args, target: Target, key: Option<MacKey>) -> Result<RunResul
     let sink_count1 = target_count_of();
     let tool_cpu = procfs::cpu_time("self").unwrap_or_default() - tool_cpu0;
     let sender_cpu = procfs::cpu_time("thread-self").unwrap_or_default() - sender_cpu0;
-    let peak_rss = pid
-        .as_deref()
-        .and_then(|p| procfs::status_field(p, "VmHWM"));
+    let peak_rss = match target {
+        Target::Server => pid
+            .as_deref()
+            .and_then(|p| procfs::status_field(p, "VmHWM")),
+        Target::Sink => None,
+    };
 
     // Keep the live clients beating while the last silent ones are
     // detected, so the end of the run is not mistaken for silence.
@@ -1040,10 +1043,13 @@ fn summarize(args: &Args, results: &[RunResult]) {
                 b
             );
         }
+        let includes = match r.target {
+            Target::Sink => ", and the sink thread",
+            Target::Server => "",
+        };
         let _ = writeln!(
             text,
-            "  load tool CPU           {:>11.1}%   (sender thread {sender_pct:.1}%)",
-            tool_pct
+            "  load tool CPU           {tool_pct:>11.1}%   (sender thread {sender_pct:.1}%{includes})"
         );
         let _ = writeln!(text, "  bottleneck              {bottleneck}");
         let mut j = Json::default();
