@@ -78,9 +78,6 @@ struct Args {
     /// Local UDP sockets the clients are spread over.
     #[arg(long, default_value_t = 64, value_name = "N")]
     sockets: usize,
-    /// HELLOs per second while opening sessions.
-    #[arg(long, default_value_t = 100_000, value_name = "N")]
-    hello_rate: u64,
     /// Print one JSON line on stdout (the table goes to stderr).
     #[arg(long)]
     json: bool,
@@ -143,7 +140,8 @@ fn run(args: &Args) -> Result<(), String> {
     };
     let mut results = Vec::new();
     if args.compare_raw || args.raw_only {
-        results.push(run_once(args, Target::Sink, None)?);
+        // The same datagrams (signed too, when keyed), so the sizes match.
+        results.push(run_once(args, Target::Sink, key.clone())?);
     }
     if !args.raw_only {
         results.push(run_once(args, Target::Server, key)?);
@@ -235,6 +233,9 @@ struct RunResult {
     bytes_per_session: Option<f64>,
     tool_cpu: Duration,
     sender_cpu: Duration,
+    /// Datagrams the kernel dropped for full receive buffers, machine-wide,
+    /// during the measured phase.
+    kernel_drops: Option<u64>,
 }
 
 fn run_once(args: &Args, target: Target, key: Option<MacKey>) -> Result<RunResult, String> {
@@ -302,12 +303,26 @@ fn run_once(args: &Args, target: Target, key: Option<MacKey>) -> Result<RunResul
     let mut sender = Sender::new(sockets, Arc::clone(&shared), key, args.ack);
     let progress = Progress::new(target);
 
+    // Warm-up: the same schedule as the measured phase, in which a client
+    // not yet welcomed sends HELLO and a silent client not yet accepted
+    // sends its SUBMIT instead of a heartbeat. Opening sessions at the
+    // heartbeat rate keeps every open session beating from the start.
     let mut bytes_per_session = None;
+    let silent = match target {
+        Target::Server => sender.choose_silent(args),
+        Target::Sink => {
+            for i in 0..n {
+                shared.set(i, WELCOMED);
+            }
+            0
+        }
+    };
+    let schedule_start = Instant::now();
     if target == Target::Server {
         let rss_before = pid
             .as_deref()
             .and_then(|p| procfs::status_field(p, "VmRSS"));
-        sender.open_sessions(args, &progress)?;
+        sender.warm_up(args, schedule_start, silent, &progress)?;
         if let (Some(before), Some(after)) = (
             rss_before,
             pid.as_deref()
@@ -318,11 +333,7 @@ fn run_once(args: &Args, target: Target, key: Option<MacKey>) -> Result<RunResul
                 Some((after.saturating_sub(before) * 1024) as f64 / welcomed as f64);
         }
     }
-    let silent = if target == Target::Server {
-        sender.submit_silent_tasks(args)?
-    } else {
-        0
-    };
+    let silent = silent.min(shared.accepted.load(Ordering::Acquire));
 
     let target_cpu_of = || match (&sink, &pid) {
         (Some(sink), _) => procfs::cpu_time(&format!("self/task/{}", sink.tid())),
@@ -333,12 +344,23 @@ fn run_once(args: &Args, target: Target, key: Option<MacKey>) -> Result<RunResul
     let tool_cpu0 = procfs::cpu_time("self").unwrap_or_default();
     let sender_cpu0 = procfs::cpu_time("thread-self").unwrap_or_default();
     let cpu0 = target_cpu_of();
+    let drops0 = procfs::udp_rcvbuf_errors();
     let sink_count0 = target_count_of();
     shared.counting.store(true, Ordering::Release);
     let phase_start = Instant::now();
-    let heartbeats = sender.heartbeat_phase(args, phase_start, args.duration, &progress, true);
+    let measure_from = phase_start - schedule_start;
+    sender.start_silences(measure_from);
+    let heartbeats = sender.run_schedule(
+        args,
+        schedule_start,
+        measure_from + args.duration,
+        Some(&progress),
+    );
     let phase = phase_start.elapsed();
     let cpu1 = target_cpu_of();
+    let kernel_drops = drops0
+        .zip(procfs::udp_rcvbuf_errors())
+        .map(|(a, b)| b.saturating_sub(a));
     let sink_count1 = target_count_of();
     let tool_cpu = procfs::cpu_time("self").unwrap_or_default() - tool_cpu0;
     let sender_cpu = procfs::cpu_time("thread-self").unwrap_or_default() - sender_cpu0;
@@ -359,13 +381,7 @@ fn run_once(args: &Args, target: Target, key: Option<MacKey>) -> Result<RunResul
             let left = until
                 .saturating_duration_since(Instant::now())
                 .min(Duration::from_millis(200));
-            sender.heartbeat_phase(
-                args,
-                phase_start,
-                phase_start.elapsed() + left,
-                &progress,
-                false,
-            );
+            sender.run_schedule(args, schedule_start, schedule_start.elapsed() + left, None);
         }
     }
     shared.counting.store(false, Ordering::Release);
@@ -397,6 +413,7 @@ fn run_once(args: &Args, target: Target, key: Option<MacKey>) -> Result<RunResul
         bytes_per_session,
         tool_cpu,
         sender_cpu,
+        kernel_drops,
     })
 }
 
@@ -409,7 +426,11 @@ struct Sender {
     shared: Arc<Shared>,
     key: Option<MacKey>,
     seq: Vec<u32>,
+    /// When a silent client stops, after the measured phase starts.
+    silent_offset_us: Vec<u64>,
+    /// The same, on the schedule's clock, once the measured phase started.
     silent_at_us: Vec<u64>,
+    sleep_payload: [u8; 4],
     ack_per_10k: u64,
     next_event: u64,
     send_errors: u64,
@@ -429,7 +450,9 @@ impl Sender {
             batch: SendBatch::new(BATCH),
             key,
             seq: vec![0; n],
+            silent_offset_us: vec![u64::MAX; n],
             silent_at_us: vec![u64::MAX; n],
+            sleep_payload: [0; 4],
             ack_per_10k: (ack * 10_000.0).round() as u64,
             next_event: 0,
             send_errors: 0,
@@ -507,80 +530,136 @@ impl Sender {
         }
     }
 
-    /// HELLO every client at `--hello-rate`, then resend to those not yet
-    /// welcomed, for up to five rounds.
-    fn open_sessions(&mut self, args: &Args, progress: &Progress) -> Result<(), String> {
-        let n = self.seq.len();
-        let ttl_ms = args.ttl.as_millis().min(u128::from(u32::MAX)) as u32;
-        for round in 0..5 {
-            let started = Instant::now();
-            let mut sent = 0u64;
-            for i in 0..n {
-                if self.shared.flag(i) & (WELCOMED | REFUSED) != 0 {
-                    continue;
-                }
-                self.queue(
-                    i,
-                    Flags::empty(),
-                    Message::Hello {
-                        ttl_ms,
-                        name: "load",
-                    },
-                );
-                sent += 1;
-                if sent % 1024 == 0 {
-                    self.flush();
-                    pace(started, sent, args.hello_rate);
-                    progress.opening(self.shared.welcomed.load(Ordering::Acquire), n);
-                }
-            }
-            self.flush();
-            let until = Instant::now() + Duration::from_secs(1 + round);
-            while Instant::now() < until {
-                let answered = self.shared.welcomed.load(Ordering::Acquire)
-                    + self.shared.refused.load(Ordering::Acquire);
-                progress.opening(self.shared.welcomed.load(Ordering::Acquire), n);
-                if answered >= n {
-                    return Ok(());
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-        if self.shared.welcomed.load(Ordering::Acquire) == 0 {
-            return Err(format!(
-                "no WELCOME from {} after five rounds of HELLO: is `tether serve` running there (and is the key right)?",
-                args.server
-            ));
-        }
-        Ok(())
-    }
-
-    /// Silent clients submit a sleep longer than the run; returns how many
-    /// were accepted.
-    fn submit_silent_tasks(&mut self, args: &Args) -> Result<usize, String> {
+    /// Picks the silent clients and when, after the measured phase starts,
+    /// each goes quiet: between 10% of the run and a TTL + 2 s before its
+    /// end, so every detection falls inside the run. Returns how many.
+    fn choose_silent(&mut self, args: &Args) -> usize {
         if args.silent <= 0.0 {
-            return Ok(0);
+            return 0;
         }
-        let n = self.seq.len();
         let per_million = (args.silent * 1_000_000.0).round() as u64;
         let run_us = args.duration.as_micros() as u64;
-        let ttl_us = self.shared.ttl_us;
-        let sleep_ms = (args.duration + args.ttl + Duration::from_secs(120)).as_millis() as u32;
-        let mut chosen = Vec::new();
-        for i in 0..n {
-            if mix(i as u64) % 1_000_000 < per_million && self.shared.flag(i) & WELCOMED != 0 {
-                // Stop somewhere between 10% of the run and a TTL + 2 s
-                // before its end, so every detection falls inside the run.
-                let lo = run_us / 10;
-                let hi = run_us.saturating_sub(ttl_us + 2_000_000).max(lo + 1);
-                self.silent_at_us[i] = lo + mix(i as u64 ^ 0x5eed) % (hi - lo);
-                chosen.push(i);
+        let lo = run_us / 10;
+        let hi = run_us
+            .saturating_sub(self.shared.ttl_us + 2_000_000)
+            .max(lo + 1);
+        let sleep_ms = (args.duration + args.ttl + Duration::from_secs(120)).as_millis();
+        self.sleep_payload = (sleep_ms.min(u128::from(u32::MAX)) as u32).to_be_bytes();
+        let mut chosen = 0;
+        for i in 0..self.seq.len() {
+            if mix(i as u64) % 1_000_000 < per_million {
+                self.silent_offset_us[i] = lo + mix(i as u64 ^ 0x5eed) % (hi - lo);
+                chosen += 1;
             }
         }
-        for round in 0..5 {
-            for &i in &chosen {
-                if self.shared.flag(i) & ACCEPTED == 0 {
-                    let payload = sleep_ms.to_be_bytes();
+        chosen
+    }
+
+    /// Runs the schedule until every client is welcomed (or refused) and
+    /// every silent client's task accepted, for at least one interval and
+    /// at most ten.
+    fn warm_up(
+        &mut self,
+        args: &Args,
+        schedule_start: Instant,
+        silent: usize,
+        progress: &Progress,
+    ) -> Result<(), String> {
+        let n = self.seq.len();
+        let interval = args.interval;
+        loop {
+            let elapsed = schedule_start.elapsed();
+            self.run_schedule(
+                args,
+                schedule_start,
+                elapsed + Duration::from_millis(100),
+                None,
+            );
+            let welcomed = self.shared.welcomed.load(Ordering::Acquire);
+            let answered = welcomed + self.shared.refused.load(Ordering::Acquire);
+            let accepted = self.shared.accepted.load(Ordering::Acquire);
+            progress.opening(welcomed, n);
+            let elapsed = schedule_start.elapsed();
+            if elapsed >= interval && answered >= n && accepted >= silent {
+                return Ok(());
+            }
+            if elapsed >= 10 * interval {
+                if welcomed == 0 {
+                    return Err(format!(
+                        "no WELCOME from {} in ten intervals of HELLO: is `tether serve` running there (and is the key right)?",
+                        args.server
+                    ));
+                }
+                // Silent clients whose task was never accepted cannot be
+                // detected; they heartbeat like the rest.
+                for i in 0..n {
+                    if self.shared.flag(i) & ACCEPTED == 0 {
+                        self.silent_offset_us[i] = u64::MAX;
+                    }
+                }
+                return Ok(());
+            }
+        }
+    }
+
+    /// Makes the silence times absolute, now that the measured phase starts
+    /// `measure_from` after the schedule's start.
+    fn start_silences(&mut self, measure_from: Duration) {
+        let from_us = measure_from.as_micros() as u64;
+        for (at, &offset) in self.silent_at_us.iter_mut().zip(&self.silent_offset_us) {
+            if offset != u64::MAX {
+                *at = from_us + offset;
+            }
+        }
+    }
+
+    /// Every client once per interval, client `i` at offset `i / n` of the
+    /// interval, until `until` after `schedule_start`: a HELLO while it is
+    /// not welcomed, its SUBMIT while a silent client's task is not yet
+    /// accepted, else a heartbeat until its silence begins. Returns the
+    /// datagrams sent.
+    fn run_schedule(
+        &mut self,
+        args: &Args,
+        schedule_start: Instant,
+        until: Duration,
+        progress: Option<&Progress>,
+    ) -> u64 {
+        let n = self.seq.len() as u64;
+        let interval_us = args.interval.as_micros() as u64;
+        let until_us = until.as_micros() as u64;
+        let ttl_ms = args.ttl.as_millis().min(u128::from(u32::MAX)) as u32;
+        let sent_before = self.sent;
+        let measured_from_us = schedule_start.elapsed().as_micros() as u64;
+        let mut last_progress = Instant::now();
+        let due_at =
+            |event: u64| (u128::from(event) * u128::from(interval_us) / u128::from(n)) as u64;
+        loop {
+            let now_us = schedule_start.elapsed().as_micros() as u64;
+            if now_us >= until_us {
+                break;
+            }
+            let mut work = 0;
+            while work < 4096 && due_at(self.next_event) <= now_us {
+                let due_us = due_at(self.next_event);
+                let i = (self.next_event % n) as usize;
+                self.next_event += 1;
+                work += 1;
+                let flags = self.shared.flag(i);
+                if flags & REFUSED != 0 {
+                    continue;
+                }
+                if flags & WELCOMED == 0 {
+                    self.queue(
+                        i,
+                        Flags::empty(),
+                        Message::Hello {
+                            ttl_ms,
+                            name: "load",
+                        },
+                    );
+                } else if self.silent_offset_us[i] != u64::MAX && flags & ACCEPTED == 0 {
+                    let payload = self.sleep_payload;
                     let submit = Message::Submit {
                         request_id: 1,
                         delay_ms: 0,
@@ -589,91 +668,30 @@ impl Sender {
                         payload: &payload,
                     };
                     self.queue(i, Flags::empty(), submit);
-                }
-            }
-            self.flush();
-            let until = Instant::now() + Duration::from_millis(500 * (round + 1));
-            while Instant::now() < until {
-                if self.shared.accepted.load(Ordering::Acquire) >= chosen.len() {
-                    return Ok(chosen.len());
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-        let accepted = self.shared.accepted.load(Ordering::Acquire);
-        // Clients whose task was never accepted cannot be detected.
-        for &i in &chosen {
-            if self.shared.flag(i) & ACCEPTED == 0 {
-                self.silent_at_us[i] = u64::MAX;
-            }
-        }
-        Ok(accepted)
-    }
-
-    /// Heartbeats every client once per interval, client `i` at offset
-    /// `i / n` of the interval, until `until` after `phase_start`. Returns
-    /// heartbeats sent.
-    fn heartbeat_phase(
-        &mut self,
-        args: &Args,
-        phase_start: Instant,
-        until: Duration,
-        progress: &Progress,
-        report: bool,
-    ) -> u64 {
-        let n = self.seq.len() as u64;
-        let interval_us = args.interval.as_micros() as u64;
-        let until_us = until.as_micros() as u64;
-        let sent_before = self.sent;
-        let mut last_progress = Instant::now();
-        loop {
-            let now_us = phase_start.elapsed().as_micros() as u64;
-            if now_us >= until_us {
-                break;
-            }
-            let mut work = 0;
-            while work < 4096 {
-                let due_us =
-                    (u128::from(self.next_event) * u128::from(interval_us) / u128::from(n)) as u64;
-                if due_us > now_us {
-                    break;
-                }
-                let i = (self.next_event % n) as usize;
-                self.next_event += 1;
-                work += 1;
-                let flags = self.shared.flag(i);
-                if flags & WELCOMED == 0 && flags & REFUSED != 0 {
-                    continue;
-                }
-                if due_us >= self.silent_at_us[i] {
+                } else if due_us >= self.silent_at_us[i] {
                     self.shared.set(i, SILENT);
-                    continue;
+                } else {
+                    let ack = mix(self.next_event) % 10_000 < self.ack_per_10k;
+                    let flags = if ack { Flags::ACK } else { Flags::empty() };
+                    self.queue(i, flags, Message::Heartbeat);
                 }
-                let ack = mix(self.next_event) % 10_000 < self.ack_per_10k;
-                let flags = if ack { Flags::ACK } else { Flags::empty() };
-                self.queue(i, flags, Message::Heartbeat);
             }
             self.flush();
-            if report && last_progress.elapsed() >= Duration::from_secs(1) {
-                last_progress = Instant::now();
-                progress.beating(&self.shared, now_us, until_us, self.sent - sent_before);
+            if let Some(progress) = progress {
+                if last_progress.elapsed() >= Duration::from_secs(1) {
+                    last_progress = Instant::now();
+                    let done_us = now_us - measured_from_us;
+                    let span_us = until_us - measured_from_us;
+                    progress.beating(&self.shared, done_us, span_us, self.sent - sent_before);
+                }
             }
             if work < 4096 {
-                let next_us =
-                    (u128::from(self.next_event) * u128::from(interval_us) / u128::from(n)) as u64;
-                let wait = next_us.saturating_sub(phase_start.elapsed().as_micros() as u64);
+                let wait = due_at(self.next_event)
+                    .saturating_sub(schedule_start.elapsed().as_micros() as u64);
                 std::thread::sleep(Duration::from_micros(wait.clamp(50, 1000)));
             }
         }
         self.sent - sent_before
-    }
-}
-
-/// Sleeps as needed to hold `sent` events since `started` to `rate` a second.
-fn pace(started: Instant, sent: u64, rate: u64) {
-    let due = Duration::from_secs_f64(sent as f64 / rate.max(1) as f64);
-    if let Some(wait) = due.checked_sub(started.elapsed()) {
-        std::thread::sleep(wait);
     }
 }
 
@@ -1051,6 +1069,12 @@ fn summarize(args: &Args, results: &[RunResult]) {
             text,
             "  load tool CPU           {tool_pct:>11.1}%   (sender thread {sender_pct:.1}%{includes})"
         );
+        if let Some(drops) = r.kernel_drops {
+            let _ = writeln!(
+                text,
+                "  kernel drops            {drops:>12}   (UDP receive buffers full, whole machine)"
+            );
+        }
         let _ = writeln!(text, "  bottleneck              {bottleneck}");
         let mut j = Json::default();
         j.num("heartbeats", r.heartbeats)
@@ -1060,6 +1084,9 @@ fn summarize(args: &Args, results: &[RunResult]) {
             .float("tool_cpu_pct", tool_pct)
             .float("sender_cpu_pct", sender_pct)
             .str("bottleneck", bottleneck);
+        if let Some(drops) = r.kernel_drops {
+            j.num("kernel_rcvbuf_drops", drops);
+        }
         if let Some(p) = target_pct {
             j.float("cpu_pct", p);
         }

@@ -48,3 +48,14 @@ pub fn thread_id() -> u64 {
         .and_then(|p| p.file_name()?.to_str()?.parse().ok())
         .unwrap_or(0)
 }
+
+/// The kernel's count of UDP datagrams dropped because a receive buffer was
+/// full, machine-wide (`RcvbufErrors` in /proc/net/snmp).
+pub fn udp_rcvbuf_errors() -> Option<u64> {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").ok()?;
+    let mut udp = snmp.lines().filter(|l| l.starts_with("Udp:"));
+    let names: Vec<&str> = udp.next()?.split_whitespace().collect();
+    let values: Vec<&str> = udp.next()?.split_whitespace().collect();
+    let at = names.iter().position(|n| *n == "RcvbufErrors")?;
+    values.get(at)?.parse().ok()
+}
