@@ -100,12 +100,13 @@ pub fn histogram_svg(panels: &[(&str, &str, &[f64])]) -> String {
             );
             continue;
         }
-        let lo = samples
-            .iter()
-            .copied()
-            .fold(f64::INFINITY, f64::min)
-            .min(0.0);
-        let hi = samples.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        // The axis ends at the 99.5th percentile, so one slow outlier does
+        // not squash the rest into a single bar; the last bar holds the tail.
+        let mut sorted = samples.to_vec();
+        sorted.sort_by(f64::total_cmp);
+        let lo = sorted[0].min(0.0);
+        let hi = sorted[((sorted.len() - 1) as f64 * 0.995) as usize].max(lo + 1e-9);
+        let tail = sorted.iter().filter(|&&v| v > hi).count();
         let width = ((hi - lo) / BINS as f64).max(1e-9);
         let mut counts = [0usize; BINS];
         for &s in samples.iter() {
@@ -138,9 +139,17 @@ pub fn histogram_svg(panels: &[(&str, &str, &[f64])]) -> String {
                 axis_y + 16.0
             );
         }
+        let tail_note = if tail > 0 {
+            format!(
+                " (last bar also holds {tail} above {hi:.1}; max {:.1})",
+                sorted[sorted.len() - 1]
+            )
+        } else {
+            String::new()
+        };
         let _ = writeln!(
             svg,
-            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{unit}</text>",
+            "<text x=\"{:.1}\" y=\"{}\" text-anchor=\"middle\">{unit}{tail_note}</text>",
             x0 + plot_w / 2.0,
             axis_y + 34.0
         );
