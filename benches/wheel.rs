@@ -11,7 +11,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
 use tokio_util::time::{delay_queue, DelayQueue};
 
-use tether::wheel::{Tick, Wheel, WheelKey};
+use tether::wheel::{Expired, Tick, Wheel, WheelKey};
 
 const SIZES: [u32; 3] = [1_000, 100_000, 1_000_000];
 
@@ -186,7 +186,7 @@ fn expire_all(c: &mut Criterion) {
         g.throughput(Throughput::Elements(u64::from(n)));
         g.bench_with_input(BenchmarkId::new("tether_wheel", n), &n, |b, &n| {
             b.iter_batched(
-                || (tether_wheel(n, |_| 300), Vec::with_capacity(n as usize)),
+                || (tether_wheel(n, |_| 300), Vec::<Expired>::with_capacity(n as usize)),
                 |(mut wheel, mut out)| {
                     wheel.advance(Tick(300), &mut out);
                     assert_eq!(out.len(), n as usize);

@@ -50,6 +50,15 @@ pub struct Tick(pub u64);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct WheelKey(pub u32);
 
+/// An entry [`Wheel::advance`] found due, with the deadline it had.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Expired {
+    /// The entry's key.
+    pub key: WheelKey,
+    /// Its deadline, at or before the tick advanced to.
+    pub deadline: Tick,
+}
+
 /// Largest deadline the wheel stores; later ones are kept as this (at a
 /// 10 ms tick that is some 89,000 years away, so "never").
 pub const MAX_DEADLINE: Tick = Tick((1 << 48) - 1);
@@ -218,7 +227,7 @@ impl Wheel {
     /// deadline is at or before `to` to `expired` (removing them) and
     /// re-files the entries whose deadline has moved. A `to` at or before
     /// [`Wheel::now`] does nothing.
-    pub fn advance(&mut self, to: Tick, expired: &mut Vec<WheelKey>) {
+    pub fn advance(&mut self, to: Tick, expired: &mut Vec<Expired>) {
         let to = to.0;
         if to <= self.now {
             return;
@@ -247,7 +256,10 @@ impl Wheel {
                 if deadline <= to {
                     self.links[i as usize].slot = ABSENT;
                     self.len -= 1;
-                    expired.push(WheelKey(i));
+                    expired.push(Expired {
+                        key: WheelKey(i),
+                        deadline: Tick(deadline),
+                    });
                 } else {
                     self.file(i, deadline.min(horizon));
                 }
@@ -373,7 +385,10 @@ mod tests {
     fn advance(w: &mut Wheel, to: u64) -> Vec<u32> {
         let mut out = Vec::new();
         w.advance(Tick(to), &mut out);
-        let mut keys: Vec<u32> = out.into_iter().map(|k| k.0).collect();
+        for e in &out {
+            assert!(e.deadline.0 <= to, "{e:?} expired at {to}");
+        }
+        let mut keys: Vec<u32> = out.into_iter().map(|e| e.key.0).collect();
         keys.sort_unstable();
         keys
     }

@@ -48,7 +48,7 @@ use std::net::SocketAddr;
 
 use slab::Slab;
 
-use crate::wheel::{Tick, Wheel, WheelKey};
+use crate::wheel::{Expired, Tick, Wheel, WheelKey};
 use crate::wire::{
     self, CancelOutcome, CancelReason, Datagram, Flags, Header, MacKey, Message, RejectCode,
     ReplayError, ReplayWindow, TaskReport,
@@ -184,6 +184,10 @@ pub struct Config {
     pub key: Option<MacKey>,
     /// The jobs SUBMIT can name.
     pub jobs: JobTable,
+    /// Queue an [`Event`] for every session and task lifecycle step, for
+    /// [`Engine::poll_event`]. Off by default: a caller that sets it must
+    /// drain the events.
+    pub record_events: bool,
 }
 
 impl Default for Config {
@@ -203,6 +207,7 @@ impl Default for Config {
             max_outbox_bytes: 16 << 20,
             key: None,
             jobs: JobTable::default(),
+            record_events: false,
         }
     }
 }
@@ -247,6 +252,159 @@ pub enum JobOutcome {
     Done(Vec<u8>),
     /// It returned an error, or panicked (the text says which).
     Failed(String),
+}
+
+/// What made a task's cancellation happen: its reason plus what a person
+/// needs to trace it ("why was my task cancelled?").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// The session `incarnation` of the task's client stopped heartbeating
+    /// and expired at `at`.
+    Expired {
+        /// The expired session's incarnation.
+        incarnation: u64,
+        /// When the expiry was decided.
+        at: Timestamp,
+    },
+    /// The session said BYE.
+    Left {
+        /// The session's incarnation.
+        incarnation: u64,
+    },
+    /// A HELLO with incarnation `by` replaced session `incarnation`.
+    Replaced {
+        /// The replaced session's incarnation.
+        incarnation: u64,
+        /// The new session's incarnation.
+        by: u64,
+    },
+    /// A CANCEL from `from`, sent in session `incarnation`.
+    Cancelled {
+        /// Where the CANCEL came from.
+        from: SocketAddr,
+        /// The session it came in.
+        incarnation: u64,
+    },
+    /// The task ran past its `deadline_ms`.
+    Deadline {
+        /// The deadline it had.
+        deadline_ms: u32,
+    },
+    /// The server shut down.
+    Shutdown,
+}
+
+impl Cause {
+    /// The reason recorded in the final state.
+    pub fn reason(&self) -> CancelReason {
+        match self {
+            Cause::Expired { .. } => CancelReason::Expired,
+            Cause::Left { .. } => CancelReason::Left,
+            Cause::Replaced { .. } => CancelReason::Replaced,
+            Cause::Cancelled { .. } => CancelReason::Cancelled,
+            Cause::Deadline { .. } => CancelReason::Deadline,
+            Cause::Shutdown => CancelReason::Shutdown,
+        }
+    }
+}
+
+impl fmt::Display for Cause {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Cause::Expired { incarnation, at } => write!(
+                f,
+                "expiry of session incarnation {incarnation} at {:.3}s (no datagram for its TTL)",
+                at.0 as f64 / 1e6
+            ),
+            Cause::Left { incarnation } => write!(f, "BYE from session incarnation {incarnation}"),
+            Cause::Replaced { incarnation, by } => {
+                write!(f, "session incarnation {incarnation} replaced by incarnation {by}")
+            }
+            Cause::Cancelled { from, incarnation } => {
+                write!(f, "CANCEL from {from} (session incarnation {incarnation})")
+            }
+            Cause::Deadline { deadline_ms } => write!(f, "deadline of {deadline_ms} ms after start"),
+            Cause::Shutdown => f.write_str("server shutdown"),
+        }
+    }
+}
+
+/// How a task ended, as its final state records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// Done, with a result.
+    Done,
+    /// Failed, with an error text.
+    Failed,
+    /// Cancelled for this reason.
+    Cancelled(CancelReason),
+}
+
+/// A session or task lifecycle step, queued when
+/// [`Config::record_events`] is set (for logs, metrics and event streams).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// A HELLO opened a session.
+    SessionOpened {
+        /// The client.
+        client_id: u64,
+        /// The session's incarnation.
+        incarnation: u64,
+        /// The TTL granted.
+        ttl_ms: u32,
+        /// Where the HELLO came from.
+        peer: SocketAddr,
+        /// When.
+        at: Timestamp,
+    },
+    /// A session ended.
+    SessionEnded {
+        /// The client.
+        client_id: u64,
+        /// The session's incarnation.
+        incarnation: u64,
+        /// Expired, left or replaced.
+        reason: CancelReason,
+        /// For an expiry: how long after the session's deadline tick the
+        /// expiry was decided, in microseconds.
+        lateness_us: Option<u64>,
+        /// For a replacement: the new incarnation.
+        replaced_by: Option<u64>,
+        /// When.
+        at: Timestamp,
+    },
+    /// A SUBMIT was accepted.
+    TaskAccepted {
+        /// The task.
+        task: TaskId,
+        /// Its client.
+        client_id: u64,
+        /// Its session's incarnation.
+        incarnation: u64,
+        /// Its job.
+        job: JobId,
+        /// When.
+        at: Timestamp,
+    },
+    /// A task reached its final state.
+    TaskEnded {
+        /// The task.
+        task: TaskId,
+        /// Its client.
+        client_id: u64,
+        /// Its session's incarnation.
+        incarnation: u64,
+        /// Its job.
+        job: JobId,
+        /// Done, failed or cancelled.
+        ending: Ending,
+        /// For a cancellation, what caused it.
+        cause: Option<Cause>,
+        /// How long it ran on a worker, if it started, in microseconds.
+        run_us: Option<u64>,
+        /// When.
+        at: Timestamp,
+    },
 }
 
 /// Why [`Engine::handle_datagram`] dropped a datagram without any reply.
@@ -329,6 +487,16 @@ pub struct Stats {
     pub tasks_cancelled: u64,
     /// Final states dropped before their retention ran out, for room.
     pub finished_evicted_early: u64,
+    /// Tasks waiting out their delay now.
+    pub tasks_scheduled_now: u64,
+    /// Tasks waiting for a worker now.
+    pub tasks_queued_now: u64,
+    /// Tasks on a worker now.
+    pub tasks_running_now: u64,
+    /// Tasks ended cancelled, by reason (index = reason byte).
+    pub tasks_cancelled_by_reason: [u64; 7],
+    /// Live sessions when shutdown began.
+    pub sessions_at_shutdown: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -403,7 +571,8 @@ struct Task {
     state: TaskState,
     /// Set when a running task has been told to stop; wins over whatever
     /// the job returns afterwards.
-    cancelling: Option<CancelReason>,
+    cancelling: Option<Cause>,
+    started_at: Option<Timestamp>,
     deadline_ms: u32,
     /// The payload until the task is queued, then the result or error text.
     data: Vec<u8>,
@@ -446,7 +615,8 @@ pub struct Engine {
     shutting_down: bool,
     outbox: Outbox,
     effects: VecDeque<Effect>,
-    expired_scratch: Vec<WheelKey>,
+    expired_scratch: Vec<Expired>,
+    events: VecDeque<Event>,
     task_scratch: Vec<TaskId>,
     stats: Stats,
 }
@@ -484,6 +654,7 @@ impl Engine {
             outbox,
             effects: VecDeque::new(),
             expired_scratch: Vec::new(),
+            events: VecDeque::new(),
             task_scratch: Vec::new(),
             stats: Stats::default(),
             now,
@@ -577,14 +748,19 @@ impl Engine {
                 payload,
             } => self.on_submit(index, request_id, delay_ms, deadline_ms, job, payload),
             Message::Cancel { task_id } => {
-                let outcome = self.cancel_by_client(h.client_id, TaskId(task_id));
+                let cause = Cause::Cancelled {
+                    from: SocketAddr::from(from),
+                    incarnation: h.incarnation,
+                };
+                let outcome = self.cancel_by_client(h.client_id, TaskId(task_id), cause);
                 self.reply(index, Message::CancelResult { task_id, outcome });
             }
             Message::Status { task_id } => self.on_status(index, h.client_id, task_id),
             Message::Bye => {
                 self.reply(index, Message::ByeAck);
                 self.stats.sessions_left += 1;
-                self.end_session(index, CancelReason::Left);
+                let incarnation = h.incarnation;
+                self.end_session(index, Cause::Left { incarnation }, None);
             }
             Message::Hello { .. } => unreachable!("HELLO handled above"),
             _ => unreachable!("server kinds refused above"),
@@ -640,16 +816,24 @@ impl Engine {
         let tick = Tick(now.0 / self.config.tick_us);
         let mut expired = std::mem::take(&mut self.expired_scratch);
         self.session_wheel.advance(tick, &mut expired);
-        for key in expired.drain(..) {
+        for e in expired.drain(..) {
             self.stats.sessions_expired += 1;
-            self.end_session(key.0, CancelReason::Expired);
+            let index = e.key.0;
+            let incarnation = self.sessions[index as usize].incarnation;
+            let lateness_us = now.0.saturating_sub(e.deadline.0 * self.config.tick_us);
+            let cause = Cause::Expired {
+                incarnation,
+                at: now,
+            };
+            self.end_session(index, cause, Some(lateness_us));
         }
         self.task_wheel.advance(tick, &mut expired);
-        for key in expired.drain(..) {
-            let task = &mut self.tasks[key.0 as usize];
+        for e in expired.drain(..) {
+            let task = &mut self.tasks[e.key.0 as usize];
             match task.state {
                 TaskState::Scheduled => {
                     task.state = TaskState::Queued;
+                    move_task_gauge(&mut self.stats, Some(TaskState::Scheduled), TaskState::Queued);
                     let run = Effect::Run {
                         task: task.id,
                         job: task.job,
@@ -658,8 +842,8 @@ impl Engine {
                     self.effects.push_back(run);
                 }
                 TaskState::Running => {
-                    let id = task.id;
-                    self.cancel_task(id, CancelReason::Deadline);
+                    let (id, deadline_ms) = (task.id, task.deadline_ms);
+                    self.cancel_task(id, Cause::Deadline { deadline_ms });
                 }
                 other => debug_assert!(false, "timer fired for task in state {other:?}"),
             }
@@ -681,8 +865,10 @@ impl Engine {
                     return;
                 }
                 t.state = TaskState::Running;
+                t.started_at = Some(now);
                 let deadline_ms = t.deadline_ms;
                 self.waiting_tasks -= 1;
+                move_task_gauge(&mut self.stats, Some(TaskState::Queued), TaskState::Running);
                 if deadline_ms > 0 {
                     let due = self.tick_at_or_after(self.now.plus_millis(u64::from(deadline_ms)));
                     let inserted = self.task_wheel.insert(WheelKey(task.index() as u32), due);
@@ -694,7 +880,7 @@ impl Engine {
                     return;
                 }
                 let state = match (t.cancelling, outcome) {
-                    (Some(reason), _) => TaskState::Cancelled(reason),
+                    (Some(cause), _) => TaskState::Cancelled(cause.reason()),
                     (None, JobOutcome::Done(result)) if result.len() <= wire::MAX_RESULT_LEN => {
                         t.data = result;
                         TaskState::Done
@@ -727,6 +913,7 @@ impl Engine {
     pub fn begin_shutdown(&mut self, now: Timestamp) {
         self.advance_clock(now);
         self.shutting_down = true;
+        self.stats.sessions_at_shutdown = self.live_by_client.len() as u64;
         let mut ids = std::mem::take(&mut self.task_scratch);
         ids.extend(
             self.tasks
@@ -735,7 +922,7 @@ impl Engine {
                 .map(|(_, t)| t.id),
         );
         for id in ids.drain(..) {
-            self.cancel_task(id, CancelReason::Shutdown);
+            self.cancel_task(id, Cause::Shutdown);
         }
         self.task_scratch = ids;
     }
@@ -761,6 +948,18 @@ impl Engine {
     /// the socket would block; it is sent first next time.
     pub fn unpoll_transmit(&mut self, to: SocketAddr, datagram: &[u8]) {
         self.outbox.push_front(PeerAddr::from(to), datagram);
+    }
+
+    /// The next lifecycle event, when [`Config::record_events`] is set.
+    /// Drain them after each call that handles input.
+    pub fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    fn record(&mut self, event: Event) {
+        if self.config.record_events {
+            self.events.push_back(event);
+        }
     }
 
     /// The next task command for the worker pool.
@@ -848,7 +1047,11 @@ impl Engine {
                 return Ok(());
             }
             self.stats.sessions_replaced += 1;
-            self.end_session(index, CancelReason::Replaced);
+            let cause = Cause::Replaced {
+                incarnation: self.sessions[index as usize].incarnation,
+                by: h.incarnation,
+            };
+            self.end_session(index, cause, None);
         } else if let Some(&(largest, _)) = self.retired.get(&h.client_id) {
             if h.incarnation <= largest {
                 return Err(self.count_drop(Dropped::StaleHello));
@@ -888,6 +1091,13 @@ impl Engine {
         debug_assert!(inserted.is_ok(), "new session {index}: {inserted:?}");
         self.stats.accepted += 1;
         self.stats.sessions_opened += 1;
+        self.record(Event::SessionOpened {
+            client_id: h.client_id,
+            incarnation: h.incarnation,
+            ttl_ms,
+            peer: SocketAddr::from(from),
+            at: self.now,
+        });
         self.welcome(index);
         Ok(())
     }
@@ -984,6 +1194,7 @@ impl Engine {
             job,
             state,
             cancelling: None,
+            started_at: None,
             deadline_ms,
             data: if delay_ms > 0 {
                 payload.to_vec()
@@ -997,6 +1208,15 @@ impl Engine {
             .get_or_insert_with(Box::default)
             .unfinished
             .push(id);
+        let (client_id, incarnation) = (session.client_id, session.incarnation);
+        move_task_gauge(&mut self.stats, None, state);
+        self.record(Event::TaskAccepted {
+            task: id,
+            client_id,
+            incarnation,
+            job,
+            at: self.now,
+        });
         self.waiting_tasks += 1;
         self.unfinished_tasks += 1;
         self.stats.tasks_accepted += 1;
@@ -1055,12 +1275,12 @@ impl Engine {
         );
     }
 
-    fn cancel_by_client(&mut self, client_id: u64, id: TaskId) -> CancelOutcome {
+    fn cancel_by_client(&mut self, client_id: u64, id: TaskId, cause: Cause) -> CancelOutcome {
         match find_task(&self.tasks, client_id, id).map(|t| t.state) {
             None => CancelOutcome::UnknownTask,
             Some(state) if state.is_final() => CancelOutcome::AlreadyFinished,
             Some(_) => {
-                self.cancel_task(id, CancelReason::Cancelled);
+                self.cancel_task(id, cause);
                 CancelOutcome::CancelledNow
             }
         }
@@ -1069,23 +1289,26 @@ impl Engine {
     /// Cancels an unfinished task: a scheduled or queued one reaches its
     /// final state now; a running one has its flag flipped and reaches it
     /// when the worker reports that it stopped.
-    fn cancel_task(&mut self, id: TaskId, reason: CancelReason) {
+    fn cancel_task(&mut self, id: TaskId, cause: Cause) {
         let Some(task) = self.task_mut(id) else {
             return;
         };
+        let reason = cause.reason();
         match task.state {
             TaskState::Scheduled => {
+                task.cancelling = Some(cause);
                 self.task_wheel.remove(WheelKey(id.index() as u32));
                 self.finish(id, TaskState::Cancelled(reason));
             }
             TaskState::Queued => {
+                task.cancelling = Some(cause);
                 self.effects.push_back(Effect::Cancel { task: id, reason });
                 self.finish(id, TaskState::Cancelled(reason));
             }
             // A second cancel of a running task changes nothing: the first
-            // reason is the one its final state records.
+            // cause is the one its final state records.
             TaskState::Running if task.cancelling.is_none() => {
-                task.cancelling = Some(reason);
+                task.cancelling = Some(cause);
                 self.task_wheel.remove(WheelKey(id.index() as u32));
                 self.effects.push_back(Effect::Cancel { task: id, reason });
             }
@@ -1099,6 +1322,7 @@ impl Engine {
         let now = self.now;
         let task = &mut self.tasks[id.index()];
         debug_assert!(!task.state.is_final(), "finishing {id} twice: {task:?}");
+        move_task_gauge(&mut self.stats, Some(task.state), state);
         if matches!(task.state, TaskState::Scheduled | TaskState::Queued) {
             self.waiting_tasks -= 1;
             if task.state == TaskState::Scheduled {
@@ -1108,17 +1332,41 @@ impl Engine {
         task.state = state;
         task.ended_at = now;
         let session_index = task.session;
-        match state {
-            TaskState::Done => self.stats.tasks_done += 1,
-            TaskState::Failed => self.stats.tasks_failed += 1,
-            _ => self.stats.tasks_cancelled += 1,
-        }
+        let ending = match state {
+            TaskState::Done => {
+                self.stats.tasks_done += 1;
+                Ending::Done
+            }
+            TaskState::Failed => {
+                self.stats.tasks_failed += 1;
+                Ending::Failed
+            }
+            TaskState::Cancelled(reason) => {
+                self.stats.tasks_cancelled += 1;
+                self.stats.tasks_cancelled_by_reason[reason as usize] += 1;
+                Ending::Cancelled(reason)
+            }
+            other => unreachable!("not final: {other:?}"),
+        };
+        let (client_id, job, cause) = (task.client_id, task.job, task.cancelling);
+        let run_us = task.started_at.map(|s| now.0.saturating_sub(s.0));
         self.unfinished_tasks -= 1;
         let session = &mut self.sessions[session_index as usize];
         if let Some(work) = session.work.as_mut() {
             work.unfinished.retain(|t| *t != id);
         }
         let (peer, header) = (session.peer, session.next_header());
+        let incarnation = session.incarnation;
+        self.record(Event::TaskEnded {
+            task: id,
+            client_id,
+            incarnation,
+            job,
+            ending,
+            cause,
+            run_us,
+            at: now,
+        });
         let message = Message::TaskState {
             task_id: id.0,
             report: self.tasks[id.index()].report(),
@@ -1138,7 +1386,7 @@ impl Engine {
 
     /// Ends a live session: it can no longer be found, its wheel entry goes,
     /// its incarnation is remembered, and its unfinished tasks are cancelled.
-    fn end_session(&mut self, index: u32, reason: CancelReason) {
+    fn end_session(&mut self, index: u32, cause: Cause, lateness_us: Option<u64>) {
         let session = &mut self.sessions[index as usize];
         debug_assert!(session.live, "ending session {index} twice");
         session.live = false;
@@ -1152,8 +1400,19 @@ impl Engine {
             .remove(client_id, |i| sessions[i as usize].client_id);
         self.session_wheel.remove(WheelKey(index));
         self.retire(client_id, incarnation);
+        self.record(Event::SessionEnded {
+            client_id,
+            incarnation,
+            reason: cause.reason(),
+            lateness_us,
+            replaced_by: match cause {
+                Cause::Replaced { by, .. } => Some(by),
+                _ => None,
+            },
+            at: self.now,
+        });
         for id in ids.drain(..) {
-            self.cancel_task(id, reason);
+            self.cancel_task(id, cause);
         }
         self.task_scratch = ids;
         self.release_if_done(index);
@@ -1281,6 +1540,24 @@ impl fmt::Debug for Engine {
             .field("session_wheel", &self.session_wheel)
             .field("task_wheel", &self.task_wheel)
             .finish()
+    }
+}
+
+/// Keeps the tasks-by-state gauges in step with a task's move.
+fn move_task_gauge(stats: &mut Stats, from: Option<TaskState>, to: TaskState) {
+    fn gauge(stats: &mut Stats, state: TaskState) -> Option<&mut u64> {
+        match state {
+            TaskState::Scheduled => Some(&mut stats.tasks_scheduled_now),
+            TaskState::Queued => Some(&mut stats.tasks_queued_now),
+            TaskState::Running => Some(&mut stats.tasks_running_now),
+            _ => None,
+        }
+    }
+    if let Some(g) = from.and_then(|f| gauge(stats, f)) {
+        *g -= 1;
+    }
+    if let Some(g) = gauge(stats, to) {
+        *g += 1;
     }
 }
 

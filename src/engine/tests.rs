@@ -1133,3 +1133,135 @@ fn a_batch_is_handled_exactly_as_one_datagram_at_a_time() {
     assert_eq!(one.engine.stats(), many.engine.stats());
     assert!(one.engine.stats().dropped_replay > 0);
 }
+
+#[test]
+fn events_trace_every_cancellation_to_its_cause() {
+    let mut cfg = config();
+    cfg.record_events = true;
+    let mut sim = Sim::new(cfg);
+    let started = |sim: &mut Sim, c: &mut Client, request_id: u32| {
+        let t = accepted_task(&sim.submit(c, request_id, "sleep", &[0; 4]));
+        sim.effects();
+        sim.event(t, TaskEvent::Started);
+        t
+    };
+    let mut a = Client::new(1);
+    sim.hello(&mut a, 500);
+    let expired = started(&mut sim, &mut a, 1);
+    let mut b = Client::new(2);
+    sim.hello(&mut b, 60_000);
+    let cancelled = started(&mut sim, &mut b, 1);
+    let deadline = accepted_task(&sim.submit_timed(&mut b, 2, 0, 200, "sleep", &[0; 4]));
+    sim.effects();
+    sim.event(deadline, TaskEvent::Started);
+    let replaced = started(&mut sim, &mut b, 3);
+    let events: Vec<Event> = std::iter::from_fn(|| sim.engine.poll_event()).collect();
+    assert!(matches!(
+        events[0],
+        Event::SessionOpened {
+            client_id: 1,
+            ttl_ms: 500,
+            ..
+        }
+    ));
+    assert!(events
+        .iter()
+        .any(|e| matches!(e, Event::TaskAccepted { task, .. } if *task == cancelled)));
+    assert_eq!(sim.engine.stats().tasks_running_now, 4);
+
+    sim.run_ms(250);
+    sim.ask(&mut b, Message::Cancel { task_id: cancelled.0 });
+    let mut b2 = b.next_incarnation();
+    sim.hello(&mut b2, 60_000);
+    sim.run_ms(300);
+    sim.effects();
+    for t in [expired, cancelled, deadline, replaced] {
+        sim.event(t, TaskEvent::Finished(JobOutcome::Done(vec![])));
+    }
+    let events: Vec<Event> = std::iter::from_fn(|| sim.engine.poll_event()).collect();
+    let cause_of = |task: TaskId| {
+        events.iter().find_map(|e| match e {
+            Event::TaskEnded {
+                task: t,
+                cause,
+                ending,
+                run_us,
+                ..
+            } if *t == task => Some((*cause, *ending, *run_us)),
+            _ => None,
+        })
+    };
+    let (cause, ending, run_us) = cause_of(expired).unwrap();
+    assert_eq!(ending, Ending::Cancelled(CancelReason::Expired));
+    assert!(matches!(cause, Some(Cause::Expired { incarnation: 1000, at }) if at.0 >= 500_000));
+    assert_eq!(run_us, Some(550_000), "started at 0, ended when reported at 550 ms");
+    assert!(matches!(
+        cause_of(cancelled).unwrap().0,
+        Some(Cause::Cancelled { from, incarnation: 1000 }) if from == b.addr
+    ));
+    assert_eq!(
+        cause_of(deadline).unwrap().0,
+        Some(Cause::Deadline { deadline_ms: 200 })
+    );
+    assert_eq!(
+        cause_of(replaced).unwrap().0,
+        Some(Cause::Replaced {
+            incarnation: 1000,
+            by: 1001
+        })
+    );
+    let ended: Vec<(u64, CancelReason, Option<u64>)> = events
+        .iter()
+        .filter_map(|e| match e {
+            Event::SessionEnded {
+                client_id,
+                reason,
+                lateness_us,
+                ..
+            } => Some((*client_id, *reason, *lateness_us)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ended.len(), 2);
+    assert_eq!(ended[0], (2, CancelReason::Replaced, None), "b replaced at 250 ms");
+    assert!(
+        matches!(ended[1], (1, CancelReason::Expired, Some(l)) if l < 10_000),
+        "a expired within a tick of its deadline: {:?}",
+        ended[1]
+    );
+    let text = Cause::Cancelled {
+        from: b.addr,
+        incarnation: 7,
+    }
+    .to_string();
+    assert!(text.contains(&b.addr.to_string()), "{text}");
+    let stats = sim.engine.stats();
+    assert_eq!(stats.tasks_running_now, 0);
+    assert_eq!(stats.tasks_cancelled_by_reason[CancelReason::Deadline as usize], 1);
+    assert_eq!(stats.tasks_cancelled_by_reason[CancelReason::Cancelled as usize], 1);
+}
+
+#[test]
+fn task_state_gauges_follow_every_move() {
+    let mut sim = Sim::new(config());
+    let mut c = Client::new(1);
+    sim.hello(&mut c, 60_000);
+    let delayed = accepted_task(&sim.submit_timed(&mut c, 1, 100, 0, "echo", b""));
+    let queued = accepted_task(&sim.submit(&mut c, 2, "echo", b""));
+    let gauges = |sim: &Sim| {
+        let s = sim.engine.stats();
+        (s.tasks_scheduled_now, s.tasks_queued_now, s.tasks_running_now)
+    };
+    assert_eq!(gauges(&sim), (1, 1, 0));
+    sim.run_ms(110);
+    assert_eq!(gauges(&sim), (0, 2, 0));
+    sim.event(queued, TaskEvent::Started);
+    assert_eq!(gauges(&sim), (0, 1, 1));
+    sim.event(queued, TaskEvent::Finished(JobOutcome::Done(vec![])));
+    assert_eq!(gauges(&sim), (0, 1, 0));
+    sim.event(delayed, TaskEvent::Started);
+    sim.send(&mut c, Message::Cancel { task_id: delayed.0 }).unwrap();
+    assert_eq!(gauges(&sim), (0, 0, 1), "running until the worker reports");
+    sim.event(delayed, TaskEvent::Finished(JobOutcome::Done(vec![])));
+    assert_eq!(gauges(&sim), (0, 0, 0));
+}
