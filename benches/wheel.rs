@@ -186,7 +186,12 @@ fn expire_all(c: &mut Criterion) {
         g.throughput(Throughput::Elements(u64::from(n)));
         g.bench_with_input(BenchmarkId::new("tether_wheel", n), &n, |b, &n| {
             b.iter_batched(
-                || (tether_wheel(n, |_| 300), Vec::<Expired>::with_capacity(n as usize)),
+                || {
+                    (
+                        tether_wheel(n, |_| 300),
+                        Vec::<Expired>::with_capacity(n as usize),
+                    )
+                },
                 |(mut wheel, mut out)| {
                     wheel.advance(Tick(300), &mut out);
                     assert_eq!(out.len(), n as usize);

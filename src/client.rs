@@ -52,6 +52,23 @@ pub struct ClientConfig {
     pub tries: u32,
     /// Shared secret, if the server has one.
     pub key: Option<MacKey>,
+    /// Continue an earlier session instead of opening a new one (see
+    /// [`Client::resume_point`]); if the server no longer has it, a new
+    /// session is opened.
+    pub resume: Option<Resume>,
+}
+
+/// Where a session left off: enough for another process to continue it
+/// without replacing it (and so without cancelling its tasks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resume {
+    /// The session's incarnation.
+    pub incarnation: u64,
+    /// The next `seq` to send; it must be above every seq sent so far.
+    pub next_seq: u32,
+    /// The next SUBMIT `request_id`: the session remembers the ids it has
+    /// answered, so a reused one would get the old task back.
+    pub next_request_id: u32,
 }
 
 impl ClientConfig {
@@ -67,6 +84,7 @@ impl ClientConfig {
             retry_after: Duration::from_millis(250),
             tries: 8,
             key: None,
+            resume: None,
         }
     }
 }
@@ -306,7 +324,27 @@ impl Client {
             inner: Arc::clone(&inner),
             threads: vec![receiver],
         };
-        client.inner.hello()?;
+        match client.inner.config.resume {
+            Some(resume) => {
+                {
+                    let mut state = client.inner.state.lock();
+                    state.incarnation = resume.incarnation;
+                    state.tx_seq = resume.next_seq.wrapping_sub(1);
+                    state.next_request_id = resume.next_request_id.max(1);
+                }
+                // A HELLO of the same incarnation only repeats WELCOME; one
+                // for a session the server no longer has is stale and gets
+                // no answer, so after two tries open a new session.
+                match client.inner.hello_tries(2) {
+                    Err(ClientError::Timeout) => {
+                        client.inner.reset_session();
+                        client.inner.hello()?;
+                    }
+                    other => other?,
+                }
+            }
+            None => client.inner.hello()?,
+        }
         let heartbeat = std::thread::Builder::new()
             .name("tether-client-hb".into())
             .spawn(move || inner.heartbeat_loop())?;
@@ -320,6 +358,17 @@ impl Client {
             self.inner.config.client_id,
             self.inner.state.lock().incarnation,
         )
+    }
+
+    /// Where this session is now, for [`ClientConfig::resume`] in another
+    /// process (the command-line client keeps it between invocations).
+    pub fn resume_point(&self) -> Resume {
+        let state = self.inner.state.lock();
+        Resume {
+            incarnation: state.incarnation,
+            next_seq: state.tx_seq.wrapping_add(1).max(1),
+            next_request_id: state.next_request_id,
+        }
     }
 
     /// The TTL the server granted.
@@ -440,9 +489,7 @@ impl Client {
                     }
                 }
             }
-            if Instant::now() >= deadline {
-                return Err(ClientError::Timeout);
-            }
+            // No push yet (it may have been lost): ask.
             match self.status(task) {
                 Ok(status) if status.is_final() || status == TaskStatus::Unknown => {
                     claim_event(&mut self.inner.state.lock().events, task);
@@ -450,6 +497,9 @@ impl Client {
                 }
                 Ok(_) | Err(ClientError::Timeout) | Err(ClientError::SessionLost) => {}
                 Err(e) => return Err(e),
+            }
+            if Instant::now() >= deadline {
+                return Err(ClientError::Timeout);
             }
         }
     }
@@ -543,8 +593,17 @@ impl Inner {
         message: &Message<'_>,
         wanted: impl Fn(&Reply) -> bool,
     ) -> Result<Reply, ClientError> {
+        self.request_tries(message, wanted, self.config.tries)
+    }
+
+    fn request_tries(
+        &self,
+        message: &Message<'_>,
+        wanted: impl Fn(&Reply) -> bool,
+        tries: u32,
+    ) -> Result<Reply, ClientError> {
         let mut sent_seqs = Vec::new();
-        for _ in 0..self.config.tries.max(1) {
+        for _ in 0..tries.max(1) {
             if self.stop.load(Ordering::Acquire) {
                 return Err(ClientError::Closed);
             }
@@ -572,16 +631,21 @@ impl Inner {
     }
 
     fn hello(&self) -> Result<(), ClientError> {
+        self.hello_tries(self.config.tries)
+    }
+
+    fn hello_tries(&self, tries: u32) -> Result<(), ClientError> {
         let message = Message::Hello {
             ttl_ms: duration_ms(self.config.ttl),
             name: crate::wire::truncate_text(&self.config.name, crate::wire::MAX_TEXT_LEN),
         };
-        let reply = self.request(&message, |r| {
+        let answers_hello = |r: &Reply| {
             matches!(
                 r,
                 Reply::Welcome { .. } | Reply::Rejected { request_id: 0, .. }
             )
-        })?;
+        };
+        let reply = self.request_tries(&message, answers_hello, tries)?;
         let mut state = self.state.lock();
         match reply {
             Reply::Welcome { ttl_ms, tick_ms } => {
@@ -595,15 +659,19 @@ impl Inner {
         }
     }
 
+    /// Forgets the current session: the next HELLO opens a new one.
+    fn reset_session(&self) {
+        let mut state = self.state.lock();
+        state.incarnation = new_incarnation(state.incarnation);
+        state.tx_seq = 0;
+        state.server_window = None;
+        state.next_request_id = 1;
+        state.session = SessionState::Opening;
+    }
+
     /// Starts a new session after the server lost the old one.
     fn reopen(&self) {
-        {
-            let mut state = self.state.lock();
-            state.incarnation = new_incarnation(state.incarnation);
-            state.tx_seq = 0;
-            state.server_window = None;
-            state.session = SessionState::Opening;
-        }
+        self.reset_session();
         if self.hello().is_err() {
             self.state.lock().session = SessionState::Lost;
         }

@@ -27,12 +27,16 @@ pub mod batch;
 pub mod client;
 pub mod engine;
 pub mod keyfile;
+pub mod metrics;
+pub mod observe;
 pub mod pool;
 pub mod server;
 pub mod wheel;
 pub mod wire;
 
-pub use client::{Client, ClientConfig, ClientError, ClientEvent, SubmitOptions, TaskStatus};
+pub use client::{
+    Client, ClientConfig, ClientError, ClientEvent, Resume, SubmitOptions, TaskStatus,
+};
 pub use engine::{Engine, PayloadRule, TaskId, Timestamp};
 pub use pool::{Cancelled, JobError, JobResult, Registry, TaskContext};
 pub use server::{Server, ServerConfig, ServerError, ServerHandle};

@@ -38,7 +38,9 @@ use signal_hook_mio::v1_0::Signals;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::batch::RecvBatch;
-use crate::engine::{self, Effect, Engine, TaskEvent, TaskId, Timestamp};
+use crate::engine::{self, Effect, Engine, Event, JobTable, TaskEvent, TaskId, Timestamp};
+use crate::metrics::{EdgeStats, Metrics};
+use crate::observe::{log_event, EventStream, EventsTarget, WallClock};
 use crate::pool::{CancelFlag, Pool, Registry, Report, WorkItem};
 use crate::wire::MAX_DATAGRAM;
 
@@ -72,6 +74,14 @@ pub struct ServerConfig {
     pub insecure_bind: bool,
     /// Stop gracefully on SIGINT/SIGTERM (a second one stops at once).
     pub handle_signals: bool,
+    /// Serve Prometheus metrics at `http://ADDR/metrics`.
+    pub metrics: Option<SocketAddr>,
+    /// Write one JSON line per session and task lifecycle event.
+    pub events: Option<EventsTarget>,
+    /// Warn about a loop iteration that takes longer than this.
+    pub slow_loop: Duration,
+    /// Warn about a task still running this long after its flag was set.
+    pub slow_cancel: Duration,
 }
 
 impl Default for ServerConfig {
@@ -83,6 +93,10 @@ impl Default for ServerConfig {
             grace: Duration::from_secs(5),
             insecure_bind: false,
             handle_signals: true,
+            metrics: None,
+            events: None,
+            slow_loop: Duration::from_millis(100),
+            slow_cancel: Duration::from_secs(1),
         }
     }
 }
@@ -157,6 +171,25 @@ impl ServerHandle {
     }
 }
 
+/// A task handed to the pool, until its worker reports it finished.
+struct InFlight {
+    flag: Arc<CancelFlag>,
+    client_id: u64,
+    job: engine::JobId,
+    /// When its flag was set, and whether it has been reported as slow.
+    cancelled_at: Option<(Instant, bool)>,
+}
+
+/// What one loop iteration did, for the slow-loop warning.
+#[derive(Debug, Default)]
+struct Iteration {
+    datagrams: u64,
+    expired: u64,
+    reports: u64,
+    effects: u64,
+    replies: u64,
+}
+
 /// A bound server, ready to [`run`](Server::run).
 pub struct Server {
     poll: Poll,
@@ -170,11 +203,19 @@ pub struct Server {
     engine: Engine,
     pool: Pool,
     reports: Receiver<Report>,
-    inflight: HashMap<TaskId, Arc<CancelFlag>>,
+    inflight: HashMap<TaskId, InFlight>,
     grace: Duration,
     start: Instant,
-    recv_errors: u64,
-    send_errors: u64,
+    wall: WallClock,
+    edge: EdgeStats,
+    metrics: Arc<Metrics>,
+    metrics_addr: Option<SocketAddr>,
+    events: Option<EventStream>,
+    jobs: JobTable,
+    slow_loop: Duration,
+    slow_cancel: Duration,
+    next_slow_cancel_check: Option<Instant>,
+    iteration: Iteration,
 }
 
 impl Server {
@@ -209,6 +250,25 @@ impl Server {
             None
         };
         config.engine.jobs = registry.table();
+        config.engine.record_events = true;
+        let jobs = registry.table();
+        let metrics = Arc::new(Metrics::default());
+        metrics.set_socket(local_addr);
+        let metrics_addr = match config.metrics {
+            Some(addr) => {
+                let (bound, _thread) = crate::metrics::serve(addr, Arc::clone(&metrics))
+                    .map_err(|e| ServerError::Io("starting the metrics server", e))?;
+                Some(bound)
+            }
+            None => None,
+        };
+        let events = match &config.events {
+            Some(target) => Some(
+                EventStream::start(target, jobs.clone())
+                    .map_err(|e| ServerError::Io("opening the event stream", e))?,
+            ),
+            None => None,
+        };
         let (report_tx, reports) = crossbeam_channel::unbounded();
         let notify = {
             let waker = Arc::clone(&waker);
@@ -219,6 +279,7 @@ impl Server {
         let pool = Pool::start(config.workers, Arc::new(registry), report_tx, notify)
             .map_err(|e| ServerError::Io("starting worker threads", e))?;
         let start = Instant::now();
+        let wall = WallClock::new(std::time::SystemTime::now());
         Ok(Server {
             poll,
             socket,
@@ -234,14 +295,32 @@ impl Server {
             inflight: HashMap::new(),
             grace: config.grace,
             start,
-            recv_errors: 0,
-            send_errors: 0,
+            wall,
+            edge: EdgeStats::default(),
+            metrics,
+            metrics_addr,
+            events,
+            jobs,
+            slow_loop: config.slow_loop,
+            slow_cancel: config.slow_cancel,
+            next_slow_cancel_check: None,
+            iteration: Iteration::default(),
         })
     }
 
     /// The address actually bound (useful with port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Where the metrics endpoint listens, if it was asked for.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The live metrics (the same values `/metrics` serves).
+    pub fn metrics(&self) -> Arc<Metrics> {
+        Arc::clone(&self.metrics)
     }
 
     /// The receive buffer the kernel granted, in bytes.
@@ -266,6 +345,7 @@ impl Server {
         let mut socket_backlog = true;
         let mut send_blocked = false;
         let mut grace_deadline: Option<Instant> = None;
+        tracing::info!(addr = %self.local_addr, "listening");
         loop {
             let timeout = self.poll_timeout(socket_backlog, grace_deadline);
             if let Err(e) = self.poll.poll(&mut events, timeout) {
@@ -274,6 +354,7 @@ impl Server {
                 }
                 return Err(ServerError::Io("polling", e));
             }
+            let woke = Instant::now();
             let decided_at = self.now();
             let mut signalled = 0;
             for event in events.iter() {
@@ -295,27 +376,36 @@ impl Server {
             }
             if signalled > 0 {
                 if grace_deadline.is_some() || signalled > 1 {
+                    tracing::warn!(
+                        unfinished = self.engine.unfinished_tasks(),
+                        "second stop signal: exiting at once"
+                    );
                     return Err(ServerError::Aborted {
                         unfinished: self.engine.unfinished_tasks(),
                     });
                 }
-                eprintln!(
-                    "tether: shutting down: cancelling {} task(s), grace {:?}",
-                    self.engine.unfinished_tasks(),
-                    self.grace
+                tracing::info!(
+                    tasks = self.engine.unfinished_tasks(),
+                    grace = ?self.grace,
+                    "shutting down: refusing new work, cancelling every task"
                 );
                 self.engine.begin_shutdown(self.now());
                 grace_deadline = Some(Instant::now() + self.grace);
             }
+            let expired_before = self.engine.stats().sessions_expired;
             if socket_backlog {
                 socket_backlog = self.drain_socket(&mut batch, &mut send_buf, &mut send_blocked);
             }
             self.apply_reports();
             self.engine.handle_timeout(decided_at);
+            self.iteration.expired = self.engine.stats().sessions_expired - expired_before;
             self.apply_effects();
             if !send_blocked {
                 send_blocked = self.flush(&mut send_buf);
             }
+            self.observe();
+            self.check_slow_cancels(woke);
+            self.end_iteration(woke);
             if let Some(deadline) = grace_deadline {
                 let drained = self.engine.unfinished_tasks() == 0 && !self.engine.has_transmits();
                 if drained || Instant::now() >= deadline {
@@ -325,15 +415,126 @@ impl Server {
         }
     }
 
-    fn finish(self) -> ShutdownReport {
+    fn finish(mut self) -> ShutdownReport {
         let mut ignored_cancel: Vec<TaskId> = self.inflight.keys().copied().collect();
         ignored_cancel.sort_unstable();
+        for task in &ignored_cancel {
+            let f = &self.inflight[task];
+            tracing::warn!(
+                task_id = task.0,
+                client_id = f.client_id,
+                job = self.jobs.name(f.job),
+                "task still running at the end of the grace period: it ignored its cancel flag"
+            );
+        }
+        if let Some(events) = self.events.as_mut() {
+            events.finish();
+        }
+        self.publish();
+        tracing::info!(
+            sessions_opened = self.engine.stats().sessions_opened,
+            sessions_expired = self.engine.stats().sessions_expired,
+            tasks_done = self.engine.stats().tasks_done,
+            tasks_failed = self.engine.stats().tasks_failed,
+            tasks_cancelled = self.engine.stats().tasks_cancelled,
+            "stopped"
+        );
         ShutdownReport {
             ignored_cancel,
             stats: *self.engine.stats(),
         }
         // The pool is dropped without joining: a job that ignores its flag
         // must not hold the process past its grace period.
+    }
+
+    /// Hands the engine's lifecycle events to metrics, logs and the event
+    /// stream.
+    fn observe(&mut self) {
+        while let Some(event) = self.engine.poll_event() {
+            match event {
+                Event::TaskEnded {
+                    run_us: Some(us), ..
+                } => self.metrics.task_run.observe_us(us),
+                Event::SessionEnded {
+                    lateness_us: Some(us),
+                    ..
+                } => self.metrics.expiry_lateness.observe_us(us),
+                _ => {}
+            }
+            log_event(&event, &self.jobs);
+            if let Some(stream) = self.events.as_mut() {
+                let at = match event {
+                    Event::SessionOpened { at, .. }
+                    | Event::SessionEnded { at, .. }
+                    | Event::TaskAccepted { at, .. }
+                    | Event::TaskEnded { at, .. } => at,
+                };
+                stream.send(event, self.wall.at(at));
+            }
+        }
+    }
+
+    fn publish(&mut self) {
+        self.edge.sessions_live = self.engine.live_sessions() as u64;
+        self.edge.events_dropped = self.events.as_ref().map_or(0, |e| e.dropped());
+        self.metrics.publish(self.engine.stats(), &self.edge);
+    }
+
+    /// Times the iteration, warns if it was slow, and publishes metrics.
+    fn end_iteration(&mut self, woke: Instant) {
+        let took = woke.elapsed();
+        self.metrics
+            .loop_iteration
+            .observe_us(took.as_micros() as u64);
+        if took > self.slow_loop {
+            self.edge.slow_loops += 1;
+            let i = &self.iteration;
+            tracing::warn!(
+                took_ms = took.as_secs_f64() * 1e3,
+                datagrams = i.datagrams,
+                sessions_expired = i.expired,
+                worker_reports = i.reports,
+                task_commands = i.effects,
+                replies = i.replies,
+                "slow event loop iteration: replies and expiries were delayed by as much"
+            );
+        }
+        self.iteration = Iteration::default();
+        self.publish();
+    }
+
+    /// Warns, once per task, about tasks still running `slow_cancel` after
+    /// their flag was set. Scans at most every 100 ms.
+    fn check_slow_cancels(&mut self, now: Instant) {
+        if self.next_slow_cancel_check.is_some_and(|at| now < at) {
+            return;
+        }
+        self.next_slow_cancel_check = None;
+        for (task, f) in self.inflight.iter_mut() {
+            let Some((at, reported)) = f.cancelled_at.as_mut() else {
+                continue;
+            };
+            let ignoring = now.saturating_duration_since(*at);
+            if ignoring >= self.slow_cancel && !*reported {
+                *reported = true;
+                self.edge.slow_cancels += 1;
+                tracing::warn!(
+                    task_id = task.0,
+                    client_id = f.client_id,
+                    job = self.jobs.name(f.job),
+                    ignoring_ms = ignoring.as_millis() as u64,
+                    reason = ?f.flag.reason().map(|r| r.name()),
+                    "task keeps running after its cancel flag was set: it does not poll is_cancelled() or sleep through the context"
+                );
+            } else if !*reported {
+                let due = *at + self.slow_cancel;
+                self.next_slow_cancel_check = Some(
+                    self.next_slow_cancel_check
+                        .map_or(due, |d| d.min(due))
+                        .max(now + Duration::from_millis(100)),
+                );
+            }
+        }
     }
 
     fn now(&self) -> Timestamp {
@@ -348,10 +549,10 @@ impl Server {
             .engine
             .poll_timeout()
             .map(|due| self.start + Duration::from_micros(due.as_micros()));
-        let wake_at = match (engine_due, grace) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }?;
+        let wake_at = [engine_due, grace, self.next_slow_cancel_check]
+            .into_iter()
+            .flatten()
+            .min()?;
         // mio rounds a timeout up to whole milliseconds, so waking early
         // (and spinning until the tick is reached) does not happen.
         Some(wake_at.saturating_duration_since(Instant::now()))
@@ -375,12 +576,13 @@ impl Server {
                     // before its arrival.
                     let now = self.now();
                     self.engine.handle_datagrams(now, batch.iter());
+                    self.iteration.datagrams += n as u64;
                     read += n.max(1);
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => {
-                    self.recv_errors += 1;
+                    self.edge.receive_errors += 1;
                     read += 1;
                 }
             }
@@ -394,6 +596,7 @@ impl Server {
 
     fn apply_reports(&mut self) {
         while let Ok((task, event)) = self.reports.try_recv() {
+            self.iteration.reports += 1;
             if matches!(event, TaskEvent::Finished(_)) {
                 self.inflight.remove(&task);
             }
@@ -404,10 +607,22 @@ impl Server {
 
     fn apply_effects(&mut self) {
         while let Some(effect) = self.engine.poll_effect() {
+            self.iteration.effects += 1;
             match effect {
-                Effect::Run { task, job, payload } => {
+                Effect::Run {
+                    task,
+                    client_id,
+                    job,
+                    payload,
+                } => {
                     let flag = Arc::new(CancelFlag::new());
-                    self.inflight.insert(task, Arc::clone(&flag));
+                    let entry = InFlight {
+                        flag: Arc::clone(&flag),
+                        client_id,
+                        job,
+                        cancelled_at: None,
+                    };
+                    self.inflight.insert(task, entry);
                     self.pool.submit(WorkItem {
                         task,
                         job,
@@ -416,8 +631,12 @@ impl Server {
                     });
                 }
                 Effect::Cancel { task, reason } => {
-                    if let Some(flag) = self.inflight.get(&task) {
-                        flag.cancel(reason);
+                    if let Some(f) = self.inflight.get_mut(&task) {
+                        f.flag.cancel(reason);
+                        f.cancelled_at.get_or_insert((Instant::now(), false));
+                        let due = Instant::now() + self.slow_cancel;
+                        self.next_slow_cancel_check =
+                            Some(self.next_slow_cancel_check.map_or(due, |d| d.min(due)));
                     }
                 }
             }
@@ -429,7 +648,7 @@ impl Server {
     fn flush(&mut self, buf: &mut [u8]) -> bool {
         while let Some((to, n)) = self.engine.poll_transmit(buf) {
             match self.socket.send_to(&buf[..n], to) {
-                Ok(_) => {}
+                Ok(_) => self.iteration.replies += 1,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                     self.engine.unpoll_transmit(to, &buf[..n]);
                     return true;
@@ -439,7 +658,7 @@ impl Server {
                 }
                 // An unreachable peer or a refused destination loses only
                 // its own reply.
-                Err(_) => self.send_errors += 1,
+                Err(_) => self.edge.send_errors += 1,
             }
         }
         false

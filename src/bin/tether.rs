@@ -1,16 +1,23 @@
 //! The `tether` command: parses arguments into a configuration, runs the
-//! server, and turns the outcome into an exit code. Nothing else lives here.
+//! server or the terminal client, and turns the outcome into an exit code.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use tether::engine;
+use tether::observe::EventsTarget;
 use tether::server::{Server, ServerConfig, ServerError, RECV_BUFFER_BYTES};
-use tether::Registry;
+use tether::wire::MacKey;
+use tether::{
+    CancelOutcome, Client, ClientConfig, ClientError, ClientEvent, Registry, Resume, SubmitOptions,
+    TaskId, TaskStatus,
+};
 
 #[derive(Parser)]
 #[command(
@@ -32,6 +39,17 @@ enum Command {
     /// Run the server. Prints "listening on ADDR" on stdout once ready;
     /// SIGINT or SIGTERM stops it gracefully (a second one at once).
     Serve(ServeArgs),
+    /// Talk to a server from the shell: open a session, submit a job and
+    /// follow it, ask for a task's state, cancel a task.
+    Client(ClientArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Args)]
@@ -79,10 +97,92 @@ struct ServeArgs {
     /// anyway.
     #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
     grace: Duration,
+    /// Serve Prometheus metrics at http://ADDR/metrics (TCP). Without a
+    /// value: 127.0.0.1:9900.
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:9900")]
+    metrics: Option<SocketAddr>,
+    /// Write one JSON line per session and task event to PATH (appended),
+    /// or to stdout with "-".
+    #[arg(long, value_name = "PATH")]
+    events: Option<EventsTarget>,
+    /// Log format on stderr. Filter with RUST_LOG (e.g. RUST_LOG=debug shows
+    /// every session and task event).
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Warn when a task keeps running this long after it was cancelled.
+    #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
+    slow_cancel: Duration,
+    /// Warn when one event loop iteration takes longer than this.
+    #[arg(long, default_value = "100ms", value_parser = parse_duration, value_name = "DURATION")]
+    slow_loop: Duration,
+}
+
+#[derive(Args)]
+struct ClientArgs {
+    /// The server.
+    #[arg(long, default_value = "127.0.0.1:7900", value_name = "ADDR")]
+    server: SocketAddr,
+    /// The server's key file, if it has one.
+    #[arg(long, value_name = "PATH")]
+    key_file: Option<PathBuf>,
+    /// This client's id. The default is derived from the user and host
+    /// names, so later commands reach tasks submitted by earlier ones.
+    #[arg(long, value_name = "N")]
+    client_id: Option<u64>,
+    /// TTL to ask for.
+    #[arg(long, default_value = "3s", value_parser = parse_duration, value_name = "DURATION")]
+    ttl: Duration,
+    #[command(subcommand)]
+    action: ClientAction,
+}
+
+#[derive(Subcommand)]
+enum ClientAction {
+    /// Open a session, print what the server granted and the round trip,
+    /// and close it.
+    Hello,
+    /// Submit JOB with PAYLOAD and print its task id. With --follow, keep
+    /// heartbeating until it ends and print its final state; Ctrl-C cancels
+    /// it. Without --follow the task lives until the session's TTL runs out.
+    Submit {
+        /// The job's name (sleep, spin, echo, fail, panic, or your own).
+        job: String,
+        /// The payload: u32:N or u64:N for a big-endian number (sleep takes
+        /// u32 milliseconds, spin u64 rounds), hex:BYTES, or plain text.
+        #[arg(default_value = "")]
+        payload: String,
+        /// Hold the task back this long before queueing it.
+        #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+        delay: Duration,
+        /// Cancel it this long after it starts (0: never).
+        #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+        deadline: Duration,
+        /// Wait for the final state, heartbeating meanwhile.
+        #[arg(long)]
+        follow: bool,
+    },
+    /// Print a task's state (any task of this client id).
+    Status {
+        /// The task id, as `submit` printed it.
+        task: u64,
+    },
+    /// Cancel a task (any task of this client id).
+    Cancel {
+        /// The task id, as `submit` printed it.
+        task: u64,
+    },
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|_| "write durations like 250ms, 3s or 1h".to_owned())
+}
+
+/// Clap's message without its "error: " prefix, usage block and blank
+/// lines, so a bad flag costs the user one line to read.
+fn one_line(clap_message: &str) -> String {
+    let first = clap_message.lines().next().unwrap_or_default();
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    format!("{first}; see tether --help")
 }
 
 fn main() -> ExitCode {
@@ -102,27 +202,21 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match cli.command {
-        Command::Serve(args) => match serve(args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(Failure::Aborted(e)) => {
-                eprintln!("tether: {e}");
-                ExitCode::from(130)
-            }
-            Err(Failure::Error(e)) => {
-                eprintln!("tether: error: {e}");
-                ExitCode::FAILURE
-            }
-        },
+    let result = match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Client(args) => client(args).map_err(Failure::Error),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Aborted(e)) => {
+            eprintln!("tether: {e}");
+            ExitCode::from(130)
+        }
+        Err(Failure::Error(e)) => {
+            eprintln!("tether: error: {e}");
+            ExitCode::FAILURE
+        }
     }
-}
-
-/// Clap's message without its "error: " prefix, usage block and blank
-/// lines, so a bad flag costs the user one line to read.
-fn one_line(clap_message: &str) -> String {
-    let first = clap_message.lines().next().unwrap_or_default();
-    let first = first.strip_prefix("error: ").unwrap_or(first);
-    format!("{first}; see tether --help")
 }
 
 enum Failure {
@@ -155,15 +249,19 @@ fn config(args: &ServeArgs) -> Result<ServerConfig, String> {
     if args.max_sessions == 0 || args.max_sessions > u32::MAX as usize / 2 {
         return Err("--max-sessions must be between 1 and 2147483647".into());
     }
-    let key = match &args.key_file {
-        Some(path) => Some(tether::keyfile::load(path).map_err(|e| e.to_string())?),
-        None => None,
-    };
+    let key = load_key(args.key_file.as_ref())?;
     let workers = match args.workers {
         Some(0) => return Err("--workers must be at least 1".into()),
         Some(n) => n,
         None => std::thread::available_parallelism().map_or(2, |n| n.get()),
     };
+    if let Some(metrics) = args.metrics {
+        if !metrics.ip().is_loopback() && !args.insecure_bind {
+            return Err(format!(
+                "refusing to serve metrics on {metrics}, a non-loopback address: pass --insecure-bind if that network is trusted"
+            ));
+        }
+    }
     Ok(ServerConfig {
         listen: args.listen,
         engine: engine::Config {
@@ -182,33 +280,58 @@ fn config(args: &ServeArgs) -> Result<ServerConfig, String> {
         grace: args.grace,
         insecure_bind: args.insecure_bind,
         handle_signals: true,
+        metrics: args.metrics,
+        events: args.events.clone(),
+        slow_loop: args.slow_loop,
+        slow_cancel: args.slow_cancel,
     })
 }
 
+fn load_key(path: Option<&PathBuf>) -> Result<Option<MacKey>, String> {
+    path.map(|p| tether::keyfile::load(p).map_err(|e| e.to_string()))
+        .transpose()
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
 fn serve(args: ServeArgs) -> Result<(), Failure> {
+    init_logging(args.log_format);
     let config = config(&args).map_err(Failure::Error)?;
     let keyed = config.engine.key.is_some();
     let workers = config.workers;
     let server = Server::bind(config, Registry::with_standard_jobs())
         .map_err(|e| Failure::Error(e.to_string()))?;
     let granted = server.recv_buffer_granted();
-    eprintln!(
-        "tether: receive buffer {granted} bytes (asked {RECV_BUFFER_BYTES}); {workers} workers; {}",
-        if keyed {
-            "keyed (HMAC-SHA256)"
-        } else {
-            "keyless"
-        }
+    tracing::info!(
+        receive_buffer = granted,
+        asked = RECV_BUFFER_BYTES,
+        workers,
+        auth = if keyed { "HMAC-SHA256" } else { "none" },
+        metrics = server.metrics_addr().map(|a| format!("http://{a}/metrics")),
+        "starting"
     );
     // Linux reports twice the usable size it grants.
     if granted < RECV_BUFFER_BYTES {
-        eprintln!(
-            "tether: warning: the kernel capped the receive buffer at {granted} bytes; heartbeats \
-             queued during a stall may be dropped. Raise the cap with: \
-             sysctl -w net.core.rmem_max={RECV_BUFFER_BYTES}"
+        tracing::warn!(
+            "the kernel capped the receive buffer at {granted} bytes; heartbeats queued during a \
+             stall may be dropped. Raise the cap with: sysctl -w net.core.rmem_max={RECV_BUFFER_BYTES}"
         );
     }
     println!("listening on {}", server.local_addr());
+    if let Some(metrics) = server.metrics_addr() {
+        println!("metrics on http://{metrics}/metrics");
+    }
     use std::io::Write;
     let _ = std::io::stdout().flush();
     match server.run() {
@@ -219,23 +342,244 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
                     .iter()
                     .map(|t| t.to_string())
                     .collect();
-                eprintln!(
-                    "tether: {} task(s) ignored their cancel flag past the grace period: {}",
+                tracing::warn!(
+                    "{} task(s) ignored their cancel flag past the grace period: {}",
                     ids.len(),
                     ids.join(", ")
                 );
             }
-            eprintln!(
-                "tether: stopped: {} sessions opened, {} expired, {} tasks done, {} failed, {} cancelled",
-                report.stats.sessions_opened,
-                report.stats.sessions_expired,
-                report.stats.tasks_done,
-                report.stats.tasks_failed,
-                report.stats.tasks_cancelled
-            );
             Ok(())
         }
         Err(e @ ServerError::Aborted { .. }) => Err(Failure::Aborted(e)),
         Err(e) => Err(Failure::Error(e.to_string())),
+    }
+}
+
+/// A stable, non-zero client id for this user on this host.
+fn default_client_id() -> u64 {
+    let user = std::env::var("USER").unwrap_or_default();
+    let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+    // FNV-1a: stable across runs and builds, which std's hasher is not.
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in user.bytes().chain([0]).chain(host.trim().bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h.max(1)
+}
+
+fn parse_payload(text: &str) -> Result<Vec<u8>, String> {
+    if let Some(n) = text.strip_prefix("u32:") {
+        let n: u32 = n
+            .parse()
+            .map_err(|_| format!("{text:?}: u32:N takes a number up to 4294967295"))?;
+        Ok(n.to_be_bytes().to_vec())
+    } else if let Some(n) = text.strip_prefix("u64:") {
+        let n: u64 = n
+            .parse()
+            .map_err(|_| format!("{text:?}: u64:N takes a number"))?;
+        Ok(n.to_be_bytes().to_vec())
+    } else if let Some(hex) = text.strip_prefix("hex:") {
+        if hex.len() % 2 != 0 {
+            return Err(format!("{text:?}: hex: takes an even number of hex digits"));
+        }
+        (0..hex.len())
+            .step_by(2)
+            .map(|i| {
+                u8::from_str_radix(&hex[i..i + 2], 16).map_err(|_| format!("{text:?}: not hex"))
+            })
+            .collect()
+    } else {
+        Ok(text.as_bytes().to_vec())
+    }
+}
+
+fn describe(status: &TaskStatus) -> String {
+    match status {
+        TaskStatus::Done(result) => match std::str::from_utf8(result) {
+            Ok(text) if !text.is_empty() && !text.chars().any(char::is_control) => {
+                format!("done: {text}")
+            }
+            _ if result.is_empty() => "done".into(),
+            _ => format!(
+                "done: {}",
+                result
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+            ),
+        },
+        TaskStatus::Failed(error) => format!("failed: {error}"),
+        TaskStatus::Cancelled(reason) => format!("cancelled ({reason})"),
+        TaskStatus::Scheduled => "scheduled".into(),
+        TaskStatus::Queued => "queued".into(),
+        TaskStatus::Running => "running".into(),
+        TaskStatus::Unknown => "unknown (no such task of this client, or it aged out)".into(),
+    }
+}
+
+/// Where the command-line client keeps its session between invocations,
+/// so `status` or `cancel` continue the session a `submit` opened instead
+/// of replacing it (a new incarnation would cancel the submitted task).
+fn session_file(server: SocketAddr, client_id: u64) -> PathBuf {
+    let dir = std::env::var_os("XDG_RUNTIME_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(std::env::temp_dir);
+    let server = server.to_string().replace([':', '[', ']', '.'], "_");
+    dir.join(format!("tether-client-{client_id}-{server}.session"))
+}
+
+fn load_resume(path: &std::path::Path) -> Option<Resume> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut fields = text.split_whitespace();
+    Some(Resume {
+        incarnation: fields.next()?.parse().ok()?,
+        next_seq: fields.next()?.parse().ok()?,
+        next_request_id: fields.next()?.parse().ok()?,
+    })
+}
+
+fn save_resume(path: &std::path::Path, client: &Client) {
+    let r = client.resume_point();
+    // Best effort: without it the next command opens a new session.
+    let _ = std::fs::write(
+        path,
+        format!("{} {} {}\n", r.incarnation, r.next_seq, r.next_request_id),
+    );
+}
+
+fn client(args: ClientArgs) -> Result<(), String> {
+    let client_id = args.client_id.unwrap_or_else(default_client_id);
+    let saved = session_file(args.server, client_id);
+    let mut config = ClientConfig::new(args.server, client_id);
+    config.ttl = args.ttl;
+    config.key = load_key(args.key_file.as_ref())?;
+    config.name = "tether-cli".into();
+    config.resume = load_resume(&saved);
+    let connect = |config: ClientConfig| {
+        Client::connect(config).map_err(|e| match e {
+            ClientError::Timeout => format!(
+                "no answer from {}: is `tether serve` running there, and is the key file right?",
+                args.server
+            ),
+            e => e.to_string(),
+        })
+    };
+    let c = match args.action {
+        ClientAction::Hello => {
+            config.ack_every = 1;
+            config.heartbeat_interval = Some(Duration::from_millis(50));
+            let c = connect(config)?;
+            let (client_id, incarnation) = c.session();
+            let until = Instant::now() + Duration::from_secs(2);
+            while c.rtt().is_none() && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            println!(
+                "session {client_id}/{incarnation}: TTL {:?}, tick {:?}, round trip {}",
+                c.ttl(),
+                c.tick(),
+                c.rtt().map_or("unknown".into(), |r| format!("{r:?}"))
+            );
+            c
+        }
+        ClientAction::Submit {
+            job,
+            payload,
+            delay,
+            deadline,
+            follow,
+        } => {
+            let payload = parse_payload(&payload)?;
+            let c = connect(config)?;
+            let task = c
+                .submit_with(&job, &payload, SubmitOptions { delay, deadline })
+                .map_err(|e| e.to_string())?;
+            println!("task {task}");
+            if follow {
+                if follow_task(&c, task)? == Followed::Interrupted {
+                    // As the user asked to stop: end the session too.
+                    let _ = std::fs::remove_file(&saved);
+                    return c.bye().map_err(|e| e.to_string());
+                }
+            } else {
+                eprintln!(
+                    "the task lives while this client's session does, about {:?} from now unless another command continues it",
+                    c.ttl()
+                );
+            }
+            c
+        }
+        ClientAction::Status { task } => {
+            let c = connect(config)?;
+            let status = c.status(TaskId(task)).map_err(|e| e.to_string())?;
+            println!("task {task}: {}", describe(&status));
+            c
+        }
+        ClientAction::Cancel { task } => {
+            let c = connect(config)?;
+            let outcome = c.cancel(TaskId(task)).map_err(|e| e.to_string())?;
+            println!(
+                "task {task}: {}",
+                match outcome {
+                    CancelOutcome::CancelledNow => "cancelled",
+                    CancelOutcome::AlreadyFinished => "already finished; nothing changed",
+                    CancelOutcome::UnknownTask => "unknown task",
+                }
+            );
+            c
+        }
+    };
+    save_resume(&saved, &c);
+    Ok(())
+}
+
+#[derive(PartialEq, Eq)]
+enum Followed {
+    Ended,
+    Interrupted,
+}
+
+fn ending(interrupted: bool) -> Followed {
+    if interrupted {
+        Followed::Interrupted
+    } else {
+        Followed::Ended
+    }
+}
+
+/// Waits for the task's final state, heartbeating (the client does that in
+/// the background); Ctrl-C sends CANCEL, then waits for the cancellation.
+fn follow_task(c: &Client, task: TaskId) -> Result<Followed, String> {
+    let interrupted = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&interrupted))
+        .map_err(|e| format!("cannot watch for Ctrl-C: {e}"))?;
+    let mut cancel_sent = false;
+    let mut last_ask = Instant::now();
+    loop {
+        match c.next_event(Duration::from_millis(200)) {
+            Some(ClientEvent::TaskEnded { task: t, status }) if t == task => {
+                println!("task {task}: {}", describe(&status));
+                return Ok(ending(cancel_sent));
+            }
+            Some(ClientEvent::SessionLost { .. }) => {
+                eprintln!("the server lost the session (it expired); opening a new one");
+            }
+            _ => {}
+        }
+        if interrupted.load(Ordering::Acquire) && !cancel_sent {
+            cancel_sent = true;
+            eprintln!("interrupted: cancelling task {task}");
+            c.cancel(task).map_err(|e| e.to_string())?;
+        }
+        // The push may have been lost: ask now and then.
+        if last_ask.elapsed() >= Duration::from_secs(2) {
+            last_ask = Instant::now();
+            let status = c.status(task).map_err(|e| e.to_string())?;
+            if status.is_final() || status == TaskStatus::Unknown {
+                println!("task {task}: {}", describe(&status));
+                return Ok(ending(cancel_sent));
+            }
+        }
     }
 }

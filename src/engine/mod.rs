@@ -220,6 +220,8 @@ pub enum Effect {
     Run {
         /// The task.
         task: TaskId,
+        /// Whose task it is.
+        client_id: u64,
         /// Which job.
         job: JobId,
         /// Its payload.
@@ -318,12 +320,17 @@ impl fmt::Display for Cause {
             ),
             Cause::Left { incarnation } => write!(f, "BYE from session incarnation {incarnation}"),
             Cause::Replaced { incarnation, by } => {
-                write!(f, "session incarnation {incarnation} replaced by incarnation {by}")
+                write!(
+                    f,
+                    "session incarnation {incarnation} replaced by incarnation {by}"
+                )
             }
             Cause::Cancelled { from, incarnation } => {
                 write!(f, "CANCEL from {from} (session incarnation {incarnation})")
             }
-            Cause::Deadline { deadline_ms } => write!(f, "deadline of {deadline_ms} ms after start"),
+            Cause::Deadline { deadline_ms } => {
+                write!(f, "deadline of {deadline_ms} ms after start")
+            }
             Cause::Shutdown => f.write_str("server shutdown"),
         }
     }
@@ -833,9 +840,14 @@ impl Engine {
             match task.state {
                 TaskState::Scheduled => {
                     task.state = TaskState::Queued;
-                    move_task_gauge(&mut self.stats, Some(TaskState::Scheduled), TaskState::Queued);
+                    move_task_gauge(
+                        &mut self.stats,
+                        Some(TaskState::Scheduled),
+                        TaskState::Queued,
+                    );
                     let run = Effect::Run {
                         task: task.id,
+                        client_id: task.client_id,
                         job: task.job,
                         payload: std::mem::take(&mut task.data),
                     };
@@ -1227,6 +1239,7 @@ impl Engine {
         } else {
             self.effects.push_back(Effect::Run {
                 task: id,
+                client_id,
                 job,
                 payload: payload.to_vec(),
             });

@@ -618,6 +618,7 @@ fn delay_then_queue_then_run_then_done_with_status_at_each_step() {
         sim.effects(),
         vec![Effect::Run {
             task,
+            client_id: 1,
             job: JobId(1),
             payload: b"payload".to_vec()
         }]
@@ -1170,7 +1171,12 @@ fn events_trace_every_cancellation_to_its_cause() {
     assert_eq!(sim.engine.stats().tasks_running_now, 4);
 
     sim.run_ms(250);
-    sim.ask(&mut b, Message::Cancel { task_id: cancelled.0 });
+    sim.ask(
+        &mut b,
+        Message::Cancel {
+            task_id: cancelled.0,
+        },
+    );
     let mut b2 = b.next_incarnation();
     sim.hello(&mut b2, 60_000);
     sim.run_ms(300);
@@ -1194,7 +1200,11 @@ fn events_trace_every_cancellation_to_its_cause() {
     let (cause, ending, run_us) = cause_of(expired).unwrap();
     assert_eq!(ending, Ending::Cancelled(CancelReason::Expired));
     assert!(matches!(cause, Some(Cause::Expired { incarnation: 1000, at }) if at.0 >= 500_000));
-    assert_eq!(run_us, Some(550_000), "started at 0, ended when reported at 550 ms");
+    assert_eq!(
+        run_us,
+        Some(550_000),
+        "started at 0, ended when reported at 550 ms"
+    );
     assert!(matches!(
         cause_of(cancelled).unwrap().0,
         Some(Cause::Cancelled { from, incarnation: 1000 }) if from == b.addr
@@ -1223,7 +1233,11 @@ fn events_trace_every_cancellation_to_its_cause() {
         })
         .collect();
     assert_eq!(ended.len(), 2);
-    assert_eq!(ended[0], (2, CancelReason::Replaced, None), "b replaced at 250 ms");
+    assert_eq!(
+        ended[0],
+        (2, CancelReason::Replaced, None),
+        "b replaced at 250 ms"
+    );
     assert!(
         matches!(ended[1], (1, CancelReason::Expired, Some(l)) if l < 10_000),
         "a expired within a tick of its deadline: {:?}",
@@ -1237,8 +1251,14 @@ fn events_trace_every_cancellation_to_its_cause() {
     assert!(text.contains(&b.addr.to_string()), "{text}");
     let stats = sim.engine.stats();
     assert_eq!(stats.tasks_running_now, 0);
-    assert_eq!(stats.tasks_cancelled_by_reason[CancelReason::Deadline as usize], 1);
-    assert_eq!(stats.tasks_cancelled_by_reason[CancelReason::Cancelled as usize], 1);
+    assert_eq!(
+        stats.tasks_cancelled_by_reason[CancelReason::Deadline as usize],
+        1
+    );
+    assert_eq!(
+        stats.tasks_cancelled_by_reason[CancelReason::Cancelled as usize],
+        1
+    );
 }
 
 #[test]
@@ -1250,7 +1270,11 @@ fn task_state_gauges_follow_every_move() {
     let queued = accepted_task(&sim.submit(&mut c, 2, "echo", b""));
     let gauges = |sim: &Sim| {
         let s = sim.engine.stats();
-        (s.tasks_scheduled_now, s.tasks_queued_now, s.tasks_running_now)
+        (
+            s.tasks_scheduled_now,
+            s.tasks_queued_now,
+            s.tasks_running_now,
+        )
     };
     assert_eq!(gauges(&sim), (1, 1, 0));
     sim.run_ms(110);
@@ -1260,7 +1284,8 @@ fn task_state_gauges_follow_every_move() {
     sim.event(queued, TaskEvent::Finished(JobOutcome::Done(vec![])));
     assert_eq!(gauges(&sim), (0, 1, 0));
     sim.event(delayed, TaskEvent::Started);
-    sim.send(&mut c, Message::Cancel { task_id: delayed.0 }).unwrap();
+    sim.send(&mut c, Message::Cancel { task_id: delayed.0 })
+        .unwrap();
     assert_eq!(gauges(&sim), (0, 0, 1), "running until the worker reports");
     sim.event(delayed, TaskEvent::Finished(JobOutcome::Done(vec![])));
     assert_eq!(gauges(&sim), (0, 0, 0));

@@ -14,6 +14,8 @@ use tether::wire::{Datagram, Flags, Header, MacKey, Message, MAX_DATAGRAM};
 pub struct ServerProcess {
     pub child: Child,
     pub addr: SocketAddr,
+    /// Lines of stdout after "listening on".
+    pub stdout: mpsc::Receiver<String>,
     pub stderr: mpsc::Receiver<String>,
 }
 
@@ -21,7 +23,13 @@ impl ServerProcess {
     /// Starts `tether serve --listen 127.0.0.1:0 ARGS` and waits (bounded)
     /// for its "listening on" line.
     pub fn start(args: &[&str]) -> ServerProcess {
+        ServerProcess::start_with_env(args, &[])
+    }
+
+    /// As `start`, with extra environment variables.
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> ServerProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
+            .envs(env.iter().copied())
             .arg("serve")
             .args(["--listen", "127.0.0.1:0"])
             .args(args)
@@ -54,6 +62,7 @@ impl ServerProcess {
         ServerProcess {
             child,
             addr,
+            stdout: rx,
             stderr: erx,
         }
     }

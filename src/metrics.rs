@@ -1,0 +1,623 @@
+//! Prometheus metrics, published by the event loop without locks and served
+//! over HTTP by a thread of their own.
+//!
+//! ```text
+//!   event loop ── after each iteration: store the engine's counters into
+//!                 atomics (Relaxed); observe histograms (atomic adds)
+//!   /metrics   ── on each scrape: read the atomics, encode with
+//!                 prometheus-client's text encoder (a custom Collector)
+//! ```
+//!
+//! The loop never waits for a scrape and a scrape never stops the loop: the
+//! only shared state is atomics. (prometheus-client's own histogram takes a
+//! mutex per observation, so histograms here are a fixed set of atomic
+//! buckets encoded through the same encoder.)
+
+use std::fmt;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::engine::Stats;
+
+/// Counters of the server's own (outside the engine).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EdgeStats {
+    /// Live sessions now.
+    pub sessions_live: u64,
+    /// `recvmmsg` errors other than "would block".
+    pub receive_errors: u64,
+    /// Replies the socket refused.
+    pub send_errors: u64,
+    /// Lifecycle events not written to the event stream because its buffer
+    /// was full.
+    pub events_dropped: u64,
+    /// Tasks still running after their flag was set for longer than the
+    /// slow-cancel threshold.
+    pub slow_cancels: u64,
+    /// Loop iterations that took longer than the slow-loop threshold.
+    pub slow_loops: u64,
+}
+
+/// How one series reads its value.
+type Read = fn(&Stats, &EdgeStats) -> u64;
+
+/// One exported series: a family name, its help, counter or gauge, an
+/// optional label, and where its value comes from.
+struct Series {
+    family: &'static str,
+    help: &'static str,
+    kind: MetricType,
+    label: Option<(&'static str, &'static str)>,
+    read: Read,
+}
+
+macro_rules! series {
+    ($family:literal, $help:literal, $kind:ident, $read:expr) => {
+        Series {
+            family: $family,
+            help: $help,
+            kind: MetricType::$kind,
+            label: None,
+            read: $read,
+        }
+    };
+    ($family:literal, $help:literal, $kind:ident, $k:literal = $v:literal, $read:expr) => {
+        Series {
+            family: $family,
+            help: $help,
+            kind: MetricType::$kind,
+            label: Some(($k, $v)),
+            read: $read,
+        }
+    };
+}
+
+/// Every series, grouped by family (a family's series are adjacent).
+/// Counter names get `_total` from the encoder.
+const SERIES: &[Series] = &[
+    series!(
+        "tether_sessions_live",
+        "Sessions open now.",
+        Gauge,
+        |_, e| e.sessions_live
+    ),
+    series!(
+        "tether_sessions_opened",
+        "Sessions opened by a HELLO.",
+        Counter,
+        |s, _| s.sessions_opened
+    ),
+    series!(
+        "tether_sessions_ended",
+        "Sessions ended, by reason.",
+        Counter,
+        "reason" = "expired",
+        |s, _| s.sessions_expired
+    ),
+    series!(
+        "tether_sessions_ended",
+        "Sessions ended, by reason.",
+        Counter,
+        "reason" = "left",
+        |s, _| s.sessions_left
+    ),
+    series!(
+        "tether_sessions_ended",
+        "Sessions ended, by reason.",
+        Counter,
+        "reason" = "replaced",
+        |s, _| s.sessions_replaced
+    ),
+    series!(
+        "tether_sessions_ended",
+        "Sessions ended, by reason.",
+        Counter,
+        "reason" = "shutdown",
+        |s, _| s.sessions_at_shutdown
+    ),
+    series!(
+        "tether_sessions_refused",
+        "HELLOs refused because the session limit was reached.",
+        Counter,
+        |s, _| s.sessions_refused
+    ),
+    series!(
+        "tether_heartbeats",
+        "HEARTBEATs accepted.",
+        Counter,
+        |s, _| s.heartbeats
+    ),
+    series!(
+        "tether_datagrams_received",
+        "Datagrams read from the socket.",
+        Counter,
+        |s, _| s.datagrams
+    ),
+    series!(
+        "tether_datagrams_dropped",
+        "Datagrams that changed nothing, by cause.",
+        Counter,
+        "cause" = "malformed",
+        |s, _| s.dropped_malformed
+    ),
+    series!(
+        "tether_datagrams_dropped",
+        "Datagrams that changed nothing, by cause.",
+        Counter,
+        "cause" = "bad_mac",
+        |s, _| s.dropped_bad_mac
+    ),
+    series!(
+        "tether_datagrams_dropped",
+        "Datagrams that changed nothing, by cause.",
+        Counter,
+        "cause" = "replay",
+        |s, _| s.dropped_replay
+    ),
+    series!(
+        "tether_datagrams_dropped",
+        "Datagrams that changed nothing, by cause.",
+        Counter,
+        "cause" = "unknown_session",
+        |s, _| s.unknown_session
+    ),
+    series!(
+        "tether_datagrams_dropped",
+        "Datagrams that changed nothing, by cause.",
+        Counter,
+        "cause" = "too_large",
+        |s, _| s.dropped_too_large
+    ),
+    series!(
+        "tether_datagrams_dropped",
+        "Datagrams that changed nothing, by cause.",
+        Counter,
+        "cause" = "stale_hello",
+        |s, _| s.dropped_stale_hello
+    ),
+    series!(
+        "tether_replies_sent",
+        "Replies queued for sending.",
+        Counter,
+        |s, _| s.replies
+    ),
+    series!(
+        "tether_replies_dropped",
+        "Replies dropped because the outbox was full.",
+        Counter,
+        |s, _| s.replies_dropped
+    ),
+    series!(
+        "tether_send_errors",
+        "Replies the socket refused.",
+        Counter,
+        |_, e| e.send_errors
+    ),
+    series!(
+        "tether_receive_errors",
+        "Socket receive errors.",
+        Counter,
+        |_, e| e.receive_errors
+    ),
+    series!(
+        "tether_tasks",
+        "Unfinished tasks, by state.",
+        Gauge,
+        "state" = "scheduled",
+        |s, _| s.tasks_scheduled_now
+    ),
+    series!(
+        "tether_tasks",
+        "Unfinished tasks, by state.",
+        Gauge,
+        "state" = "queued",
+        |s, _| s.tasks_queued_now
+    ),
+    series!(
+        "tether_tasks",
+        "Unfinished tasks, by state.",
+        Gauge,
+        "state" = "running",
+        |s, _| s.tasks_running_now
+    ),
+    series!(
+        "tether_tasks_accepted",
+        "SUBMITs accepted.",
+        Counter,
+        |s, _| s.tasks_accepted
+    ),
+    series!(
+        "tether_tasks_rejected",
+        "SUBMITs rejected.",
+        Counter,
+        |s, _| s.tasks_rejected
+    ),
+    series!(
+        "tether_tasks_ended",
+        "Tasks that reached a final state, by outcome.",
+        Counter,
+        "outcome" = "done",
+        |s, _| s.tasks_done
+    ),
+    series!(
+        "tether_tasks_ended",
+        "Tasks that reached a final state, by outcome.",
+        Counter,
+        "outcome" = "failed",
+        |s, _| s.tasks_failed
+    ),
+    series!(
+        "tether_tasks_ended",
+        "Tasks that reached a final state, by outcome.",
+        Counter,
+        "outcome" = "cancelled",
+        |s, _| s.tasks_cancelled
+    ),
+    series!(
+        "tether_tasks_cancelled",
+        "Cancelled tasks, by reason.",
+        Counter,
+        "reason" = "expired",
+        |s, _| s.tasks_cancelled_by_reason[1]
+    ),
+    series!(
+        "tether_tasks_cancelled",
+        "Cancelled tasks, by reason.",
+        Counter,
+        "reason" = "left",
+        |s, _| s.tasks_cancelled_by_reason[2]
+    ),
+    series!(
+        "tether_tasks_cancelled",
+        "Cancelled tasks, by reason.",
+        Counter,
+        "reason" = "replaced",
+        |s, _| s.tasks_cancelled_by_reason[3]
+    ),
+    series!(
+        "tether_tasks_cancelled",
+        "Cancelled tasks, by reason.",
+        Counter,
+        "reason" = "cancelled",
+        |s, _| s.tasks_cancelled_by_reason[4]
+    ),
+    series!(
+        "tether_tasks_cancelled",
+        "Cancelled tasks, by reason.",
+        Counter,
+        "reason" = "deadline",
+        |s, _| s.tasks_cancelled_by_reason[5]
+    ),
+    series!(
+        "tether_tasks_cancelled",
+        "Cancelled tasks, by reason.",
+        Counter,
+        "reason" = "shutdown",
+        |s, _| s.tasks_cancelled_by_reason[6]
+    ),
+    series!(
+        "tether_events_dropped",
+        "Lifecycle events dropped because the event stream fell behind.",
+        Counter,
+        |_, e| e.events_dropped
+    ),
+    series!(
+        "tether_slow_cancels",
+        "Tasks still running longer than --slow-cancel after their flag was set.",
+        Counter,
+        |_, e| e.slow_cancels
+    ),
+    series!(
+        "tether_slow_loop_iterations",
+        "Event loop iterations longer than --slow-loop.",
+        Counter,
+        |_, e| e.slow_loops
+    ),
+];
+
+/// A histogram of seconds in fixed buckets, observed with atomic adds.
+pub struct Histogram {
+    bounds_us: &'static [u64],
+    counts: Box<[AtomicU64]>,
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    fn new(bounds_us: &'static [u64]) -> Histogram {
+        Histogram {
+            bounds_us,
+            counts: (0..=bounds_us.len()).map(|_| AtomicU64::new(0)).collect(),
+            sum_us: AtomicU64::new(0),
+        }
+    }
+
+    /// Adds one observation of `us` microseconds.
+    pub fn observe_us(&self, us: u64) {
+        let bucket = self.bounds_us.partition_point(|&b| b < us);
+        self.counts[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Observations so far.
+    pub fn count(&self) -> u64 {
+        self.counts.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+}
+
+impl fmt::Debug for Histogram {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Histogram")
+            .field("count", &self.count())
+            .finish()
+    }
+}
+
+impl EncodeMetric for Histogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), fmt::Error> {
+        // Per-bucket counts: the encoder makes them cumulative.
+        let mut total = 0;
+        let mut buckets = Vec::with_capacity(self.counts.len());
+        for (i, count) in self.counts.iter().enumerate() {
+            let count = count.load(Ordering::Relaxed);
+            total += count;
+            let bound = self
+                .bounds_us
+                .get(i)
+                .map_or(f64::INFINITY, |&b| b as f64 / 1e6);
+            buckets.push((bound, count));
+        }
+        let sum = self.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+        encoder.encode_histogram::<NoLabelSet>(sum, total, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Histogram
+    }
+}
+
+/// Bucket bounds, in microseconds, for task run times: 1 ms to 10 min.
+const RUN_TIME_US: &[u64] = &[
+    1_000,
+    10_000,
+    100_000,
+    500_000,
+    1_000_000,
+    5_000_000,
+    10_000_000,
+    60_000_000,
+    600_000_000,
+];
+/// For expiry lateness and loop iterations: 100 µs to 10 s.
+const SHORT_US: &[u64] = &[
+    100, 500, 1_000, 2_000, 5_000, 10_000, 20_000, 50_000, 100_000, 1_000_000, 10_000_000,
+];
+
+/// Everything the metrics endpoint exports. Shared between the loop, which
+/// writes, and the HTTP thread, which reads.
+pub struct Metrics {
+    values: Box<[AtomicU64]>,
+    /// Time tasks spent on a worker.
+    pub task_run: Histogram,
+    /// How long after its deadline tick each expiry was decided.
+    pub expiry_lateness: Histogram,
+    /// Duration of each event loop iteration (from wake-up to sleep).
+    pub loop_iteration: Histogram,
+    /// The socket whose kernel drop count is exported, as bound.
+    socket: std::sync::OnceLock<SocketAddr>,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        Metrics {
+            values: SERIES.iter().map(|_| AtomicU64::new(0)).collect(),
+            task_run: Histogram::new(RUN_TIME_US),
+            expiry_lateness: Histogram::new(SHORT_US),
+            loop_iteration: Histogram::new(SHORT_US),
+            socket: std::sync::OnceLock::new(),
+        }
+    }
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// Stores the current totals. Called by the loop after each iteration;
+    /// a handful of relaxed stores, no lock.
+    pub fn publish(&self, stats: &Stats, edge: &EdgeStats) {
+        for (value, series) in self.values.iter().zip(SERIES) {
+            value.store((series.read)(stats, edge), Ordering::Relaxed);
+        }
+    }
+
+    /// Names the server's socket, so its kernel drop count can be exported.
+    pub fn set_socket(&self, addr: SocketAddr) {
+        let _ = self.socket.set(addr);
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(self: &Arc<Metrics>) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Exporter(Arc::clone(self))));
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+        out
+    }
+}
+
+#[derive(Debug)]
+struct Exporter(Arc<Metrics>);
+
+impl Collector for Exporter {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let m = &self.0;
+        let mut i = 0;
+        while i < SERIES.len() {
+            let first = &SERIES[i];
+            let mut family =
+                encoder.encode_descriptor(first.family, first.help, None, first.kind)?;
+            while i < SERIES.len() && SERIES[i].family == first.family {
+                let value = m.values[i].load(Ordering::Relaxed);
+                let label = SERIES[i].label.map(|(k, v)| [(k, v)]);
+                match (&label, first.kind) {
+                    (Some(label), MetricType::Counter) => family
+                        .encode_family(label)?
+                        .encode_counter::<NoLabelSet, _, u64>(&value, None)?,
+                    (Some(label), _) => family.encode_family(label)?.encode_gauge(&value)?,
+                    (None, MetricType::Counter) => {
+                        family.encode_counter::<NoLabelSet, _, u64>(&value, None)?
+                    }
+                    (None, _) => family.encode_gauge(&value)?,
+                }
+                i += 1;
+            }
+        }
+        let seconds = Unit::Seconds;
+        for (name, help, histogram) in [
+            ("tether_task_run", "Time tasks spent on a worker.", &m.task_run),
+            (
+                "tether_expiry_lateness",
+                "How long after its deadline tick (the TTL since its last datagram, rounded up to a tick) each session expiry was decided.",
+                &m.expiry_lateness,
+            ),
+            ("tether_loop_iteration", "Duration of each event loop iteration.", &m.loop_iteration),
+        ] {
+            let metric = encoder.encode_descriptor(name, help, Some(&seconds), MetricType::Histogram)?;
+            histogram.encode(metric)?;
+        }
+        if let Some(drops) = m.socket.get().and_then(kernel_drops) {
+            let metric = encoder.encode_descriptor(
+                "tether_receive_buffer_drops",
+                "Datagrams the kernel dropped because the server's receive buffer was full.",
+                None,
+                MetricType::Counter,
+            )?;
+            let mut metric = metric;
+            metric.encode_counter::<NoLabelSet, _, u64>(&drops, None)?;
+        }
+        Ok(())
+    }
+}
+
+/// The kernel's drop count for the UDP socket bound to `addr`, from
+/// /proc/net/udp (or udp6): the last column of the socket's line.
+fn kernel_drops(addr: &SocketAddr) -> Option<u64> {
+    let table = if addr.is_ipv4() {
+        "/proc/net/udp"
+    } else {
+        "/proc/net/udp6"
+    };
+    let text = std::fs::read_to_string(table).ok()?;
+    let port = format!(":{:04X}", addr.port());
+    text.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let local = fields.get(1)?;
+        if local.ends_with(&port) {
+            fields.last()?.parse().ok()
+        } else {
+            None
+        }
+    })
+}
+
+/// Serves `GET /metrics` on `addr` from a thread of its own.
+pub fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> io::Result<(SocketAddr, JoinHandle<()>)> {
+    let server = tiny_http::Server::http(addr).map_err(io::Error::other)?;
+    let bound = server
+        .server_addr()
+        .to_ip()
+        .ok_or_else(|| io::Error::other("metrics server has no IP address"))?;
+    let thread = std::thread::Builder::new()
+        .name("tether-metrics".into())
+        .spawn(move || {
+            for request in server.incoming_requests() {
+                let response = if request.url() == "/metrics" {
+                    let header = tiny_http::Header::from_bytes(
+                        &b"Content-Type"[..],
+                        &b"text/plain; version=0.0.4; charset=utf-8"[..],
+                    )
+                    .expect("static header is valid");
+                    tiny_http::Response::from_string(metrics.render()).with_header(header)
+                } else {
+                    tiny_http::Response::from_string("not found; try /metrics\n")
+                        .with_status_code(404)
+                };
+                let _ = request.respond(response);
+            }
+        })?;
+    Ok((bound, thread))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_are_adjacent_so_each_has_one_header() {
+        for (i, s) in SERIES.iter().enumerate() {
+            let later = SERIES[i + 1..].iter().position(|t| t.family == s.family);
+            if let Some(p) = later {
+                assert!(
+                    SERIES[i + 1..i + 1 + p]
+                        .iter()
+                        .all(|t| t.family == s.family),
+                    "{} split",
+                    s.family
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn renders_counters_gauges_labels_and_histograms() {
+        let metrics = Arc::new(Metrics::default());
+        let stats = Stats {
+            heartbeats: 7,
+            sessions_expired: 2,
+            dropped_bad_mac: 3,
+            tasks_running_now: 4,
+            ..Stats::default()
+        };
+        metrics.publish(
+            &stats,
+            &EdgeStats {
+                sessions_live: 5,
+                ..EdgeStats::default()
+            },
+        );
+        metrics.task_run.observe_us(2_500);
+        metrics.task_run.observe_us(50_000);
+        metrics.expiry_lateness.observe_us(4_000);
+        let text = metrics.render();
+        for line in [
+            "tether_heartbeats_total 7",
+            "tether_sessions_live 5",
+            "tether_sessions_ended_total{reason=\"expired\"} 2",
+            "tether_datagrams_dropped_total{cause=\"bad_mac\"} 3",
+            "tether_tasks{state=\"running\"} 4",
+            "tether_task_run_seconds_bucket{le=\"0.001\"} 0",
+            "tether_task_run_seconds_bucket{le=\"0.01\"} 1",
+            "tether_task_run_seconds_bucket{le=\"0.1\"} 2",
+            "tether_task_run_seconds_bucket{le=\"+Inf\"} 2",
+            "tether_task_run_seconds_count 2",
+            "tether_task_run_seconds_sum 0.0525",
+            "tether_expiry_lateness_seconds_count 1",
+            "# TYPE tether_sessions_ended counter",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in\n{text}");
+        }
+        assert_eq!(text.matches("# TYPE tether_sessions_ended ").count(), 1);
+    }
+}
