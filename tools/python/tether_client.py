@@ -1,0 +1,625 @@
+"""A tether client in pure Python (standard library only, Python 3.9+).
+
+Two interfaces over one wire codec:
+
+* ``Client``: blocking. A background thread receives replies and sends
+  heartbeats; ``submit`` returns a task id, ``wait`` its final state.
+* ``AsyncSession``: asyncio. ``async with AsyncSession(...) as s`` opens a
+  session that heartbeats in a background task; ``await s.run(job, payload)``
+  returns the task's final state, and cancelling the awaiting coroutine sends
+  CANCEL to the server.
+
+The wire format is described in PROTOCOL.md at the top of the repository.
+"""
+
+import asyncio
+import dataclasses
+import hashlib
+import hmac
+import itertools
+import os
+import socket
+import struct
+import threading
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+__all__ = [
+    "AsyncSession",
+    "Client",
+    "Rejected",
+    "SessionLost",
+    "TaskResult",
+    "TetherError",
+    "TimeoutError_",
+]
+
+MAGIC = b"TH"
+VERSION = 1
+HEADER = struct.Struct(">2sBBBBHQQI")  # 28 bytes
+MAC_LEN = 16
+MAX_DATAGRAM = 1200
+FLAG_MAC = 0x01
+FLAG_ACK = 0x02
+
+HELLO, HEARTBEAT, SUBMIT, CANCEL, STATUS, BYE = 0x01, 0x02, 0x03, 0x04, 0x05, 0x06
+WELCOME, HEARTBEAT_ACK, ACCEPTED, REJECTED = 0x81, 0x82, 0x83, 0x84
+TASK_STATE, CANCEL_RESULT, UNKNOWN_SESSION, BYE_ACK = 0x85, 0x86, 0x87, 0x88
+
+STATES = ["scheduled", "queued", "running", "done", "failed", "cancelled", "unknown"]
+REASONS = {1: "expired", 2: "left", 3: "replaced", 4: "cancelled", 5: "deadline", 6: "shutdown"}
+OUTCOMES = {0: "cancelled", 1: "already_finished", 2: "unknown"}
+REJECT_CODES = {
+    1: "unknown job",
+    2: "queue full",
+    3: "too many tasks for this session",
+    4: "bad request",
+    5: "shutting down",
+    6: "too many sessions",
+}
+
+
+class TetherError(Exception):
+    """Base class of this module's errors."""
+
+
+class Rejected(TetherError):
+    """The server refused a HELLO or SUBMIT (``code`` as in PROTOCOL.md)."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(f"rejected ({code}, {REJECT_CODES.get(code, '?')}): {message}")
+        self.code = code
+        self.message = message
+
+
+class SessionLost(TetherError):
+    """The server no longer knows the session (it expired)."""
+
+
+class TimeoutError_(TetherError):
+    """No reply after every try (is the server running? is the key right?)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskResult:
+    """A task's state: ``state`` is one of scheduled, queued, running, done,
+    failed, cancelled, unknown; ``result`` (done), ``error`` (failed) and
+    ``reason`` (cancelled: expired, left, replaced, cancelled, deadline,
+    shutdown) are set by state."""
+
+    task_id: int
+    state: str
+    result: bytes = b""
+    error: str = ""
+    reason: str = ""
+
+    @property
+    def final(self) -> bool:
+        return self.state in ("done", "failed", "cancelled")
+
+
+# --- wire codec -----------------------------------------------------------
+
+
+def _text(s: str) -> bytes:
+    b = s.encode("utf-8")
+    if len(b) > 255:
+        raise ValueError("text fields hold at most 255 bytes")
+    return bytes([len(b)]) + b
+
+
+def encode(kind: int, client_id: int, incarnation: int, seq: int, body: bytes,
+           key: Optional[bytes] = None, flags: int = 0) -> bytes:
+    """One datagram: header, body and, with ``key``, the truncated MAC."""
+    flags = (flags & FLAG_ACK) | (FLAG_MAC if key else 0)
+    header = HEADER.pack(MAGIC, VERSION, kind, flags, 0, len(body), client_id, incarnation, seq)
+    data = header + body
+    if key:
+        data += hmac.new(key, data, hashlib.sha256).digest()[:MAC_LEN]
+    if len(data) > MAX_DATAGRAM:
+        raise ValueError("datagram larger than 1200 bytes")
+    return data
+
+
+def decode(data: bytes, key: Optional[bytes] = None):
+    """Returns (kind, flags, client_id, incarnation, seq, fields) for a valid
+    server datagram, or None for anything that breaks a rule."""
+    if not HEADER.size <= len(data) <= MAX_DATAGRAM:
+        return None
+    magic, version, kind, flags, reserved, body_len, client_id, incarnation, seq = HEADER.unpack_from(data)
+    if magic != MAGIC or version != VERSION or reserved or flags & ~(FLAG_MAC | FLAG_ACK):
+        return None
+    mac_len = MAC_LEN if flags & FLAG_MAC else 0
+    if body_len != len(data) - HEADER.size - mac_len or not (client_id and incarnation and seq):
+        return None
+    signed = data[: HEADER.size + body_len]
+    if key:
+        if not mac_len:
+            return None
+        expected = hmac.new(key, signed, hashlib.sha256).digest()[:MAC_LEN]
+        if not hmac.compare_digest(expected, data[len(signed):]):
+            return None
+    elif mac_len:
+        return None
+    body = signed[HEADER.size:]
+    try:
+        fields = _parse_body(kind, body)
+    except (struct.error, IndexError, ValueError, UnicodeDecodeError):
+        return None
+    if fields is None:
+        return None
+    return kind, flags, client_id, incarnation, seq, fields
+
+
+def _parse_body(kind: int, body: bytes):
+    def exact(n):
+        if len(body) != n:
+            raise ValueError("body length")
+
+    if kind == WELCOME:
+        exact(8)
+        return struct.unpack(">II", body)  # ttl_ms, tick_ms
+    if kind == HEARTBEAT_ACK:
+        exact(4)
+        return struct.unpack(">I", body)
+    if kind == ACCEPTED:
+        exact(12)
+        return struct.unpack(">IQ", body)  # request_id, task_id
+    if kind == REJECTED:
+        request_id, code, n = struct.unpack_from(">IHB", body)
+        exact(7 + n)
+        return request_id, code, body[7:].decode("utf-8")
+    if kind == TASK_STATE:
+        task_id, state = struct.unpack_from(">QB", body)
+        rest = body[9:]
+        if state == 3:
+            return TaskResult(task_id, "done", result=bytes(rest))
+        if state == 4:
+            n = rest[0]
+            if len(rest) != 1 + n:
+                raise ValueError("error text length")
+            return TaskResult(task_id, "failed", error=rest[1:].decode("utf-8"))
+        if state == 5:
+            if len(rest) != 1 or rest[0] not in REASONS:
+                raise ValueError("reason")
+            return TaskResult(task_id, "cancelled", reason=REASONS[rest[0]])
+        if state in (0, 1, 2, 6) and not rest:
+            return TaskResult(task_id, STATES[state])
+        raise ValueError("state")
+    if kind == CANCEL_RESULT:
+        exact(9)
+        task_id, outcome = struct.unpack(">QB", body)
+        return task_id, OUTCOMES[outcome]
+    if kind in (UNKNOWN_SESSION, BYE_ACK):
+        exact(0)
+        return ()
+    return None
+
+
+class ReplayWindow:
+    """Highest seq seen and a 64-entry bitmap below it (RFC 4303)."""
+
+    def __init__(self, first: int):
+        self.top, self.seen = first, 1
+
+    def accept(self, seq: int) -> bool:
+        if seq > self.top:
+            shift = seq - self.top
+            self.seen = ((self.seen << shift) | 1) & ((1 << 64) - 1) if shift < 64 else 1
+            self.top = seq
+            return True
+        age = self.top - seq
+        if age >= 64 or self.seen >> age & 1:
+            return False
+        self.seen |= 1 << age
+        return True
+
+
+def _new_incarnation(previous: int = 0) -> int:
+    return max(time.time_ns(), previous + 1)
+
+
+def _submit_body(request_id: int, job: str, payload: bytes, delay: float, deadline: float) -> bytes:
+    job_bytes = job.encode("utf-8")
+    if len(job_bytes) > 32 or len(payload) > 1024:
+        raise ValueError("job names hold at most 32 bytes, payloads 1024")
+    return struct.pack(">III", request_id, int(delay * 1000), int(deadline * 1000)) + _text(job) + payload
+
+
+class _Session:
+    """State shared by both clients: identity, numbering, replay window."""
+
+    def __init__(self, client_id: int, key: Optional[bytes]):
+        if not 0 < client_id < 2 ** 64:
+            raise ValueError("client_id must be a non-zero 64-bit number")
+        self.client_id = client_id
+        self.key = key
+        self.incarnation = _new_incarnation()
+        self.seq = 0
+        self.window: Optional[ReplayWindow] = None
+        self.request_ids = itertools.count(1)
+
+    def datagram(self, kind: int, body: bytes = b"", flags: int = 0) -> Tuple[int, bytes]:
+        self.seq += 1
+        return self.seq, encode(kind, self.client_id, self.incarnation, self.seq, body, self.key, flags)
+
+    def renew(self):
+        self.incarnation = _new_incarnation(self.incarnation)
+        self.seq = 0
+        self.window = None
+        self.request_ids = itertools.count(1)
+
+    def accept(self, data: bytes):
+        """The decoded datagram if it is for this client and not a replay."""
+        d = decode(data, self.key)
+        if d is None:
+            return None
+        kind, _, client_id, incarnation, seq, fields = d
+        if client_id != self.client_id:
+            return None
+        if kind == UNKNOWN_SESSION:
+            # It copies our own header: only meaningful for our incarnation.
+            return d if incarnation == self.incarnation else None
+        if incarnation != self.incarnation:
+            # Final states pushed for an earlier session's tasks still count.
+            return d if kind == TASK_STATE and fields.final else None
+        if self.window is None:
+            self.window = ReplayWindow(seq)
+        elif not self.window.accept(seq):
+            return None
+        return d
+
+
+# --- blocking client --------------------------------------------------------
+
+
+class Client:
+    """A blocking client. Opens a session on construction and heartbeats
+    every ``ttl / 3`` from a background thread until ``bye()`` or ``close()``.
+
+    >>> with Client(("127.0.0.1", 7900), client_id=42) as c:   # doctest: +SKIP
+    ...     task = c.submit("echo", b"hi")
+    ...     c.wait(task).result
+    b'hi'
+    """
+
+    def __init__(self, server: Tuple[str, int], client_id: int, ttl: float = 3.0,
+                 key: Optional[bytes] = None, retry_after: float = 0.25, tries: int = 8,
+                 name: str = "python"):
+        self._s = _Session(client_id, key)
+        self._ttl_asked = ttl
+        self._name = name
+        self._retry_after, self._tries = retry_after, tries
+        family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
+        self._sock = socket.socket(family, socket.SOCK_DGRAM)
+        self._sock.connect(server)
+        self._sock.settimeout(0.05)
+        self._lock = threading.Condition()
+        self._replies: List[tuple] = []
+        self.finals: Dict[int, TaskResult] = {}
+        self.events: List[object] = []
+        self.rtt: Optional[float] = None
+        self._acks: Dict[int, float] = {}
+        self._closed = threading.Event()
+        self._paused = False
+        self._rx = threading.Thread(target=self._receive, name="tether-rx", daemon=True)
+        self._rx.start()
+        try:
+            self.ttl, self.tick = self._hello()
+        except BaseException:
+            self.close()
+            raise
+        self._hb = threading.Thread(target=self._heartbeat, name="tether-hb", daemon=True)
+        self._hb.start()
+
+    # context manager: BYE on a clean exit, plain close otherwise
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.bye()
+        else:
+            self.close()
+
+    @property
+    def session(self) -> Tuple[int, int]:
+        return self._s.client_id, self._s.incarnation
+
+    def pause_heartbeats(self, paused: bool = True):
+        """Stop (or resume) heartbeating, to play a client that went quiet."""
+        self._paused = paused
+
+    def _send(self, kind: int, body: bytes = b"", flags: int = 0) -> int:
+        with self._lock:
+            seq, data = self._s.datagram(kind, body, flags)
+            if kind == HEARTBEAT and flags & FLAG_ACK:
+                self._acks = {s: t for s, t in self._acks.items() if s > seq - 64}
+                self._acks[seq] = time.monotonic()
+        self._sock.send(data)
+        return seq
+
+    def _request(self, kind: int, body: bytes, wanted: Callable[[int, tuple], bool]):
+        sent = []
+        for _ in range(self._tries):
+            if self._closed.is_set():
+                raise TetherError("client is closed")
+            sent.append(self._send(kind, body))
+            deadline = time.monotonic() + self._retry_after
+            with self._lock:
+                while True:
+                    for i, (k, seq, fields) in enumerate(self._replies):
+                        if k == UNKNOWN_SESSION and seq in sent:
+                            del self._replies[i]
+                            raise SessionLost("the server no longer knows this session")
+                        if wanted(k, fields):
+                            del self._replies[i]
+                            return k, fields
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._lock.wait(left)
+        raise TimeoutError_("no reply from the server (is it running, and is the key right?)")
+
+    def _hello(self):
+        body = struct.pack(">I", int(self._ttl_asked * 1000)) + _text(self._name)
+        kind, fields = self._request(HELLO, body, lambda k, f: k == WELCOME or (k == REJECTED and f[0] == 0))
+        if kind == REJECTED:
+            raise Rejected(fields[1], fields[2])
+        return fields[0] / 1000.0, fields[1] / 1000.0
+
+    def submit(self, job: str, payload: bytes = b"", delay: float = 0.0, deadline: float = 0.0) -> int:
+        """Starts ``job``; returns its task id. Raises ``Rejected``."""
+        with self._lock:
+            request_id = next(self._s.request_ids)
+        body = _submit_body(request_id, job, payload, delay, deadline)
+        kind, fields = self._request(
+            SUBMIT, body, lambda k, f: k in (ACCEPTED, REJECTED) and f[0] == request_id)
+        if kind == REJECTED:
+            raise Rejected(fields[1], fields[2])
+        return fields[1]
+
+    def status(self, task_id: int) -> TaskResult:
+        _, result = self._request(STATUS, struct.pack(">Q", task_id),
+                                  lambda k, f: k == TASK_STATE and f.task_id == task_id)
+        return result
+
+    def cancel(self, task_id: int) -> str:
+        """Returns 'cancelled', 'already_finished' or 'unknown'."""
+        _, (_, outcome) = self._request(CANCEL, struct.pack(">Q", task_id),
+                                        lambda k, f: k == CANCEL_RESULT and f[0] == task_id)
+        return outcome
+
+    def wait(self, task_id: int, timeout: float = 30.0) -> TaskResult:
+        """The task's final state: from the server's push, or by asking
+        with STATUS when none has come for a while (it may have been lost)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                ask_at = min(time.monotonic() + 0.5, deadline)
+                while task_id not in self.finals and time.monotonic() < ask_at:
+                    self._lock.wait(ask_at - time.monotonic())
+                if task_id in self.finals:
+                    return self.finals[task_id]
+            state = self.status(task_id)
+            if state.final or state.state == "unknown":
+                return state
+            if time.monotonic() >= deadline:
+                raise TimeoutError_(f"task {task_id} did not finish in {timeout} s")
+
+    def bye(self):
+        """Ends the session (its tasks are cancelled, reason 'left')."""
+        try:
+            if not self._closed.is_set():
+                self._request(BYE, b"", lambda k, f: k == BYE_ACK)
+        finally:
+            self.close()
+
+    def close(self):
+        """Stops heartbeating without a BYE: the session expires on its own."""
+        self._closed.set()
+        with self._lock:
+            self._lock.notify_all()
+        for t in (getattr(self, "_hb", None), self._rx):
+            if t is not None and t is not threading.current_thread():
+                t.join(timeout=2)
+        self._sock.close()
+
+    def _heartbeat(self):
+        count = 0
+        while not self._closed.wait(self.ttl / 3):
+            if self._paused:
+                continue
+            count += 1
+            try:
+                self._send(HEARTBEAT, flags=FLAG_ACK if count % 4 == 0 else 0)
+            except OSError:
+                pass
+
+    def _receive(self):
+        while not self._closed.is_set():
+            try:
+                data = self._sock.recv(2048)
+            except (socket.timeout, OSError):
+                continue
+            with self._lock:
+                d = self._s.accept(data)
+                if d is None:
+                    continue
+                kind, _, _, _, seq, fields = d
+                if kind == HEARTBEAT_ACK:
+                    sent = self._acks.pop(fields[0], None)
+                    if sent is not None:
+                        self.rtt = time.monotonic() - sent
+                    continue
+                if kind == UNKNOWN_SESSION:
+                    self.events.append(("session_lost", self._s.incarnation))
+                if kind == TASK_STATE and fields.final and fields.task_id not in self.finals:
+                    self.finals[fields.task_id] = fields
+                    self.events.append(("task_ended", fields))
+                self._replies.append((kind, seq, fields))
+                del self._replies[:-256]
+                self._lock.notify_all()
+
+
+# --- asyncio client ---------------------------------------------------------
+
+
+class _Protocol(asyncio.DatagramProtocol):
+    def __init__(self, on_datagram):
+        self.on_datagram = on_datagram
+
+    def datagram_received(self, data, addr):
+        self.on_datagram(data)
+
+
+class AsyncSession:
+    """An asyncio session: ``async with AsyncSession(server, client_id) as s``
+    opens it and heartbeats in a background task until the block ends (then
+    BYE, which cancels whatever is still running, reason 'left').
+
+    ``await s.run(job, payload)`` submits and returns the final TaskResult.
+    Cancelling the coroutine that awaits it (``task.cancel()``,
+    ``asyncio.wait_for`` timing out) sends CANCEL for the server-side task.
+    """
+
+    def __init__(self, server: Tuple[str, int], client_id: int, ttl: float = 3.0,
+                 key: Optional[bytes] = None, retry_after: float = 0.25, tries: int = 8,
+                 name: str = "python-asyncio"):
+        self._server = server
+        self._s = _Session(client_id, key)
+        self._ttl_asked, self._name = ttl, name
+        self._retry_after, self._tries = retry_after, tries
+        self._waiters: List[Tuple[Callable[[int, tuple], bool], asyncio.Future]] = []
+        self._finals: Dict[int, asyncio.Future] = {}
+        self._transport = None
+        self._heartbeat_task = None
+        self.ttl = self.tick = None
+        self.paused = False
+
+    async def __aenter__(self):
+        loop = asyncio.get_running_loop()
+        self._transport, _ = await loop.create_datagram_endpoint(
+            lambda: _Protocol(self._on_datagram), remote_addr=self._server)
+        try:
+            body = struct.pack(">I", int(self._ttl_asked * 1000)) + _text(self._name)
+            kind, fields = await self._request(
+                HELLO, body, lambda k, f: k == WELCOME or (k == REJECTED and f[0] == 0))
+            if kind == REJECTED:
+                raise Rejected(fields[1], fields[2])
+            self.ttl, self.tick = fields[0] / 1000.0, fields[1] / 1000.0
+        except BaseException:
+            self._transport.close()
+            raise
+        self._heartbeat_task = asyncio.ensure_future(self._heartbeat())
+        return self
+
+    async def __aexit__(self, exc_type, exc, tb):
+        self._heartbeat_task.cancel()
+        try:
+            await self._request(BYE, b"", lambda k, f: k == BYE_ACK)
+        except TetherError:
+            pass
+        finally:
+            self._transport.close()
+
+    def _send(self, kind: int, body: bytes = b"", flags: int = 0) -> int:
+        seq, data = self._s.datagram(kind, body, flags)
+        self._transport.sendto(data)
+        return seq
+
+    async def _request(self, kind: int, body: bytes, wanted: Callable[[int, tuple], bool]):
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        sent: List[int] = []
+
+        def match(k, f, seq=None):
+            if k == UNKNOWN_SESSION:
+                return seq in sent
+            return wanted(k, f)
+
+        entry = (match, future)
+        self._waiters.append(entry)
+        try:
+            for _ in range(self._tries):
+                sent.append(self._send(kind, body))
+                done, _ = await asyncio.wait({future}, timeout=self._retry_after)
+                if done:
+                    k, fields = future.result()
+                    if k == UNKNOWN_SESSION:
+                        raise SessionLost("the server no longer knows this session")
+                    return k, fields
+            raise TimeoutError_("no reply from the server (is it running, and is the key right?)")
+        finally:
+            if entry in self._waiters:
+                self._waiters.remove(entry)
+
+    def _on_datagram(self, data: bytes):
+        d = self._s.accept(data)
+        if d is None:
+            return
+        kind, _, _, _, seq, fields = d
+        if kind == TASK_STATE and fields.final:
+            future = self._finals.setdefault(fields.task_id, asyncio.get_running_loop().create_future())
+            if not future.done():
+                future.set_result(fields)
+        for match, future in list(self._waiters):
+            if not future.done() and match(kind, fields, seq):
+                future.set_result((kind, fields))
+                break
+
+    async def _heartbeat(self):
+        while True:
+            await asyncio.sleep(self.ttl / 3)
+            if not self.paused:
+                self._send(HEARTBEAT)
+
+    async def submit(self, job: str, payload: bytes = b"", delay: float = 0.0, deadline: float = 0.0) -> int:
+        """Starts ``job``; returns its task id. Raises ``Rejected``."""
+        request_id = next(self._s.request_ids)
+        body = _submit_body(request_id, job, payload, delay, deadline)
+        kind, fields = await self._request(
+            SUBMIT, body, lambda k, f: k in (ACCEPTED, REJECTED) and f[0] == request_id)
+        if kind == REJECTED:
+            raise Rejected(fields[1], fields[2])
+        return fields[1]
+
+    async def status(self, task_id: int) -> TaskResult:
+        _, result = await self._request(STATUS, struct.pack(">Q", task_id),
+                                        lambda k, f: k == TASK_STATE and f.task_id == task_id)
+        return result
+
+    async def cancel(self, task_id: int) -> str:
+        _, (_, outcome) = await self._request(CANCEL, struct.pack(">Q", task_id),
+                                              lambda k, f: k == CANCEL_RESULT and f[0] == task_id)
+        return outcome
+
+    async def wait(self, task_id: int) -> TaskResult:
+        """The task's final state, from the push or, if it was lost, STATUS."""
+        future = self._finals.setdefault(task_id, asyncio.get_running_loop().create_future())
+        while True:
+            done, _ = await asyncio.wait({future}, timeout=1.0)
+            if done:
+                return future.result()
+            state = await self.status(task_id)
+            if state.final or state.state == "unknown":
+                return state
+
+    async def run(self, job: str, payload: bytes = b"", delay: float = 0.0, deadline: float = 0.0) -> TaskResult:
+        """Submits ``job`` and returns its final state. If the coroutine is
+        cancelled while waiting, the task is cancelled on the server too."""
+        task_id = await self.submit(job, payload, delay, deadline)
+        try:
+            return await self.wait(task_id)
+        except asyncio.CancelledError:
+            try:
+                await asyncio.shield(self.cancel(task_id))
+            except TetherError:
+                pass
+            raise
+
+
+def default_client_id() -> int:
+    """A client id that stays the same for this process's user and host."""
+    digest = hashlib.sha256(f"{os.getuid() if hasattr(os, 'getuid') else 0}@{socket.gethostname()}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") or 1
