@@ -303,7 +303,7 @@ fn panic_text(panic: &(dyn Any + Send)) -> &str {
 
 type StandardJob = (&'static str, PayloadRule, fn(&TaskContext<'_>) -> JobResult);
 
-fn standard_jobs() -> [StandardJob; 5] {
+pub(crate) fn standard_jobs() -> [StandardJob; 5] {
     [
         ("sleep", PayloadRule::Exactly(4), job_sleep),
         ("spin", PayloadRule::Exactly(8), job_spin),

@@ -116,6 +116,8 @@ pub enum ServerError {
         /// Tasks that had not stopped.
         unfinished: usize,
     },
+    /// The configuration is inconsistent; the text says which rule.
+    InvalidConfig(&'static str),
 }
 
 impl fmt::Display for ServerError {
@@ -129,6 +131,7 @@ impl fmt::Display for ServerError {
             ),
             ServerError::Bind(addr, e) => write!(f, "cannot listen on {addr}: {e}"),
             ServerError::Io(what, e) => write!(f, "{what}: {e}"),
+            ServerError::InvalidConfig(rule) => write!(f, "invalid configuration: {rule}"),
             ServerError::Aborted { unfinished } => write!(
                 f,
                 "second signal: stopped at once with {unfinished} task(s) still running"
@@ -157,7 +160,7 @@ pub struct ShutdownReport {
 }
 
 /// Stops a running server from another thread, as SIGTERM would.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct ServerHandle {
     stop: Arc<AtomicBool>,
     waker: Arc<Waker>,
@@ -219,6 +222,32 @@ pub struct Server {
 }
 
 impl Server {
+    /// A builder for an embedded server, with the server's defaults but no
+    /// signal handling and no jobs yet.
+    pub fn builder() -> ServerBuilder {
+        ServerBuilder {
+            config: ServerConfig {
+                handle_signals: false,
+                ..ServerConfig::default()
+            },
+            registry: Registry::new(),
+        }
+    }
+
+    /// Runs the server on a thread of its own.
+    pub fn spawn(self) -> io::Result<RunningServer> {
+        let addr = self.local_addr;
+        let handle = self.handle();
+        let thread = std::thread::Builder::new()
+            .name("tether-server".into())
+            .spawn(move || self.run())?;
+        Ok(RunningServer {
+            addr,
+            handle,
+            thread,
+        })
+    }
+
     /// Binds the socket, starts the workers and registers signal handlers.
     /// The engine's job table is taken from `registry`.
     pub fn bind(mut config: ServerConfig, registry: Registry) -> Result<Server, ServerError> {
@@ -226,6 +255,7 @@ impl Server {
         if config.engine.key.is_none() && !listen.ip().is_loopback() && !config.insecure_bind {
             return Err(ServerError::InsecureBind(listen));
         }
+        validate(&config)?;
         let (std_socket, granted) = udp_socket(listen).map_err(|e| ServerError::Bind(listen, e))?;
         let mut socket = UdpSocket::from_std(std_socket);
         let local_addr = socket
@@ -662,6 +692,181 @@ impl Server {
             }
         }
         false
+    }
+}
+
+/// Checks what the engine would otherwise assert, so a bad configuration
+/// is an error and never a panic.
+fn validate(config: &ServerConfig) -> Result<(), ServerError> {
+    let e = &config.engine;
+    if e.tick_us < 1000 || e.tick_us % 1000 != 0 {
+        return Err(ServerError::InvalidConfig(
+            "the tick must be a whole number of milliseconds, at least 1",
+        ));
+    }
+    if e.min_ttl_ms == 0 || e.min_ttl_ms > e.default_ttl_ms || e.default_ttl_ms > e.max_ttl_ms {
+        return Err(ServerError::InvalidConfig(
+            "TTLs must satisfy 0 < min <= default <= max",
+        ));
+    }
+    if e.max_sessions == 0 || e.max_sessions > u32::MAX as usize / 2 {
+        return Err(ServerError::InvalidConfig(
+            "max sessions must be between 1 and 2^31 - 1",
+        ));
+    }
+    if config.workers == 0 {
+        return Err(ServerError::InvalidConfig(
+            "at least one worker thread is needed",
+        ));
+    }
+    if e.max_tasks_per_session == 0 || e.max_waiting_tasks == 0 {
+        return Err(ServerError::InvalidConfig("task limits must be at least 1"));
+    }
+    Ok(())
+}
+
+/// Builds a server to embed in a program: its address, limits, key and
+/// jobs. Start from [`Server::builder`]; [`ServerBuilder::bind`] checks the
+/// configuration and binds, [`Server::spawn`] runs it on a thread.
+#[derive(Debug, Clone)]
+pub struct ServerBuilder {
+    config: ServerConfig,
+    registry: Registry,
+}
+
+impl ServerBuilder {
+    /// The UDP address to listen on (default `127.0.0.1:7900`; port 0 picks
+    /// a free one).
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.config.listen = addr;
+        self
+    }
+    /// The TTL granted to clients that ask for none (default 3 s).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.config.engine.default_ttl_ms = duration_ms(ttl);
+        self
+    }
+    /// The range requested TTLs are clamped to (default 100 ms to 1 h).
+    pub fn ttl_bounds(mut self, min: Duration, max: Duration) -> Self {
+        self.config.engine.min_ttl_ms = duration_ms(min);
+        self.config.engine.max_ttl_ms = duration_ms(max);
+        self
+    }
+    /// The timer tick (default 10 ms): expiry comes at most one tick late.
+    pub fn tick(mut self, tick: Duration) -> Self {
+        self.config.engine.tick_us = tick.as_micros().min(u128::from(u64::MAX)) as u64;
+        self
+    }
+    /// Require HMAC-SHA256 with this key on every datagram.
+    pub fn key(mut self, key: crate::wire::MacKey) -> Self {
+        self.config.engine.key = Some(key);
+        self
+    }
+    /// Worker threads (default: the number of cores).
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.config.workers = workers;
+        self
+    }
+    /// Live sessions at most (default 1,000,000).
+    pub fn max_sessions(mut self, n: usize) -> Self {
+        self.config.engine.max_sessions = n;
+        self.config.engine.max_client_records = n;
+        self
+    }
+    /// Unfinished tasks per session at most (default 64).
+    pub fn max_tasks_per_session(mut self, n: usize) -> Self {
+        self.config.engine.max_tasks_per_session = n;
+        self
+    }
+    /// Tasks waiting for a worker at most (default 65,536).
+    pub fn queue(mut self, n: usize) -> Self {
+        self.config.engine.max_waiting_tasks = n;
+        self
+    }
+    /// How long a shutdown waits for tasks to stop (default 5 s).
+    pub fn grace(mut self, grace: Duration) -> Self {
+        self.config.grace = grace;
+        self
+    }
+    /// Stop gracefully on SIGINT/SIGTERM (default off for an embedded
+    /// server: the program decides; use [`ServerHandle::shutdown`]).
+    pub fn handle_signals(mut self, on: bool) -> Self {
+        self.config.handle_signals = on;
+        self
+    }
+    /// Allow a keyless server on a non-loopback address.
+    pub fn insecure_bind(mut self, on: bool) -> Self {
+        self.config.insecure_bind = on;
+        self
+    }
+    /// Serve Prometheus metrics on this TCP address.
+    pub fn metrics(mut self, addr: SocketAddr) -> Self {
+        self.config.metrics = Some(addr);
+        self
+    }
+    /// Write lifecycle events as JSON lines.
+    pub fn events(mut self, target: EventsTarget) -> Self {
+        self.config.events = Some(target);
+        self
+    }
+    /// Adds the protocol's standard jobs (`sleep`, `spin`, `echo`, `fail`,
+    /// `panic`).
+    pub fn standard_jobs(mut self) -> Result<Self, crate::pool::RegistryError> {
+        for (name, rule, body) in crate::pool::standard_jobs() {
+            self.registry.register(name, rule, body)?;
+        }
+        Ok(self)
+    }
+    /// Adds a job clients can SUBMIT by `name`. The closure runs on a worker
+    /// thread; it should poll [`TaskContext::is_cancelled`](crate::TaskContext::is_cancelled)
+    /// or sleep through [`TaskContext::sleep`](crate::TaskContext::sleep) so
+    /// that cancellation can stop it.
+    pub fn job<F>(
+        mut self,
+        name: &str,
+        payload: crate::engine::PayloadRule,
+        body: F,
+    ) -> Result<Self, crate::pool::RegistryError>
+    where
+        F: Fn(&crate::TaskContext<'_>) -> crate::JobResult + Send + Sync + 'static,
+    {
+        self.registry.register(name, payload, body)?;
+        Ok(self)
+    }
+    /// Checks the configuration, binds the socket and starts the workers.
+    pub fn bind(self) -> Result<Server, ServerError> {
+        Server::bind(self.config, self.registry)
+    }
+}
+
+fn duration_ms(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+/// A server running on a thread of its own (see [`Server::spawn`]).
+#[derive(Debug)]
+pub struct RunningServer {
+    addr: SocketAddr,
+    handle: ServerHandle,
+    thread: std::thread::JoinHandle<Result<ShutdownReport, ServerError>>,
+}
+
+impl RunningServer {
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+    /// A handle to stop it from anywhere.
+    pub fn handle(&self) -> ServerHandle {
+        self.handle.clone()
+    }
+    /// Stops it gracefully and waits for it: every task is cancelled with
+    /// reason `shutdown` and told to its client, within the grace period.
+    pub fn shutdown(self) -> Result<ShutdownReport, ServerError> {
+        self.handle.shutdown();
+        self.thread.join().unwrap_or(Err(ServerError::InvalidConfig(
+            "the server thread panicked",
+        )))
     }
 }
 

@@ -15,7 +15,7 @@
 //!
 //! Time is a [`Timestamp`] in microseconds from an origin the caller picks
 //! (the server uses its start). It is converted to wheel [`Tick`]s in one
-//! place, [`Engine::tick_at_or_after`], which rounds deadlines *up*: a
+//! place, `Engine::tick_at_or_after`, which rounds deadlines *up*: a
 //! session whose last datagram arrived at `t` expires at the first tick
 //! boundary at or after `t + ttl`, so never early and at most one tick late
 //! if the caller calls [`Engine::handle_timeout`] when
