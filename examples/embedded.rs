@@ -44,12 +44,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     // expired, about a TTL after its last heartbeat.
     config.client_id = 2;
     let silent = Client::connect(config)?;
-    let task = silent.submit("fetch-pages", &1000u32.to_be_bytes())?;
+    let long = silent.submit("fetch-pages", &1000u32.to_be_bytes())?;
     std::thread::sleep(Duration::from_millis(200));
     silent.pause_heartbeats(true);
-    if let Some(ClientEvent::TaskEnded { task, status }) = silent.next_event(Duration::from_secs(5))
-    {
-        println!("task {task} after the client went quiet: {status:?}");
+    match silent.next_event(Duration::from_secs(5)) {
+        Some(ClientEvent::TaskEnded { task, status }) if task == long => {
+            println!("task {task} after the client went quiet: {status:?}");
+        }
+        other => println!("unexpected: {other:?}"),
     }
 
     client.bye()?;
