@@ -166,8 +166,8 @@ class AsyncSessionTests(unittest.TestCase):
     def test_run_returns_final_state(self):
         async def main():
             async with tc.AsyncSession(self.server.addr, client_id=201) as s:
-                done = await s.run("echo", b"async")
-                failed = await s.run("fail", b"bad")
+                done = await s.submit("echo", b"async")
+                failed = await s.submit("fail", b"bad")
                 return done, failed
 
         done, failed = asyncio.run(main())
@@ -177,7 +177,7 @@ class AsyncSessionTests(unittest.TestCase):
     def test_cancelling_the_coroutine_cancels_the_task(self):
         async def main():
             async with tc.AsyncSession(self.server.addr, client_id=202) as s:
-                job = asyncio.ensure_future(s.run("sleep", struct.pack(">I", 60_000)))
+                job = asyncio.ensure_future(s.submit("sleep", struct.pack(">I", 60_000)))
                 await asyncio.sleep(0.2)
                 job.cancel()
                 with self.assertRaises(asyncio.CancelledError):
@@ -198,8 +198,8 @@ class AsyncSessionTests(unittest.TestCase):
         async def main():
             async with tc.AsyncSession(self.server.addr, client_id=203, ttl=0.3) as s:
                 with self.assertRaises(asyncio.TimeoutError):
-                    await asyncio.wait_for(s.run("sleep", struct.pack(">I", 60_000)), 0.3)
-                task_id = await s.submit("sleep", struct.pack(">I", 60_000))
+                    await asyncio.wait_for(s.submit("sleep", struct.pack(">I", 60_000)), 0.3)
+                task_id = await s.start("sleep", struct.pack(">I", 60_000))
                 s.paused = True
                 return await asyncio.wait_for(s.wait(task_id), 5)
 

@@ -5,9 +5,9 @@ Two interfaces over one wire codec:
 * ``Client``: blocking. A background thread receives replies and sends
   heartbeats; ``submit`` returns a task id, ``wait`` its final state.
 * ``AsyncSession``: asyncio. ``async with AsyncSession(...) as s`` opens a
-  session that heartbeats in a background task; ``await s.run(job, payload)``
-  returns the task's final state, and cancelling the awaiting coroutine sends
-  CANCEL to the server.
+  session that heartbeats in a background task; ``await s.submit(job,
+  payload)`` returns the task's final state, and cancelling the awaiting
+  coroutine sends CANCEL to the server.
 
 The wire format is described in PROTOCOL.md at the top of the repository.
 """
@@ -478,7 +478,8 @@ class AsyncSession:
     opens it and heartbeats in a background task until the block ends (then
     BYE, which cancels whatever is still running, reason 'left').
 
-    ``await s.run(job, payload)`` submits and returns the final TaskResult.
+    ``await s.submit(job, payload)`` returns the task's final TaskResult
+    (``await s.start(...)`` only starts it and returns its id).
     Cancelling the coroutine that awaits it (``task.cancel()``,
     ``asyncio.wait_for`` timing out) sends CANCEL for the server-side task.
     """
@@ -574,8 +575,9 @@ class AsyncSession:
             if not self.paused:
                 self._send(HEARTBEAT)
 
-    async def submit(self, job: str, payload: bytes = b"", delay: float = 0.0, deadline: float = 0.0) -> int:
-        """Starts ``job``; returns its task id. Raises ``Rejected``."""
+    async def start(self, job: str, payload: bytes = b"", delay: float = 0.0, deadline: float = 0.0) -> int:
+        """Starts ``job`` and returns its task id without waiting for it.
+        Raises ``Rejected``."""
         request_id = next(self._s.request_ids)
         body = _submit_body(request_id, job, payload, delay, deadline)
         kind, fields = await self._request(
@@ -605,10 +607,11 @@ class AsyncSession:
             if state.final or state.state == "unknown":
                 return state
 
-    async def run(self, job: str, payload: bytes = b"", delay: float = 0.0, deadline: float = 0.0) -> TaskResult:
+    async def submit(self, job: str, payload: bytes = b"", delay: float = 0.0, deadline: float = 0.0) -> TaskResult:
         """Submits ``job`` and returns its final state. If the coroutine is
-        cancelled while waiting, the task is cancelled on the server too."""
-        task_id = await self.submit(job, payload, delay, deadline)
+        cancelled while waiting, the task is cancelled on the server too.
+        Raises ``Rejected``."""
+        task_id = await self.start(job, payload, delay, deadline)
         try:
             return await self.wait(task_id)
         except asyncio.CancelledError:
