@@ -291,6 +291,28 @@ impl fmt::Display for RegistryError {
 
 impl std::error::Error for RegistryError {}
 
+/// Installs a panic hook that keeps panics on worker threads quiet (their
+/// message is already the failed task's error, and a flood of panicking
+/// jobs must not flood stderr) and leaves every other thread's panics to
+/// the hook that was there before. Call once, early; the `tether` binary
+/// does.
+pub fn quiet_worker_panics() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let on_worker = std::thread::current()
+                .name()
+                .is_some_and(|n| n.starts_with(WORKER_PREFIX));
+            if !on_worker {
+                previous(info);
+            }
+        }));
+    });
+}
+
+const WORKER_PREFIX: &str = "tether-worker-";
+
 fn panic_text(panic: &(dyn Any + Send)) -> &str {
     if let Some(s) = panic.downcast_ref::<&str>() {
         s
@@ -387,7 +409,7 @@ impl Pool {
             let notify = Arc::clone(&notify);
             threads.push(
                 std::thread::Builder::new()
-                    .name(format!("tether-worker-{i}"))
+                    .name(format!("{WORKER_PREFIX}{i}"))
                     .spawn(move || worker(rx, &registry, &reports, &*notify))?,
             );
         }

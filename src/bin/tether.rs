@@ -307,6 +307,7 @@ fn init_logging(format: LogFormat) {
 
 fn serve(args: ServeArgs) -> Result<(), Failure> {
     init_logging(args.log_format);
+    tether::pool::quiet_worker_panics();
     let config = config(&args).map_err(Failure::Error)?;
     let keyed = config.engine.key.is_some();
     let workers = config.workers;
