@@ -27,7 +27,7 @@ fn ten_thousand_panics_keep_the_pool_whole_and_memory_flat() {
     let echo_job = registry.table().lookup("echo").unwrap();
     let (tx, rx) = crossbeam_channel::unbounded();
     let pool = Pool::start(2, registry, tx, Arc::new(|| {})).unwrap();
-    let mut run_batch = |from: u64, n: u64| {
+    let run_batch = |from: u64, n: u64| {
         for i in from..from + n {
             pool.submit(WorkItem {
                 task: TaskId(i),
