@@ -799,6 +799,18 @@ impl ServerBuilder {
         self.config.insecure_bind = on;
         self
     }
+    /// Warn (and count) when a loop iteration takes longer than this
+    /// (default 100 ms).
+    pub fn slow_loop(mut self, threshold: Duration) -> Self {
+        self.config.slow_loop = threshold;
+        self
+    }
+    /// Warn (and count) when a task keeps running this long after its
+    /// cancel flag was set (default 1 s).
+    pub fn slow_cancel(mut self, threshold: Duration) -> Self {
+        self.config.slow_cancel = threshold;
+        self
+    }
     /// Serve Prometheus metrics on this TCP address.
     pub fn metrics(mut self, addr: SocketAddr) -> Self {
         self.config.metrics = Some(addr);

@@ -1,0 +1,79 @@
+//! The engine's datagram input, driven by a script of operations decoded
+//! from the fuzzer's bytes: raw datagrams, datagrams with a valid header
+//! and a fuzzed body (so they get past framing), time advancing, and worker
+//! reports. The engine must never panic, and its books must balance.
+#![no_main]
+
+use std::net::SocketAddr;
+
+use libfuzzer_sys::fuzz_target;
+use tether::engine::{Config, Effect, Engine, JobOutcome, TaskEvent, Timestamp};
+use tether::pool::Registry;
+use tether::wire::MAX_DATAGRAM;
+
+fuzz_target!(|data: &[u8]| {
+    let config = Config {
+        max_sessions: 8,
+        max_client_records: 8,
+        max_tasks_per_session: 4,
+        max_waiting_tasks: 8,
+        max_finished_tasks: 16,
+        max_outbox_bytes: 64 * 1024,
+        jobs: Registry::with_standard_jobs().table(),
+        record_events: true,
+        ..Config::default()
+    };
+    let mut engine = Engine::new(config, Timestamp(0));
+    let mut now = Timestamp(0);
+    let mut buf = [0u8; MAX_DATAGRAM];
+    let mut running = Vec::new();
+    let mut input = data;
+    while let [op, len, rest @ ..] = input {
+        let len = (*len as usize).min(rest.len());
+        let (chunk, tail) = rest.split_at(len);
+        input = tail;
+        let from = SocketAddr::from(([127, 0, 0, 1], 1000 + u16::from(*op >> 4)));
+        match op % 4 {
+            0 => {
+                let _ = engine.handle_datagram(now, from, chunk);
+            }
+            1 => {
+                // A valid header for a few client ids, kinds and seqs, then
+                // the fuzzed body.
+                let mut datagram = vec![b'T', b'H', 1, chunk.first().map_or(1, |k| k % 7), 0, 0];
+                let body = chunk.get(2..).unwrap_or(&[]);
+                datagram.extend_from_slice(&(body.len() as u16).to_be_bytes());
+                datagram.extend_from_slice(&u64::from(op >> 5 | 1).to_be_bytes());
+                datagram.extend_from_slice(&1u64.to_be_bytes());
+                datagram.extend_from_slice(&u32::from(chunk.get(1).copied().unwrap_or(1) | 1).to_be_bytes());
+                datagram.extend_from_slice(body);
+                let _ = engine.handle_datagram(now, from, &datagram);
+            }
+            2 => {
+                now = now.plus_millis(u64::from(chunk.first().copied().unwrap_or(0)) * 37);
+                engine.handle_timeout(now);
+            }
+            _ => {
+                while let Some(effect) = engine.poll_effect() {
+                    if let Effect::Run { task, .. } = effect {
+                        engine.handle_task_event(now, task, TaskEvent::Started);
+                        running.push(task);
+                    }
+                }
+                if let Some(task) = running.pop() {
+                    let outcome = JobOutcome::Done(chunk.to_vec());
+                    engine.handle_task_event(now, task, TaskEvent::Finished(outcome));
+                }
+            }
+        }
+        while engine.poll_transmit(&mut buf).is_some() {}
+        while engine.poll_event().is_some() {}
+        let s = engine.stats();
+        assert!(engine.live_sessions() <= 8);
+        assert_eq!(
+            s.tasks_accepted,
+            s.tasks_done + s.tasks_failed + s.tasks_cancelled + engine.unfinished_tasks() as u64,
+            "every accepted task is finished or unfinished: {s:?}"
+        );
+    }
+});

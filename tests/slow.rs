@@ -1,0 +1,80 @@
+//! A task that ignores its cancel flag, and slow loop iterations, are
+//! reported and counted. An embedded server, so the test can register a
+//! job that misbehaves on purpose.
+
+use std::time::{Duration, Instant};
+
+use tether::{CancelOutcome, Client, ClientConfig, PayloadRule, Server, TaskStatus};
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {name}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn a_task_ignoring_its_flag_is_reported_and_counted() {
+    let server = Server::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .slow_cancel(Duration::from_millis(150))
+        .job("stubborn", PayloadRule::Any, |_ctx| {
+            // Never looks at its flag: busy for 600 ms whatever happens.
+            let until = Instant::now() + Duration::from_millis(600);
+            while Instant::now() < until {
+                std::hint::spin_loop();
+            }
+            Ok(b"ignored you".to_vec())
+        })
+        .unwrap()
+        .bind()
+        .unwrap();
+    let metrics = server.metrics();
+    let server = server.spawn().unwrap();
+    let client = Client::connect(ClientConfig::new(server.local_addr(), 31)).unwrap();
+    let task = client.submit("stubborn", b"").unwrap();
+    let started = Instant::now();
+    while client.status(task).unwrap() != TaskStatus::Running {
+        assert!(started.elapsed() < Duration::from_secs(5), "never started");
+    }
+    assert_eq!(client.cancel(task).unwrap(), CancelOutcome::CancelledNow);
+    // The cancellation wins over the result it returns anyway.
+    assert_eq!(
+        client.wait(task, Duration::from_secs(10)).unwrap(),
+        TaskStatus::Cancelled(tether::CancelReason::Cancelled)
+    );
+    assert_eq!(metric(&metrics.render(), "tether_slow_cancels_total"), 1.0);
+    client.bye().unwrap();
+    server.shutdown().unwrap();
+}
+
+#[test]
+fn slow_loop_iterations_are_counted() {
+    // Every iteration is slower than zero: the mechanism, deterministically.
+    let server = Server::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .slow_loop(Duration::ZERO)
+        .standard_jobs()
+        .unwrap()
+        .bind()
+        .unwrap();
+    let metrics = server.metrics();
+    let server = server.spawn().unwrap();
+    let client = Client::connect(ClientConfig::new(server.local_addr(), 32)).unwrap();
+    let task = client.submit("echo", b"x").unwrap();
+    client.wait(task, Duration::from_secs(10)).unwrap();
+    let text = metrics.render();
+    assert!(
+        metric(&text, "tether_slow_loop_iterations_total") >= 2.0,
+        "{text}"
+    );
+    // Every iteration counts as slow; the two are published a moment
+    // apart, so a scrape may see the histogram one ahead.
+    let slow = metric(&text, "tether_slow_loop_iterations_total");
+    let all = metric(&text, "tether_loop_iteration_seconds_count");
+    assert!(slow <= all && all <= slow + 1.0, "{slow} slow of {all}");
+    client.bye().unwrap();
+    server.shutdown().unwrap();
+}
