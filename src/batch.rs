@@ -16,6 +16,47 @@ use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsRawFd, RawFd};
 
+/// Asks for a receive buffer of `bytes`, past `net.core.rmem_max` when the
+/// process may (root, or CAP_NET_ADMIN: `SO_RCVBUFFORCE`), else up to that
+/// cap (`SO_RCVBUF`). Returns the size the kernel reports afterwards (Linux
+/// reports twice what it grants, counting its bookkeeping).
+pub fn set_recv_buffer(socket: &impl AsRawFd, bytes: usize) -> io::Result<usize> {
+    let value = bytes.min(i32::MAX as usize / 2) as libc::c_int;
+    let set = |option: libc::c_int| {
+        // SAFETY: `value` is a live c_int and its exact size is passed; the
+        // kernel only reads it.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&value as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        }
+    };
+    if set(libc::SO_RCVBUFFORCE) != 0 && set(libc::SO_RCVBUF) != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut granted: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `granted` and `len` are live and sized as declared; the kernel
+    // writes at most `len` bytes into `granted`.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&mut granted as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(granted.max(0) as usize)
+}
+
 /// A reusable batch of receive buffers.
 pub struct RecvBatch {
     slot_len: usize,
@@ -258,6 +299,14 @@ mod tests {
         let err = batch.recv(&rx, false).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
         assert!(batch.is_empty());
+    }
+
+    #[test]
+    fn receive_buffer_is_set_and_reported() {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let granted = set_recv_buffer(&socket, 1 << 20).unwrap();
+        // Linux doubles the request (or caps it at twice rmem_max).
+        assert!(granted >= 256 << 10, "granted {granted}");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use tether::engine;
 use tether::observe::EventsTarget;
-use tether::server::{Server, ServerConfig, ServerError, RECV_BUFFER_BYTES};
+use tether::server::{datagrams_held, Server, ServerConfig, ServerError};
 use tether::wire::MacKey;
 use tether::{
     CancelOutcome, Client, ClientConfig, ClientError, ClientEvent, Registry, Resume, SubmitOptions,
@@ -112,6 +112,10 @@ struct ServeArgs {
     /// Warn when a task keeps running this long after it was cancelled.
     #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
     slow_cancel: Duration,
+    /// Receive buffer to ask for (e.g. 64MiB): what queues up while the
+    /// server is stalled. Past net.core.rmem_max it needs root.
+    #[arg(long, default_value = "4MiB", value_parser = parse_bytes, value_name = "BYTES")]
+    recv_buffer: usize,
     /// Warn when one event loop iteration takes longer than this.
     #[arg(long, default_value = "100ms", value_parser = parse_duration, value_name = "DURATION")]
     slow_loop: Duration,
@@ -171,6 +175,27 @@ enum ClientAction {
         /// The task id, as `submit` printed it.
         task: u64,
     },
+}
+
+fn parse_bytes(text: &str) -> Result<usize, String> {
+    let usage = "write sizes like 4194304, 512KiB, 64MiB or 1GiB";
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let scale: usize = match unit {
+        "" | "B" => 1,
+        "K" | "KiB" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        _ => return Err(usage.into()),
+    };
+    digits
+        .parse::<usize>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| usage.into())
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -284,6 +309,7 @@ fn config(args: &ServeArgs) -> Result<ServerConfig, String> {
         events: args.events.clone(),
         slow_loop: args.slow_loop,
         slow_cancel: args.slow_cancel,
+        recv_buffer: args.recv_buffer,
     })
 }
 
@@ -314,19 +340,24 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
     let server = Server::bind(config, Registry::with_standard_jobs())
         .map_err(|e| Failure::Error(e.to_string()))?;
     let granted = server.recv_buffer_granted();
+    let held = datagrams_held(granted);
     tracing::info!(
         receive_buffer = granted,
-        asked = RECV_BUFFER_BYTES,
+        holds_heartbeats = held,
         workers,
         auth = if keyed { "HMAC-SHA256" } else { "none" },
         metrics = server.metrics_addr().map(|a| format!("http://{a}/metrics")),
         "starting"
     );
     // Linux reports twice the usable size it grants.
-    if granted < RECV_BUFFER_BYTES {
+    if granted < 2 * args.recv_buffer {
         tracing::warn!(
-            "the kernel capped the receive buffer at {granted} bytes; heartbeats queued during a \
-             stall may be dropped. Raise the cap with: sysctl -w net.core.rmem_max={RECV_BUFFER_BYTES}"
+            "the kernel granted a receive buffer of {granted} bytes of the {} asked for: it holds \
+             about {held} heartbeats, so a stall longer than {:.2} s at 100,000 heartbeats/s \
+             loses datagrams. Run as root, or raise the cap: sysctl -w net.core.rmem_max={}",
+            args.recv_buffer,
+            held as f64 / 100_000.0,
+            args.recv_buffer
         );
     }
     println!("listening on {}", server.local_addr());

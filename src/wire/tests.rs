@@ -624,8 +624,12 @@ fn mutation() -> impl Strategy<Value = Mutation> {
 
 fn mutate(bytes: &mut Vec<u8>, m: &Mutation) {
     // Earlier truncations can leave too little to mutate in place.
-    let in_place = matches!(m, Mutation::FlipBit(..) | Mutation::Byte(..));
-    if (in_place && bytes.is_empty()) || (matches!(m, Mutation::BodyLen(_)) && bytes.len() < 8) {
+    let needs = match m {
+        Mutation::Extend(_) => 0,
+        Mutation::BodyLen(_) => 8,
+        _ => 1,
+    };
+    if bytes.len() < needs {
         return;
     }
     match m {
