@@ -18,9 +18,11 @@
 //! `--duration` plus a short drain, and only targets the address given
 //! (loopback unless `--allow-remote`).
 
+mod junk;
 mod procfs;
 mod report;
 
+use std::collections::HashMap;
 use std::io::IsTerminal;
 use std::net::{SocketAddr, UdpSocket};
 use std::path::PathBuf;
@@ -95,6 +97,21 @@ struct Args {
     /// switches, all threads) over this long while idle. Needs --pid.
     #[arg(long, value_parser = parse_duration, value_name = "D")]
     idle: Option<Duration>,
+    /// During the measured phase, also send this many junk datagrams as
+    /// fast as possible from another socket: random bytes, broken headers,
+    /// bad MACs, replays of the clients' own datagrams, HEARTBEATs for
+    /// unknown sessions. Checked against the server's counters with
+    /// --metrics.
+    #[arg(long, value_name = "N")]
+    junk: Option<u64>,
+    /// During the measured phase, also send HELLOs for this many new client
+    /// ids as fast as possible (against --max-sessions).
+    #[arg(long, value_name = "N")]
+    hello_flood: Option<u64>,
+    /// The server's metrics endpoint (ADDR of `tether serve --metrics ADDR`),
+    /// to check its drop counters against what was sent.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
     /// Allow a target outside the loopback range.
     #[arg(long)]
     allow_remote: bool,
@@ -236,6 +253,16 @@ struct RunResult {
     /// Datagrams the kernel dropped for full receive buffers, machine-wide,
     /// during the measured phase.
     kernel_drops: Option<u64>,
+    /// What the junk and HELLO floods sent and got back.
+    hostile: Option<Hostile>,
+}
+
+/// The hostile side of a run: what was sent, and the server's counters
+/// before and after.
+struct Hostile {
+    junk: Option<junk::JunkReport>,
+    hellos: Option<junk::JunkReport>,
+    counters: Option<(HashMap<String, f64>, HashMap<String, f64>)>,
 }
 
 fn run_once(args: &Args, target: Target, key: Option<MacKey>) -> Result<RunResult, String> {
@@ -346,6 +373,19 @@ fn run_once(args: &Args, target: Target, key: Option<MacKey>) -> Result<RunResul
     let cpu0 = target_cpu_of();
     let drops0 = procfs::udp_rcvbuf_errors();
     let sink_count0 = target_count_of();
+    let counters_before = args.metrics.and_then(|m| junk::scrape(m).ok());
+    let hostile = if target == Target::Server && (args.junk.is_some() || args.hello_flood.is_some())
+    {
+        let (server, key, captured) = (args.server, sender.key.clone(), sender.captured.clone());
+        let (junk_count, hellos) = (args.junk, args.hello_flood);
+        Some(std::thread::spawn(move || {
+            let junk = junk_count.map(|n| junk::flood(server, n, key.as_ref(), &captured));
+            let hellos = hellos.map(|n| junk::hello_flood(server, n, key.as_ref()));
+            (junk, hellos)
+        }))
+    } else {
+        None
+    };
     shared.counting.store(true, Ordering::Release);
     let phase_start = Instant::now();
     let measure_from = phase_start - schedule_start;
@@ -384,6 +424,26 @@ fn run_once(args: &Args, target: Target, key: Option<MacKey>) -> Result<RunResul
             sender.run_schedule(args, schedule_start, schedule_start.elapsed() + left, None);
         }
     }
+    let hostile = match hostile {
+        Some(thread) => {
+            let (junk, hellos) = thread
+                .join()
+                .map_err(|_| "junk thread panicked".to_string())?;
+            let junk = junk.transpose().map_err(|e| format!("junk: {e}"))?;
+            let hellos = hellos
+                .transpose()
+                .map_err(|e| format!("hello flood: {e}"))?;
+            // Let the server count the last of it before reading its counters.
+            std::thread::sleep(Duration::from_millis(300));
+            let after = args.metrics.and_then(|m| junk::scrape(m).ok());
+            Some(Hostile {
+                junk,
+                hellos,
+                counters: counters_before.zip(after),
+            })
+        }
+        None => None,
+    };
     shared.counting.store(false, Ordering::Release);
     shared.stop.store(true, Ordering::Release);
     let received = receiver
@@ -414,6 +474,7 @@ fn run_once(args: &Args, target: Target, key: Option<MacKey>) -> Result<RunResul
         tool_cpu,
         sender_cpu,
         kernel_drops,
+        hostile,
     })
 }
 
@@ -435,6 +496,8 @@ struct Sender {
     next_event: u64,
     send_errors: u64,
     sent: u64,
+    /// HELLOs of clients that stay live, to replay as junk.
+    captured: Vec<Vec<u8>>,
 }
 
 const BATCH: usize = 64;
@@ -457,6 +520,7 @@ impl Sender {
             next_event: 0,
             send_errors: 0,
             sent: 0,
+            captured: Vec::new(),
             shared,
         }
     }
@@ -480,6 +544,12 @@ impl Sender {
             .emit(self.key.as_ref(), &mut buf[start..])
             .expect("load datagrams are small");
         buf.truncate(start + n);
+        if matches!(message, Message::Hello { .. })
+            && self.captured.len() < 1000
+            && self.silent_offset_us[i] == u64::MAX
+        {
+            self.captured.push(buf[start..].to_vec());
+        }
         self.pending_lens[s].push(n);
         let now = self.shared.now_us();
         self.shared.last_sent_us[i].store(now, Ordering::Release);
@@ -957,6 +1027,89 @@ fn cpu_per_datagram_us(r: &RunResult) -> Option<f64> {
     (r.target_datagrams > 0).then(|| cpu.as_secs_f64() * 1e6 / r.target_datagrams as f64)
 }
 
+/// The causes the junk flood sends, as the server's drop counter labels.
+const CAUSES: [&str; 5] = [
+    "malformed",
+    "too_large",
+    "bad_mac",
+    "replay",
+    "unknown_session",
+];
+
+fn describe_hostile(h: &Hostile, text: &mut String, json: &mut Json) {
+    use std::fmt::Write as _;
+    if let Some(junk) = &h.junk {
+        let total: u64 = junk.sent.values().sum();
+        let rate = total as f64 / junk.elapsed.as_secs_f64().max(1e-9);
+        let _ = writeln!(
+            text,
+            "  junk sent               {total:>12}   ({rate:.0}/s; {} bytes)",
+            junk.bytes_sent
+        );
+        let unanswerable = junk
+            .replies
+            .iter()
+            .filter(|(k, _)| **k != "unknown_session")
+            .map(|(_, v)| v)
+            .sum::<u64>();
+        let _ = writeln!(
+            text,
+            "  junk answered           {:>12}   UNKNOWN_SESSION of {} sent; {unanswerable} replies to malformed, bad-MAC or replayed (must be 0)",
+            junk.replies("unknown_session"),
+            junk.sent("unknown_session")
+        );
+        let ratio = junk.bytes_received as f64 / junk.bytes_sent.max(1) as f64;
+        let _ = writeln!(
+            text,
+            "  amplification           {ratio:>12.3}   (bytes the server sent back / bytes of junk; must be <= 1)"
+        );
+        json.num("junk_sent", total)
+            .float("junk_rate", rate)
+            .num("junk_bytes_sent", junk.bytes_sent)
+            .num("junk_bytes_received", junk.bytes_received)
+            .num(
+                "junk_replies_unknown_session",
+                junk.replies("unknown_session"),
+            )
+            .num("junk_replies_other", unanswerable)
+            .float("amplification", ratio);
+        if let Some((before, after)) = &h.counters {
+            let mut all_match = true;
+            for cause in CAUSES {
+                let series = format!("tether_datagrams_dropped_total{{cause=\"{cause}\"}}");
+                let delta = after.get(&series).copied().unwrap_or(0.0)
+                    - before.get(&series).copied().unwrap_or(0.0);
+                let sent = junk.sent(cause);
+                let ok = delta as u64 == sent;
+                all_match &= ok;
+                let _ = writeln!(
+                    text,
+                    "  server counted {cause:<16} {:>10}   of {sent} sent {}",
+                    delta as u64,
+                    if ok { "(equal)" } else { "(DIFFERENT)" }
+                );
+                json.num(&format!("sent_{cause}"), sent)
+                    .num(&format!("counted_{cause}"), delta as u64);
+            }
+            json.num("counters_match", all_match);
+        } else {
+            let _ = writeln!(text, "  server counters         not read (pass --metrics ADDR of the server's --metrics)");
+        }
+    }
+    if let Some(hellos) = &h.hellos {
+        let rejected = hellos.replies("rejected");
+        let welcomed = hellos.replies("welcome");
+        let _ = writeln!(
+            text,
+            "  hello flood             {:>12}   sent; {welcomed} welcomed, {rejected} rejected (too many sessions)",
+            hellos.sent("hello")
+        );
+        json.num("hellos_sent", hellos.sent("hello"))
+            .num("hellos_welcomed", welcomed)
+            .num("hellos_rejected", rejected);
+    }
+}
+
 fn summarize(args: &Args, results: &[RunResult]) {
     let mut text = String::new();
     use std::fmt::Write as _;
@@ -969,6 +1122,7 @@ fn summarize(args: &Args, results: &[RunResult]) {
         .num("duration_s", args.duration.as_secs_f64())
         .num("keyed", args.key_file.is_some());
     for r in results {
+        let mut j_hostile = Json::default();
         let name = match r.target {
             Target::Server => "server",
             Target::Sink => "raw_sink",
@@ -1076,6 +1230,9 @@ fn summarize(args: &Args, results: &[RunResult]) {
             );
         }
         let _ = writeln!(text, "  bottleneck              {bottleneck}");
+        if let Some(h) = &r.hostile {
+            describe_hostile(h, &mut text, &mut j_hostile);
+        }
         let mut j = Json::default();
         j.num("heartbeats", r.heartbeats)
             .float("rate", rate)
@@ -1113,6 +1270,9 @@ fn summarize(args: &Args, results: &[RunResult]) {
             }
             lateness.extend_from_slice(&r.received.lateness_ms);
             rtt.extend_from_slice(&r.received.rtt_us);
+        }
+        if r.hostile.is_some() {
+            j.raw("hostile", &j_hostile.finish());
         }
         json.raw(name, &j.finish());
     }
