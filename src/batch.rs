@@ -230,6 +230,52 @@ impl SendBatch {
         }
     }
 
+    /// Sends each datagram to its own destination (an unconnected socket),
+    /// up to the capacity; returns how many the kernel took. An error on
+    /// the first datagram is returned as the error; on a later one, the
+    /// count before it (the next call then reports it).
+    pub fn send_to(
+        &mut self,
+        socket: &impl AsRawFd,
+        datagrams: &[(SocketAddr, &[u8])],
+    ) -> io::Result<usize> {
+        let n = datagrams.len().min(self.headers.capacity());
+        if n == 0 {
+            return Ok(0);
+        }
+        let names: Vec<socket2::SockAddr> = datagrams[..n]
+            .iter()
+            .map(|(to, _)| socket2::SockAddr::from(*to))
+            .collect();
+        self.iovecs.clear();
+        self.headers.clear();
+        for (_, d) in &datagrams[..n] {
+            self.iovecs.push(libc::iovec {
+                iov_base: d.as_ptr() as *mut _,
+                iov_len: d.len(),
+            });
+        }
+        for (i, name) in names.iter().enumerate() {
+            // SAFETY: mmsghdr is plain old data; zero is a valid start.
+            let mut header: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            header.msg_hdr.msg_name = name.as_ptr() as *mut libc::c_void;
+            header.msg_hdr.msg_namelen = name.len();
+            header.msg_hdr.msg_iov = &mut self.iovecs[i];
+            header.msg_hdr.msg_iovlen = 1;
+            self.headers.push(header);
+        }
+        // SAFETY: `headers` holds `n` initialised mmsghdr whose name
+        // pointers point into `names` and iov pointers into `iovecs` (which
+        // point at the caller's slices), all alive for the call; the kernel
+        // only reads them.
+        let sent =
+            unsafe { libc::sendmmsg(socket.as_raw_fd(), self.headers.as_mut_ptr(), n as _, 0) };
+        if sent < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(sent as usize)
+    }
+
     /// Sends `datagrams` (up to the capacity) on a connected socket;
     /// returns how many the kernel took, which may be fewer.
     pub fn send(&mut self, socket: &impl AsRawFd, datagrams: &[&[u8]]) -> io::Result<usize> {
@@ -299,6 +345,27 @@ mod tests {
         let err = batch.recv(&rx, false).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::WouldBlock);
         assert!(batch.is_empty());
+    }
+
+    #[test]
+    fn sends_each_datagram_to_its_own_address() {
+        let a = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let b = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut send = SendBatch::new(4);
+        let items: Vec<(SocketAddr, &[u8])> = vec![
+            (a.local_addr().unwrap(), b"to a"),
+            (b.local_addr().unwrap(), b"to b"),
+        ];
+        assert_eq!(send.send_to(&tx, &items).unwrap(), 2);
+        let mut buf = [0u8; 16];
+        for (socket, want) in [(&a, &b"to a"[..]), (&b, &b"to b"[..])] {
+            socket
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let (n, from) = socket.recv_from(&mut buf).unwrap();
+            assert_eq!((&buf[..n], from), (want, tx.local_addr().unwrap()));
+        }
     }
 
     #[test]

@@ -185,6 +185,9 @@ struct InFlight {
     job: engine::JobId,
     /// When its flag was set, and whether it has been reported as slow.
     cancelled_at: Option<(Instant, bool)>,
+    /// Whether a worker has taken it: a cancelled task still waiting in the
+    /// queue is not slow to stop, it will simply never start.
+    started: bool,
 }
 
 /// What one loop iteration did, for the slow-loop warning.
@@ -376,7 +379,7 @@ impl Server {
         let mut events = Events::with_capacity(64);
         // One byte over the limit, so an oversized datagram shows as such.
         let mut batch = RecvBatch::new(RECV_BATCH, MAX_DATAGRAM + 1);
-        let mut send_buf = vec![0u8; MAX_DATAGRAM];
+        let mut send_buf = SendSlots::new();
         let mut socket_backlog = true;
         let mut send_blocked = false;
         let mut grace_deadline: Option<Instant> = None;
@@ -451,7 +454,13 @@ impl Server {
     }
 
     fn finish(mut self) -> ShutdownReport {
-        let mut ignored_cancel: Vec<TaskId> = self.inflight.keys().copied().collect();
+        // Still on a worker: a task cancelled while queued never starts.
+        let mut ignored_cancel: Vec<TaskId> = self
+            .inflight
+            .iter()
+            .filter(|(_, f)| f.started)
+            .map(|(t, _)| *t)
+            .collect();
         ignored_cancel.sort_unstable();
         for task in &ignored_cancel {
             let f = &self.inflight[task];
@@ -546,7 +555,7 @@ impl Server {
         }
         self.next_slow_cancel_check = None;
         for (task, f) in self.inflight.iter_mut() {
-            let Some((at, reported)) = f.cancelled_at.as_mut() else {
+            let Some((at, reported)) = f.cancelled_at.as_mut().filter(|_| f.started) else {
                 continue;
             };
             let ignoring = now.saturating_duration_since(*at);
@@ -599,7 +608,7 @@ impl Server {
     fn drain_socket(
         &mut self,
         batch: &mut RecvBatch,
-        send_buf: &mut [u8],
+        send_buf: &mut SendSlots,
         send_blocked: &mut bool,
     ) -> bool {
         let mut read = 0;
@@ -632,8 +641,15 @@ impl Server {
     fn apply_reports(&mut self) {
         while let Ok((task, event)) = self.reports.try_recv() {
             self.iteration.reports += 1;
-            if matches!(event, TaskEvent::Finished(_)) {
-                self.inflight.remove(&task);
+            match event {
+                TaskEvent::Finished(_) => {
+                    self.inflight.remove(&task);
+                }
+                TaskEvent::Started => {
+                    if let Some(f) = self.inflight.get_mut(&task) {
+                        f.started = true;
+                    }
+                }
             }
             let now = self.now();
             self.engine.handle_task_event(now, task, event);
@@ -656,6 +672,7 @@ impl Server {
                         client_id,
                         job,
                         cancelled_at: None,
+                        started: false,
                     };
                     self.inflight.insert(task, entry);
                     self.pool.submit(WorkItem {
@@ -678,25 +695,78 @@ impl Server {
         }
     }
 
-    /// Sends queued replies until done or the socket would block; returns
-    /// whether it blocked.
-    fn flush(&mut self, buf: &mut [u8]) -> bool {
-        while let Some((to, n)) = self.engine.poll_transmit(buf) {
-            match self.socket.send_to(&buf[..n], to) {
-                Ok(_) => self.iteration.replies += 1,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.engine.unpoll_transmit(to, &buf[..n]);
-                    return true;
+    /// Sends queued replies, a `sendmmsg` batch at a time, until done or
+    /// the socket would block; returns whether it blocked (what was not
+    /// sent goes back to the front of the queue).
+    fn flush(&mut self, out: &mut SendSlots) -> bool {
+        loop {
+            let mut count = 0;
+            while count < SEND_BATCH {
+                let slot = &mut out.data[count * MAX_DATAGRAM..(count + 1) * MAX_DATAGRAM];
+                match self.engine.poll_transmit(slot) {
+                    Some((to, n)) => {
+                        out.meta[count] = (to, n);
+                        count += 1;
+                    }
+                    None => break,
                 }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-                    self.engine.unpoll_transmit(to, &buf[..n]);
+            }
+            if count == 0 {
+                return false;
+            }
+            let items: Vec<(SocketAddr, &[u8])> = (0..count)
+                .map(|i| {
+                    let (to, n) = out.meta[i];
+                    (to, &out.data[i * MAX_DATAGRAM..i * MAX_DATAGRAM + n])
+                })
+                .collect();
+            let mut sent = 0;
+            while sent < count {
+                match out.batch.send_to(&self.socket, &items[sent..]) {
+                    Ok(k) => {
+                        self.iteration.replies += k as u64;
+                        sent += k;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        // Back to the front, last first, so order is kept.
+                        for (to, bytes) in items[sent..].iter().rev() {
+                            self.engine.unpoll_transmit(*to, bytes);
+                        }
+                        return true;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    // An unreachable peer or a refused destination loses
+                    // only its own reply.
+                    Err(_) => {
+                        self.edge.send_errors += 1;
+                        sent += 1;
+                    }
                 }
-                // An unreachable peer or a refused destination loses only
-                // its own reply.
-                Err(_) => self.edge.send_errors += 1,
+            }
+            if count < SEND_BATCH {
+                return false;
             }
         }
-        false
+    }
+}
+
+/// Datagrams sent per system call.
+const SEND_BATCH: usize = 64;
+
+/// Room for one `sendmmsg` batch of replies.
+struct SendSlots {
+    data: Vec<u8>,
+    meta: Vec<(SocketAddr, usize)>,
+    batch: crate::batch::SendBatch,
+}
+
+impl SendSlots {
+    fn new() -> SendSlots {
+        SendSlots {
+            data: vec![0; SEND_BATCH * MAX_DATAGRAM],
+            meta: vec![(SocketAddr::from(([0, 0, 0, 0], 0)), 0); SEND_BATCH],
+            batch: crate::batch::SendBatch::new(SEND_BATCH),
+        }
     }
 }
 

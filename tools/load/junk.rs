@@ -56,6 +56,7 @@ fn encode(header: Header, message: Message<'_>, key: Option<&MacKey>) -> Vec<u8>
 pub fn flood(
     server: SocketAddr,
     count: u64,
+    rate: Option<u64>,
     key: Option<&MacKey>,
     captured: &[Vec<u8>],
 ) -> std::io::Result<JunkReport> {
@@ -140,6 +141,7 @@ pub fn flood(
             report.bytes_sent += bytes.len() as u64;
         }
         drain(&socket, &mut recv, &mut report);
+        pace(started, i, rate);
     }
     report.elapsed = started.elapsed();
     // Late replies.
@@ -149,6 +151,15 @@ pub fn flood(
         std::thread::sleep(Duration::from_millis(10));
     }
     Ok(report)
+}
+
+/// Holds `sent` datagrams since `started` to `rate` a second, if given.
+fn pace(started: Instant, sent: u64, rate: Option<u64>) {
+    let Some(rate) = rate else { return };
+    let due = Duration::from_secs_f64(sent as f64 / rate.max(1) as f64);
+    if let Some(wait) = due.checked_sub(started.elapsed()) {
+        std::thread::sleep(wait);
+    }
 }
 
 /// A header for a client that never opened a session: ids far from the
@@ -190,6 +201,7 @@ fn kind_name(kind: Kind) -> &'static str {
 pub fn hello_flood(
     server: SocketAddr,
     count: u64,
+    rate: Option<u64>,
     key: Option<&MacKey>,
 ) -> std::io::Result<JunkReport> {
     let socket = UdpSocket::bind(if server.is_ipv4() {
@@ -241,6 +253,7 @@ pub fn hello_flood(
         report.bytes_sent += slices.iter().map(|s| s.len() as u64).sum::<u64>();
         i += slices.len() as u64;
         drain(&socket, &mut recv, &mut report);
+        pace(started, i, rate);
     }
     report.elapsed = started.elapsed();
     let until = Instant::now() + Duration::from_millis(500);

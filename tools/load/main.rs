@@ -108,6 +108,10 @@ struct Args {
     /// ids as fast as possible (against --max-sessions).
     #[arg(long, value_name = "N")]
     hello_flood: Option<u64>,
+    /// Datagrams a second for --junk and --hello-flood (default: as fast as
+    /// the socket takes them).
+    #[arg(long, value_name = "N")]
+    flood_rate: Option<u64>,
     /// The server's metrics endpoint (ADDR of `tether serve --metrics ADDR`),
     /// to check its drop counters against what was sent.
     #[arg(long, value_name = "ADDR")]
@@ -377,10 +381,10 @@ fn run_once(args: &Args, target: Target, key: Option<MacKey>) -> Result<RunResul
     let hostile = if target == Target::Server && (args.junk.is_some() || args.hello_flood.is_some())
     {
         let (server, key, captured) = (args.server, sender.key.clone(), sender.captured.clone());
-        let (junk_count, hellos) = (args.junk, args.hello_flood);
+        let (junk_count, hellos, rate) = (args.junk, args.hello_flood, args.flood_rate);
         Some(std::thread::spawn(move || {
-            let junk = junk_count.map(|n| junk::flood(server, n, key.as_ref(), &captured));
-            let hellos = hellos.map(|n| junk::hello_flood(server, n, key.as_ref()));
+            let junk = junk_count.map(|n| junk::flood(server, n, rate, key.as_ref(), &captured));
+            let hellos = hellos.map(|n| junk::hello_flood(server, n, rate, key.as_ref()));
             (junk, hellos)
         }))
     } else {
