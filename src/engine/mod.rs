@@ -1333,6 +1333,10 @@ impl Engine {
     fn finish(&mut self, id: TaskId, state: TaskState) {
         debug_assert!(state.is_final());
         let now = self.now;
+        // A running task's deadline timer (or a scheduled one's delay) must
+        // go with it: the wheel is keyed by slab index, and a later task in
+        // the same slot must not inherit the timer.
+        self.task_wheel.remove(WheelKey(id.index() as u32));
         let task = &mut self.tasks[id.index()];
         debug_assert!(!task.state.is_final(), "finishing {id} twice: {task:?}");
         move_task_gauge(&mut self.stats, Some(task.state), state);

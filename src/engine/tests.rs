@@ -1290,3 +1290,36 @@ fn task_state_gauges_follow_every_move() {
     sim.event(delayed, TaskEvent::Finished(JobOutcome::Done(vec![])));
     assert_eq!(gauges(&sim), (0, 0, 0));
 }
+
+/// Found by the engine fuzz target: a task that finished before its
+/// deadline left its timer in the wheel, keyed by a slab slot that the next
+/// task reuses; the stale timer then fired for the new task.
+#[test]
+fn a_finished_tasks_deadline_timer_dies_with_it() {
+    let mut cfg = config();
+    cfg.max_finished_tasks = 1;
+    cfg.finished_retention_ms = 0;
+    let mut sim = Sim::new(cfg);
+    let mut c = Client::new(1);
+    sim.hello(&mut c, 60_000);
+    let first = accepted_task(&sim.submit_timed(&mut c, 1, 0, 500, "echo", b""));
+    sim.effects();
+    sim.event(first, TaskEvent::Started);
+    sim.event(first, TaskEvent::Finished(JobOutcome::Done(vec![])));
+    // Age the record out so its slab slot is free, then reuse the slot for
+    // a task held back by a delay longer than the old deadline.
+    sim.run_ms(10);
+    let second = accepted_task(&sim.submit_timed(&mut c, 2, 2_000, 0, "echo", b""));
+    assert_eq!(second.0 & 0xffff_ffff, first.0 & 0xffff_ffff, "slot reused");
+    sim.run_ms(600);
+    assert!(
+        sim.effects().is_empty(),
+        "the old deadline must not start (or cancel) the new task"
+    );
+    assert_eq!(
+        task_report(&sim.ask(&mut c, Message::Status { task_id: second.0 })).1,
+        "Scheduled"
+    );
+    sim.run_ms(1_500);
+    assert!(matches!(sim.effects()[..], [Effect::Run { task, .. }] if task == second));
+}
