@@ -403,3 +403,108 @@ fn bad_flags_get_a_one_line_error() {
     assert_eq!(code, Some(2));
     assert_eq!(err.trim().lines().count(), 1, "{err}");
 }
+
+#[test]
+fn sigterm_under_load_cancels_ten_thousand_tasks_and_reports_each() {
+    use std::collections::HashSet;
+    use std::net::UdpSocket;
+    let mut server = ServerProcess::start(&["--workers", "16", "--grace", "5s"]);
+    // 1,000 sessions over 8 sockets, 10 long sleeps each.
+    let sockets: Vec<UdpSocket> = (0..8)
+        .map(|_| {
+            let s = UdpSocket::bind("127.0.0.1:0").unwrap();
+            s.connect(server.addr).unwrap();
+            let _ = socket2::SockRef::from(&s).set_recv_buffer_size(8 << 20);
+            s.set_read_timeout(Some(Duration::from_millis(200)))
+                .unwrap();
+            s
+        })
+        .collect();
+    let encode = |client: u64, seq: u32, message: Message<'_>| {
+        let d = tether::wire::Datagram {
+            header: tether::wire::Header {
+                flags: Flags::empty(),
+                client_id: client,
+                incarnation: 1,
+                seq,
+            },
+            message,
+        };
+        let mut buf = [0u8; 1200];
+        let n = d.emit(None, &mut buf).unwrap();
+        buf[..n].to_vec()
+    };
+    let recv_all = |want: usize, pred: &dyn Fn(&Message<'_>) -> bool| {
+        let mut got = Vec::new();
+        let until = Instant::now() + Duration::from_secs(30);
+        let mut buf = [0u8; 2048];
+        while got.len() < want && Instant::now() < until {
+            for s in &sockets {
+                while let Ok(n) = s.recv(&mut buf) {
+                    let m = message_of(&buf[..n], None);
+                    if pred(&m) {
+                        got.push(buf[..n].to_vec());
+                    }
+                    if got.len() >= want {
+                        break;
+                    }
+                }
+            }
+        }
+        got
+    };
+    for client in 1..=1000u64 {
+        let s = &sockets[(client % 8) as usize];
+        s.send(&encode(
+            client,
+            1,
+            Message::Hello {
+                ttl_ms: 60_000,
+                name: "",
+            },
+        ))
+        .unwrap();
+    }
+    assert_eq!(
+        recv_all(1000, &|m| matches!(m, Message::Welcome { .. })).len(),
+        1000
+    );
+    let payload = 600_000u32.to_be_bytes();
+    for client in 1..=1000u64 {
+        let s = &sockets[(client % 8) as usize];
+        for r in 0..10u32 {
+            let submit = Message::Submit {
+                request_id: r + 1,
+                delay_ms: 0,
+                deadline_ms: 0,
+                job: "sleep",
+                payload: &payload,
+            };
+            s.send(&encode(client, r + 2, submit)).unwrap();
+        }
+    }
+    let accepted = recv_all(10_000, &|m| matches!(m, Message::Accepted { .. }));
+    assert_eq!(accepted.len(), 10_000, "every SUBMIT accepted");
+    let started = Instant::now();
+    server.signal("TERM");
+    let ended = recv_all(10_000, &|m| matches!(m, Message::TaskState { .. }));
+    let ids: HashSet<u64> = ended
+        .iter()
+        .map(|b| match message_of(b, None) {
+            Message::TaskState {
+                task_id,
+                report: TaskReport::Cancelled(CancelReason::Shutdown),
+            } => task_id,
+            other => panic!("expected cancelled(shutdown), got {other:?}"),
+        })
+        .collect();
+    assert_eq!(ids.len(), 10_000, "one final state per task");
+    let status = server
+        .wait_exit(Duration::from_secs(10))
+        .expect("did not exit");
+    assert_eq!(status.code(), Some(0));
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "exceeded the 5 s grace"
+    );
+}

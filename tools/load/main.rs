@@ -116,6 +116,11 @@ struct Args {
     /// to check its drop counters against what was sent.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
+    /// Stop the server (SIGSTOP, needs --pid) this long, a third of the way
+    /// into the measured phase, while the clients keep sending; then
+    /// SIGCONT. Heartbeats queued in its socket meanwhile must count.
+    #[arg(long, value_parser = parse_duration, value_name = "D")]
+    stall: Option<Duration>,
     /// Allow a target outside the loopback range.
     #[arg(long)]
     allow_remote: bool,
@@ -390,6 +395,25 @@ fn run_once(args: &Args, target: Target, key: Option<MacKey>) -> Result<RunResul
     } else {
         None
     };
+    let staller = match (args.stall, &pid, target) {
+        (Some(stall), Some(pid), Target::Server) => {
+            let (pid, delay) = (pid.clone(), args.duration / 3);
+            Some(std::thread::spawn(move || {
+                std::thread::sleep(delay);
+                let signal = |sig: &str| {
+                    std::process::Command::new("kill")
+                        .args([sig, &pid])
+                        .status()
+                        .is_ok_and(|s| s.success())
+                };
+                let stopped = signal("-STOP");
+                std::thread::sleep(stall);
+                stopped && signal("-CONT")
+            }))
+        }
+        (Some(_), None, _) => return Err("--stall needs --pid".into()),
+        _ => None,
+    };
     shared.counting.store(true, Ordering::Release);
     let phase_start = Instant::now();
     let measure_from = phase_start - schedule_start;
@@ -426,6 +450,11 @@ fn run_once(args: &Args, target: Target, key: Option<MacKey>) -> Result<RunResul
                 .saturating_duration_since(Instant::now())
                 .min(Duration::from_millis(200));
             sender.run_schedule(args, schedule_start, schedule_start.elapsed() + left, None);
+        }
+    }
+    if let Some(staller) = staller {
+        if !staller.join().unwrap_or(false) {
+            return Err("could not SIGSTOP/SIGCONT the server (is --pid right?)".into());
         }
     }
     let hostile = match hostile {
