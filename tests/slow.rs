@@ -78,3 +78,50 @@ fn slow_loop_iterations_are_counted() {
     client.bye().unwrap();
     server.shutdown().unwrap();
 }
+
+#[test]
+fn tasks_ignoring_their_flag_past_the_grace_are_reported_by_id_and_the_server_still_stops() {
+    let server = Server::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .grace(Duration::from_millis(300))
+        .job("deaf", PayloadRule::Any, |_ctx| {
+            let until = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < until {
+                std::hint::spin_loop();
+            }
+            Ok(vec![])
+        })
+        .unwrap()
+        .standard_jobs()
+        .unwrap()
+        .bind()
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let client = Client::connect(ClientConfig::new(server.local_addr(), 33)).unwrap();
+    let deaf = client.submit("deaf", b"").unwrap();
+    let polite = client.submit("sleep", &60_000u32.to_be_bytes()).unwrap();
+    let started = Instant::now();
+    while [deaf, polite]
+        .iter()
+        .any(|t| client.status(*t).unwrap() != TaskStatus::Running)
+    {
+        assert!(started.elapsed() < Duration::from_secs(5), "never started");
+    }
+    let stopping = Instant::now();
+    let report = server.shutdown().unwrap();
+    assert!(
+        stopping.elapsed() < Duration::from_secs(2),
+        "waited past the grace"
+    );
+    assert_eq!(
+        report.ignored_cancel,
+        vec![deaf],
+        "only the task that ignored its flag"
+    );
+    // The polite task stopped at once and its client was told.
+    assert_eq!(
+        client.wait(polite, Duration::from_secs(5)).unwrap(),
+        TaskStatus::Cancelled(tether::CancelReason::Shutdown)
+    );
+}

@@ -1323,3 +1323,48 @@ fn a_finished_tasks_deadline_timer_dies_with_it() {
     sim.run_ms(1_500);
     assert!(matches!(sim.effects()[..], [Effect::Run { task, .. }] if task == second));
 }
+
+#[test]
+fn submit_floods_get_rejected_and_never_grow_memory() {
+    let mut cfg = config();
+    cfg.max_tasks_per_session = 2;
+    cfg.max_waiting_tasks = 50;
+    cfg.max_finished_tasks = 100;
+    let mut sim = Sim::new(cfg);
+    let mut clients: Vec<Client> = (1..=30).map(Client::new).collect();
+    for c in clients.iter_mut() {
+        sim.hello(c, 3_600_000);
+    }
+    let mut codes = std::collections::HashMap::new();
+    // 30 sessions x 5,000 SUBMITs with fresh request ids, tasks finishing
+    // now and then: REJECTED 3 per session, REJECTED 2 once the queue is
+    // full, and every table stays within its bound throughout.
+    for round in 0..5_000u32 {
+        for c in clients.iter_mut() {
+            let reply = sim.submit(c, round + 1, "echo", b"x");
+            let code = match reply.message() {
+                Message::Accepted { .. } => 0,
+                Message::Rejected { code, .. } => code as u16,
+                m => panic!("{m:?}"),
+            };
+            *codes.entry(code).or_insert(0u64) += 1;
+        }
+        if round % 7 == 0 {
+            for effect in sim.effects() {
+                if let Effect::Run { task, .. } = effect {
+                    sim.event(task, TaskEvent::Started);
+                    sim.event(task, TaskEvent::Finished(JobOutcome::Done(vec![])));
+                }
+            }
+        }
+        let e = &sim.engine;
+        assert!(e.tasks.len() <= 50 + 100 + 1, "tasks: {}", e.tasks.len());
+        for (_, s) in e.sessions.iter() {
+            let requests = s.work.as_ref().map_or(0, |w| w.requests.len());
+            assert!(requests <= request_memory(2), "request memory {requests}");
+        }
+    }
+    assert!(codes[&(RejectCode::TooManyTasks as u16)] > 0, "{codes:?}");
+    assert!(codes[&(RejectCode::QueueFull as u16)] > 0, "{codes:?}");
+    assert!(codes[&0] > 0, "{codes:?}");
+}
