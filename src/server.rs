@@ -48,6 +48,9 @@ const SOCKET: Token = Token(0);
 const WAKER: Token = Token(1);
 const SIGNALS: Token = Token(2);
 
+/// How often the loop publishes its counters for the metrics endpoint.
+const PUBLISH_EVERY: Duration = Duration::from_millis(50);
+
 /// Datagrams read per system call.
 const RECV_BATCH: usize = 64;
 
@@ -225,6 +228,10 @@ pub struct Server {
     slow_loop: Duration,
     slow_cancel: Duration,
     next_slow_cancel_check: Option<Instant>,
+    /// Metrics are published at most every `PUBLISH_EVERY`; while changes
+    /// wait, this is when the loop must wake to publish them.
+    publish_due: Option<Instant>,
+    last_publish: Instant,
     iteration: Iteration,
 }
 
@@ -342,6 +349,8 @@ impl Server {
             slow_loop: config.slow_loop,
             slow_cancel: config.slow_cancel,
             next_slow_cancel_check: None,
+            publish_due: None,
+            last_publish: Instant::now(),
             iteration: Iteration::default(),
         })
     }
@@ -393,7 +402,7 @@ impl Server {
                 return Err(ServerError::Io("polling", e));
             }
             let woke = Instant::now();
-            let decided_at = self.now();
+            let decided_at = self.timestamp(woke);
             let mut signalled = 0;
             for event in events.iter() {
                 match event.token() {
@@ -526,7 +535,8 @@ impl Server {
 
     /// Times the iteration, warns if it was slow, and publishes metrics.
     fn end_iteration(&mut self, woke: Instant) {
-        let took = woke.elapsed();
+        let now = Instant::now();
+        let took = now.saturating_duration_since(woke);
         self.metrics
             .loop_iteration
             .observe_us(took.as_micros() as u64);
@@ -544,14 +554,26 @@ impl Server {
             );
         }
         self.iteration = Iteration::default();
-        self.publish();
+        // At a hundred thousand wake-ups a second, publishing every time
+        // would be a measurable share of the loop; every 50 ms is plenty
+        // for a scrape.
+        if now.duration_since(self.last_publish) >= PUBLISH_EVERY {
+            self.publish();
+            self.last_publish = now;
+            self.publish_due = None;
+        } else if self.publish_due.is_none() {
+            self.publish_due = Some(self.last_publish + PUBLISH_EVERY);
+        }
     }
 
     /// Warns, once per task, about tasks still running `slow_cancel` after
     /// their flag was set. Scans at most every 100 ms.
     fn check_slow_cancels(&mut self, now: Instant) {
-        if self.next_slow_cancel_check.is_some_and(|at| now < at) {
-            return;
+        // Only when a cancelled task may have become slow: a scan of every
+        // task in flight on each iteration would cost the loop dearly.
+        match self.next_slow_cancel_check {
+            Some(at) if now >= at => {}
+            _ => return,
         }
         self.next_slow_cancel_check = None;
         for (task, f) in self.inflight.iter_mut() {
@@ -581,6 +603,10 @@ impl Server {
         }
     }
 
+    fn timestamp(&self, at: Instant) -> Timestamp {
+        Timestamp(at.saturating_duration_since(self.start).as_micros() as u64)
+    }
+
     fn now(&self) -> Timestamp {
         Timestamp(self.start.elapsed().as_micros() as u64)
     }
@@ -593,10 +619,15 @@ impl Server {
             .engine
             .poll_timeout()
             .map(|due| self.start + Duration::from_micros(due.as_micros()));
-        let wake_at = [engine_due, grace, self.next_slow_cancel_check]
-            .into_iter()
-            .flatten()
-            .min()?;
+        let wake_at = [
+            engine_due,
+            grace,
+            self.next_slow_cancel_check,
+            self.publish_due,
+        ]
+        .into_iter()
+        .flatten()
+        .min()?;
         // mio rounds a timeout up to whole milliseconds, so waking early
         // (and spinning until the tick is reached) does not happen.
         Some(wake_at.saturating_duration_since(Instant::now()))
