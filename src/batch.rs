@@ -240,67 +240,56 @@ impl SendBatch {
         datagrams: &[(SocketAddr, &[u8])],
     ) -> io::Result<usize> {
         let n = datagrams.len().min(self.headers.capacity());
-        if n == 0 {
-            return Ok(0);
-        }
         let names: Vec<socket2::SockAddr> = datagrams[..n]
             .iter()
             .map(|(to, _)| socket2::SockAddr::from(*to))
             .collect();
-        self.iovecs.clear();
-        self.headers.clear();
-        for (_, d) in &datagrams[..n] {
-            self.iovecs.push(libc::iovec {
-                iov_base: d.as_ptr() as *mut _,
-                iov_len: d.len(),
-            });
-        }
-        for (i, name) in names.iter().enumerate() {
-            // SAFETY: mmsghdr is plain old data; zero is a valid start.
-            let mut header: libc::mmsghdr = unsafe { std::mem::zeroed() };
-            header.msg_hdr.msg_name = name.as_ptr() as *mut libc::c_void;
-            header.msg_hdr.msg_namelen = name.len();
-            header.msg_hdr.msg_iov = &mut self.iovecs[i];
-            header.msg_hdr.msg_iovlen = 1;
-            self.headers.push(header);
-        }
-        // SAFETY: `headers` holds `n` initialised mmsghdr whose name
-        // pointers point into `names` and iov pointers into `iovecs` (which
-        // point at the caller's slices), all alive for the call; the kernel
-        // only reads them.
-        let sent =
-            unsafe { libc::sendmmsg(socket.as_raw_fd(), self.headers.as_mut_ptr(), n as _, 0) };
-        if sent < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(sent as usize)
+        let bytes = datagrams[..n].iter().map(|(_, d)| *d);
+        self.send_batch(socket, bytes, Some(&names))
     }
 
     /// Sends `datagrams` (up to the capacity) on a connected socket;
     /// returns how many the kernel took, which may be fewer.
     pub fn send(&mut self, socket: &impl AsRawFd, datagrams: &[&[u8]]) -> io::Result<usize> {
         let n = datagrams.len().min(self.headers.capacity());
-        if n == 0 {
-            return Ok(0);
-        }
+        self.send_batch(socket, datagrams[..n].iter().copied(), None)
+    }
+
+    /// One `sendmmsg` of `datagrams`, each to `names[i]` when given (else
+    /// the socket's connected peer).
+    fn send_batch<'a>(
+        &mut self,
+        socket: &impl AsRawFd,
+        datagrams: impl Iterator<Item = &'a [u8]>,
+        names: Option<&[socket2::SockAddr]>,
+    ) -> io::Result<usize> {
         self.iovecs.clear();
         self.headers.clear();
-        for d in &datagrams[..n] {
+        for d in datagrams {
             self.iovecs.push(libc::iovec {
                 iov_base: d.as_ptr() as *mut _,
                 iov_len: d.len(),
             });
         }
+        let n = self.iovecs.len();
+        if n == 0 {
+            return Ok(0);
+        }
         for i in 0..n {
             // SAFETY: mmsghdr is plain old data; zero is a valid start.
             let mut header: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            if let Some(name) = names.map(|names| &names[i]) {
+                header.msg_hdr.msg_name = name.as_ptr() as *mut libc::c_void;
+                header.msg_hdr.msg_namelen = name.len();
+            }
             header.msg_hdr.msg_iov = &mut self.iovecs[i];
             header.msg_hdr.msg_iovlen = 1;
             self.headers.push(header);
         }
         // SAFETY: `headers` holds `n` initialised mmsghdr whose iov pointers
-        // point into `iovecs`, which point at the caller's slices, all alive
-        // for the call; the kernel only reads them (no name: connected).
+        // point into `iovecs` (which point at the caller's slices) and whose
+        // name pointers, if any, into `names`, all alive for the call; the
+        // kernel only reads them.
         let sent =
             unsafe { libc::sendmmsg(socket.as_raw_fd(), self.headers.as_mut_ptr(), n as _, 0) };
         if sent < 0 {

@@ -125,17 +125,7 @@ pub fn flood(
             i += 1;
         }
         let slices: Vec<&[u8]> = pending.iter().map(|(b, _)| b.as_slice()).collect();
-        let mut done = 0;
-        while done < slices.len() {
-            match send.send(&socket, &slices[done..]) {
-                Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    drain(&socket, &mut recv, &mut report);
-                    std::thread::sleep(Duration::from_micros(50));
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        send_all(&socket, &mut send, &slices, &mut recv, &mut report)?;
         for (bytes, cause) in &pending {
             *report.sent.entry(cause).or_default() += 1;
             report.bytes_sent += bytes.len() as u64;
@@ -171,6 +161,29 @@ fn header(r: u64) -> Header {
         incarnation: (r >> 7) | 1,
         seq: (r as u32) | 1,
     }
+}
+
+/// Sends every datagram of `slices`, draining replies while the socket's
+/// send buffer is full.
+fn send_all(
+    socket: &UdpSocket,
+    send: &mut SendBatch,
+    slices: &[&[u8]],
+    recv: &mut RecvBatch,
+    report: &mut JunkReport,
+) -> std::io::Result<()> {
+    let mut done = 0;
+    while done < slices.len() {
+        match send.send(socket, &slices[done..]) {
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                drain(socket, recv, report);
+                std::thread::sleep(Duration::from_micros(50));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 fn drain(socket: &UdpSocket, batch: &mut RecvBatch, report: &mut JunkReport) {
@@ -238,17 +251,7 @@ pub fn hello_flood(
             })
             .collect();
         let slices: Vec<&[u8]> = batch.iter().map(Vec::as_slice).collect();
-        let mut done = 0;
-        while done < slices.len() {
-            match send.send(&socket, &slices[done..]) {
-                Ok(n) => done += n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    drain(&socket, &mut recv, &mut report);
-                    std::thread::sleep(Duration::from_micros(50));
-                }
-                Err(e) => return Err(e),
-            }
-        }
+        send_all(&socket, &mut send, &slices, &mut recv, &mut report)?;
         *report.sent.entry("hello").or_default() += slices.len() as u64;
         report.bytes_sent += slices.iter().map(|s| s.len() as u64).sum::<u64>();
         i += slices.len() as u64;
