@@ -81,8 +81,12 @@ fn metrics_move_as_traffic_is_sent() {
     let until = Instant::now() + Duration::from_secs(5);
     let after = loop {
         let text = scrape(metrics);
+        // Counters are published every 50 ms; histograms at once.
         if value(&text, "tether_heartbeats_total") >= 5.0
             && value(&text, "tether_task_run_seconds_count") >= 1.0
+            && value(&text, "tether_tasks_ended_total{outcome=\"done\"}") >= 1.0
+            && value(&text, "tether_datagrams_dropped_total{cause=\"malformed\"}") >= 1.0
+            && value(&text, "tether_sessions_live") >= 2.0
         {
             break text;
         }
