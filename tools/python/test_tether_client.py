@@ -150,6 +150,12 @@ class BlockingClientTests(unittest.TestCase):
             with Server("--key-file", path) as keyed:
                 with tc.Client(keyed.addr, client_id=104, key=b"s" * 32) as c:
                     self.assertEqual(c.wait(c.submit("echo", b"signed")).result, b"signed")
+
+                async def signed():
+                    async with tc.AsyncSession(keyed.addr, client_id=106, key=b"s" * 32) as s:
+                        return await s.submit("echo", b"async signed")
+
+                self.assertEqual(asyncio.run(signed()).result, b"async signed")
                 with self.assertRaises(tc.TimeoutError_):
                     tc.Client(keyed.addr, client_id=105, key=b"t" * 32, tries=2, retry_after=0.1)
 
