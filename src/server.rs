@@ -62,6 +62,31 @@ pub const RECV_BUFFER_BYTES: usize = 4 << 20;
 /// N / this many datagrams.
 const MIN_DATAGRAM_TRUESIZE: usize = 512;
 
+/// Where the server reads time. Deadlines come only from [`Clock::now`],
+/// a monotonic clock; the wall clock is read once, at start, to put dates
+/// on the event stream. Tests inject a clock whose wall time jumps to show
+/// that it changes nothing.
+pub trait Clock: fmt::Debug + Send + Sync {
+    /// A monotonic instant (must advance with real time: the loop sleeps
+    /// in the kernel against it).
+    fn now(&self) -> Instant;
+    /// The wall-clock time.
+    fn wall(&self) -> std::time::SystemTime;
+}
+
+/// The operating system's clocks.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+    fn wall(&self) -> std::time::SystemTime {
+        std::time::SystemTime::now()
+    }
+}
+
 /// How the server runs.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
@@ -88,6 +113,8 @@ pub struct ServerConfig {
     /// Receive buffer to ask the kernel for, in bytes: what queues while
     /// the server is stalled (see [`datagrams_held`]).
     pub recv_buffer: usize,
+    /// The clocks (see [`Clock`]).
+    pub clock: Arc<dyn Clock>,
 }
 
 impl Default for ServerConfig {
@@ -104,6 +131,7 @@ impl Default for ServerConfig {
             slow_loop: Duration::from_millis(100),
             slow_cancel: Duration::from_secs(1),
             recv_buffer: RECV_BUFFER_BYTES,
+            clock: Arc::new(SystemClock),
         }
     }
 }
@@ -233,6 +261,7 @@ pub struct Server {
     publish_due: Option<Instant>,
     last_publish: Instant,
     iteration: Iteration,
+    clock: Arc<dyn Clock>,
 }
 
 impl Server {
@@ -323,8 +352,9 @@ impl Server {
         };
         let pool = Pool::start(config.workers, Arc::new(registry), report_tx, notify)
             .map_err(|e| ServerError::Io("starting worker threads", e))?;
-        let start = Instant::now();
-        let wall = WallClock::new(std::time::SystemTime::now());
+        let clock = Arc::clone(&config.clock);
+        let start = clock.now();
+        let wall = WallClock::new(clock.wall());
         Ok(Server {
             poll,
             socket,
@@ -350,8 +380,9 @@ impl Server {
             slow_cancel: config.slow_cancel,
             next_slow_cancel_check: None,
             publish_due: None,
-            last_publish: Instant::now(),
+            last_publish: start,
             iteration: Iteration::default(),
+            clock,
         })
     }
 
@@ -401,7 +432,7 @@ impl Server {
                 }
                 return Err(ServerError::Io("polling", e));
             }
-            let woke = Instant::now();
+            let woke = self.clock.now();
             let decided_at = self.timestamp(woke);
             let mut signalled = 0;
             for event in events.iter() {
@@ -437,7 +468,7 @@ impl Server {
                     "shutting down: refusing new work, cancelling every task"
                 );
                 self.engine.begin_shutdown(self.now());
-                grace_deadline = Some(Instant::now() + self.grace);
+                grace_deadline = Some(self.clock.now() + self.grace);
             }
             let expired_before = self.engine.stats().sessions_expired;
             if socket_backlog {
@@ -455,7 +486,7 @@ impl Server {
             self.end_iteration(woke);
             if let Some(deadline) = grace_deadline {
                 let drained = self.engine.unfinished_tasks() == 0 && !self.engine.has_transmits();
-                if drained || Instant::now() >= deadline {
+                if drained || self.clock.now() >= deadline {
                     return Ok(self.finish());
                 }
             }
@@ -535,7 +566,7 @@ impl Server {
 
     /// Times the iteration, warns if it was slow, and publishes metrics.
     fn end_iteration(&mut self, woke: Instant) {
-        let now = Instant::now();
+        let now = self.clock.now();
         let took = now.saturating_duration_since(woke);
         self.metrics
             .loop_iteration
@@ -608,7 +639,7 @@ impl Server {
     }
 
     fn now(&self) -> Timestamp {
-        Timestamp(self.start.elapsed().as_micros() as u64)
+        self.timestamp(self.clock.now())
     }
 
     fn poll_timeout(&self, socket_backlog: bool, grace: Option<Instant>) -> Option<Duration> {
@@ -630,7 +661,7 @@ impl Server {
         .min()?;
         // mio rounds a timeout up to whole milliseconds, so waking early
         // (and spinning until the tick is reached) does not happen.
-        Some(wake_at.saturating_duration_since(Instant::now()))
+        Some(wake_at.saturating_duration_since(self.clock.now()))
     }
 
     /// Reads at most one receive buffer's worth of datagrams, a batch per
@@ -716,8 +747,9 @@ impl Server {
                 Effect::Cancel { task, reason } => {
                     if let Some(f) = self.inflight.get_mut(&task) {
                         f.flag.cancel(reason);
-                        f.cancelled_at.get_or_insert((Instant::now(), false));
-                        let due = Instant::now() + self.slow_cancel;
+                        let now = self.clock.now();
+                        f.cancelled_at.get_or_insert((now, false));
+                        let due = now + self.slow_cancel;
                         self.next_slow_cancel_check =
                             Some(self.next_slow_cancel_check.map_or(due, |d| d.min(due)));
                     }
@@ -915,6 +947,11 @@ impl ServerBuilder {
     /// cancel flag was set (default 1 s).
     pub fn slow_cancel(mut self, threshold: Duration) -> Self {
         self.config.slow_cancel = threshold;
+        self
+    }
+    /// Read time from `clock` instead of the system's (tests).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.config.clock = clock;
         self
     }
     /// Serve Prometheus metrics on this TCP address.

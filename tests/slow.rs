@@ -147,3 +147,84 @@ fn tasks_ignoring_their_flag_past_the_grace_are_reported_by_id_and_the_server_st
         TaskStatus::Cancelled(tether::CancelReason::Shutdown)
     );
 }
+
+/// The wall clock jumps back an hour and forward a day while the server
+/// runs; the monotonic clock does not. Deadlines use only the monotonic
+/// one, so nothing changes: a heartbeating client stays, a silent one
+/// expires a TTL after its last datagram, and the event stream's dates
+/// follow the start, not the jumps.
+#[derive(Debug)]
+struct JumpyWallClock {
+    reads: std::sync::atomic::AtomicU32,
+}
+
+impl tether::server::Clock for JumpyWallClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+    fn wall(&self) -> std::time::SystemTime {
+        let n = self
+            .reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let base = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        match n % 3 {
+            0 => base,
+            1 => base - Duration::from_secs(3600),
+            _ => base + Duration::from_secs(86_400),
+        }
+    }
+}
+
+#[test]
+fn a_jumping_wall_clock_changes_nothing() {
+    let events = std::env::temp_dir().join(format!("tether-clock-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&events);
+    let clock = std::sync::Arc::new(JumpyWallClock {
+        reads: std::sync::atomic::AtomicU32::new(0),
+    });
+    let server = Server::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .clock(clock)
+        .events(tether::observe::EventsTarget::File(events.clone()))
+        .standard_jobs()
+        .unwrap()
+        .bind()
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let ttl = Duration::from_millis(300);
+    let mut config = ClientConfig::new(server.local_addr(), 34);
+    config.ttl = ttl;
+    config.heartbeat_interval = Some(Duration::from_millis(50));
+    let steady = Client::connect(config.clone()).unwrap();
+    config.client_id = 35;
+    let silent = Client::connect(config).unwrap();
+    let task = silent.submit("sleep", &60_000u32.to_be_bytes()).unwrap();
+    silent.pause_heartbeats(true);
+    let ended = silent.next_event(Duration::from_secs(5));
+    let after = silent.last_sent().elapsed();
+    assert!(
+        matches!(ended, Some(tether::ClientEvent::TaskEnded { task: t, status: TaskStatus::Cancelled(tether::CancelReason::Expired) }) if t == task),
+        "{ended:?}"
+    );
+    assert!(
+        after >= ttl && after < ttl + Duration::from_millis(200),
+        "{after:?}"
+    );
+    // The heartbeating client was never expired.
+    assert_eq!(
+        steady.status(task).unwrap(),
+        TaskStatus::Unknown,
+        "another client's task"
+    );
+    assert!(steady.next_event(Duration::ZERO).is_none());
+    steady.bye().unwrap();
+    server.shutdown().unwrap();
+    let text = std::fs::read_to_string(&events).unwrap();
+    for line in text.lines() {
+        // 1,800,000,000 s after the epoch is 2027-01-15: every event is
+        // dated from the one start reading, never an hour back or a day on.
+        assert!(line.contains("\"ts\":\"2027-01-15T"), "{line}");
+    }
+    assert!(text.contains("\"reason\":\"expired\""), "{text}");
+}

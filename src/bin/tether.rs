@@ -310,6 +310,7 @@ fn config(args: &ServeArgs) -> Result<ServerConfig, String> {
         slow_loop: args.slow_loop,
         slow_cancel: args.slow_cancel,
         recv_buffer: args.recv_buffer,
+        clock: Arc::new(tether::server::SystemClock),
     })
 }
 
