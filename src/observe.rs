@@ -11,7 +11,6 @@
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
@@ -281,11 +280,6 @@ impl WallClock {
     pub fn at(&self, t: Timestamp) -> SystemTime {
         self.start + Duration::from_micros(t.0)
     }
-}
-
-/// Formats a socket address for a log field.
-pub fn addr(a: SocketAddr) -> String {
-    a.to_string()
 }
 
 #[cfg(test)]

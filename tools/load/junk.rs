@@ -60,14 +60,7 @@ pub fn flood(
     key: Option<&MacKey>,
     captured: &[Vec<u8>],
 ) -> std::io::Result<JunkReport> {
-    let socket = UdpSocket::bind(if server.is_ipv4() {
-        "0.0.0.0:0"
-    } else {
-        "[::]:0"
-    })?;
-    socket.connect(server)?;
-    socket.set_nonblocking(true)?;
-    let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(8 << 20);
+    let socket = flood_socket(server)?;
     let wrong_key = MacKey::new(&[0xeeu8; 32]).expect("valid key length");
     let mut rng = 0x1234_5678_9abc_def1u64 ^ count;
     let mut report = JunkReport::default();
@@ -134,13 +127,30 @@ pub fn flood(
         pace(started, i, rate);
     }
     report.elapsed = started.elapsed();
-    // Late replies.
+    collect_late_replies(&socket, &mut recv, &mut report);
+    Ok(report)
+}
+
+/// A non-blocking socket connected to the server, with room for replies.
+fn flood_socket(server: SocketAddr) -> std::io::Result<UdpSocket> {
+    let socket = UdpSocket::bind(if server.is_ipv4() {
+        "0.0.0.0:0"
+    } else {
+        "[::]:0"
+    })?;
+    socket.connect(server)?;
+    socket.set_nonblocking(true)?;
+    let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(8 << 20);
+    Ok(socket)
+}
+
+/// Reads replies that arrive in the half second after the last send.
+fn collect_late_replies(socket: &UdpSocket, recv: &mut RecvBatch, report: &mut JunkReport) {
     let until = Instant::now() + Duration::from_millis(500);
     while Instant::now() < until {
-        drain(&socket, &mut recv, &mut report);
+        drain(socket, recv, report);
         std::thread::sleep(Duration::from_millis(10));
     }
-    Ok(report)
 }
 
 /// Holds `sent` datagrams since `started` to `rate` a second, if given.
@@ -217,14 +227,7 @@ pub fn hello_flood(
     rate: Option<u64>,
     key: Option<&MacKey>,
 ) -> std::io::Result<JunkReport> {
-    let socket = UdpSocket::bind(if server.is_ipv4() {
-        "0.0.0.0:0"
-    } else {
-        "[::]:0"
-    })?;
-    socket.connect(server)?;
-    socket.set_nonblocking(true)?;
-    let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(8 << 20);
+    let socket = flood_socket(server)?;
     let mut report = JunkReport::default();
     let mut send = SendBatch::new(64);
     let mut recv = RecvBatch::new(64, MAX_DATAGRAM + 1);
@@ -259,11 +262,7 @@ pub fn hello_flood(
         pace(started, i, rate);
     }
     report.elapsed = started.elapsed();
-    let until = Instant::now() + Duration::from_millis(500);
-    while Instant::now() < until {
-        drain(&socket, &mut recv, &mut report);
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    collect_late_replies(&socket, &mut recv, &mut report);
     Ok(report)
 }
 
