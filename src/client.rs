@@ -40,7 +40,9 @@ pub struct ClientConfig {
     pub client_id: u64,
     /// Requested TTL; zero takes the server's default.
     pub ttl: Duration,
-    /// Free-form name sent in HELLO.
+    /// Free-form name sent in HELLO. Three bytes or more make the HELLO as
+    /// large as its WELCOME, so a keyless server with the amplification
+    /// limit on welcomes it at once rather than on the retry.
     pub name: String,
     /// Heartbeat period; `None` is a third of the granted TTL.
     pub heartbeat_interval: Option<Duration>,
@@ -78,7 +80,7 @@ impl ClientConfig {
             server,
             client_id,
             ttl: Duration::ZERO,
-            name: String::new(),
+            name: "tether-client".into(),
             heartbeat_interval: None,
             ack_every: 1,
             retry_after: Duration::from_millis(250),

@@ -196,6 +196,20 @@ const SERIES: &[Series] = &[
         |s, _| s.replies_dropped
     ),
     series!(
+        "tether_replies_withheld",
+        "Replies not sent on purpose: amplification = the address had not sent as many bytes (keyless beyond loopback); backlog = an answer to a stranger (UNKNOWN_SESSION, or REJECTED or WELCOME to a new HELLO) while the socket was flooded.",
+        Counter,
+        "reason" = "amplification",
+        |s, _| s.replies_unpaid
+    ),
+    series!(
+        "tether_replies_withheld",
+        "Replies not sent on purpose: amplification = the address had not sent as many bytes (keyless beyond loopback); backlog = an answer to a stranger (UNKNOWN_SESSION, or REJECTED or WELCOME to a new HELLO) while the socket was flooded.",
+        Counter,
+        "reason" = "backlog",
+        |s, _| s.replies_shed
+    ),
+    series!(
         "tether_send_errors",
         "Replies the socket refused.",
         Counter,

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{key_file, message_of, run_tether, Raw, ServerProcess};
+use common::{key_file, message_of, metrics_addr, run_tether, scrape, value, Raw, ServerProcess};
 use tether::wire::{Flags, MacKey, Message, TaskReport};
 use tether::{
     CancelReason, Client, ClientConfig, ClientError, ClientEvent, RejectCode, TaskStatus,
@@ -434,9 +434,9 @@ fn sigterm_under_load_cancels_ten_thousand_tasks_and_reports_each() {
         let n = d.emit(None, &mut buf).unwrap();
         buf[..n].to_vec()
     };
-    let recv_all = |want: usize, pred: &dyn Fn(&Message<'_>) -> bool| {
+    let recv_within = |limit: Duration, want: usize, pred: &dyn Fn(&Message<'_>) -> bool| {
         let mut got = Vec::new();
-        let until = Instant::now() + Duration::from_secs(30);
+        let until = Instant::now() + limit;
         let mut buf = [0u8; 2048];
         while got.len() < want && Instant::now() < until {
             for s in &sockets {
@@ -453,22 +453,32 @@ fn sigterm_under_load_cancels_ten_thousand_tasks_and_reports_each() {
         }
         got
     };
-    for client in 1..=1000u64 {
-        let s = &sockets[(client % 8) as usize];
-        s.send(&encode(
-            client,
-            1,
-            Message::Hello {
+    let recv_all = |want: usize, pred: &dyn Fn(&Message<'_>) -> bool| {
+        recv_within(Duration::from_secs(30), want, pred)
+    };
+    // A burst of 1,000 HELLOs may find the server behind its socket, and
+    // then new sessions are opened but welcomed only on a retry: retry,
+    // with the next seq, until every client has its WELCOME.
+    let mut welcomed = HashSet::new();
+    for attempt in 1..=5u32 {
+        for client in (1..=1000u64).filter(|c| !welcomed.contains(c)) {
+            let s = &sockets[(client % 8) as usize];
+            let hello = Message::Hello {
                 ttl_ms: 60_000,
                 name: "",
-            },
-        ))
-        .unwrap();
+            };
+            s.send(&encode(client, attempt, hello)).unwrap();
+        }
+        let want = 1000 - welcomed.len();
+        let is_welcome = |m: &Message<'_>| matches!(m, Message::Welcome { .. });
+        for reply in recv_within(Duration::from_secs(2), want, &is_welcome) {
+            welcomed.insert(u64::from_be_bytes(reply[8..16].try_into().unwrap()));
+        }
+        if welcomed.len() == 1000 {
+            break;
+        }
     }
-    assert_eq!(
-        recv_all(1000, &|m| matches!(m, Message::Welcome { .. })).len(),
-        1000
-    );
+    assert_eq!(welcomed.len(), 1000, "clients never welcomed");
     let payload = 600_000u32.to_be_bytes();
     for client in 1..=1000u64 {
         let s = &sockets[(client % 8) as usize];
@@ -507,4 +517,129 @@ fn sigterm_under_load_cancels_ten_thousand_tasks_and_reports_each() {
         started.elapsed() < Duration::from_secs(6),
         "exceeded the 5 s grace"
     );
+}
+
+#[test]
+fn keyless_beyond_loopback_never_sends_an_address_more_than_it_sent() {
+    // Bound to every interface (reached here over loopback only), keyless:
+    // the amplification limit is on by default.
+    let server = ServerProcess::start_at("0.0.0.0:0", &["--insecure-bind"], &[]);
+    let mut raw = Raw::new(server.loopback_addr(), 41);
+    let hello = Message::Hello {
+        ttl_ms: 0,
+        name: "",
+    };
+    let first = raw.send(hello);
+    assert_eq!(first.len(), 33);
+    assert!(
+        raw.recv(Duration::from_millis(300)).is_none(),
+        "a 36-byte WELCOME answered a 33-byte HELLO from an address never heard from"
+    );
+    let welcome = raw.ask(hello);
+    assert!(matches!(
+        message_of(&welcome, None),
+        Message::Welcome { .. }
+    ));
+
+    // The same server with the limit switched off answers at once.
+    let open = ServerProcess::start_at(
+        "0.0.0.0:0",
+        &["--insecure-bind", "--amplification-limit", "off"],
+        &[],
+    );
+    let mut raw = Raw::new(open.loopback_addr(), 42);
+    let welcome = raw.ask(hello);
+    assert!(matches!(
+        message_of(&welcome, None),
+        Message::Welcome { .. }
+    ));
+}
+
+#[test]
+fn a_flooded_socket_sheds_answers_to_strangers_not_live_sessions() {
+    // A small receive buffer, so that a few hundred datagrams are a flood:
+    // the server sheds once a quarter of what the buffer holds is waiting.
+    let server = ServerProcess::start(&["--metrics", "127.0.0.1:0", "--recv-buffer", "256KiB"]);
+    let metrics = metrics_addr(&server);
+    let ttl = Duration::from_millis(500);
+    let mut config = ClientConfig::new(server.addr, 5);
+    config.ttl = ttl;
+    config.heartbeat_interval = Some(Duration::from_millis(100));
+    let c = Client::connect(config).unwrap();
+    let task = c.submit("sleep", &600_000u32.to_be_bytes()).unwrap();
+    let mut stranger = Raw::new(server.addr, 77);
+    // While the server is stopped, a stranger queues 400 HEARTBEATs for a
+    // session that does not exist (they fit the buffer): on resume the loop
+    // must read the live client's heartbeats rather than write 400
+    // UNKNOWN_SESSIONs first.
+    server.signal("STOP");
+    for _ in 0..400 {
+        stranger.send(Message::Heartbeat);
+    }
+    std::thread::sleep(2 * ttl);
+    server.signal("CONT");
+    while let Some(reply) = stranger.recv(Duration::from_millis(500)) {
+        assert_eq!(message_of(&reply, None), Message::UnknownSession);
+    }
+    // Counters are published every 50 ms: wait (bounded) for all 400.
+    let until = Instant::now() + Duration::from_secs(5);
+    let (read, shed) = loop {
+        let text = scrape(metrics);
+        let read = value(
+            &text,
+            "tether_datagrams_dropped_total{cause=\"unknown_session\"}",
+        );
+        let shed = value(&text, "tether_replies_withheld_total{reason=\"backlog\"}");
+        if read >= 400.0 || Instant::now() > until {
+            break (read, shed);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(read, 400.0, "every queued datagram was read");
+    assert!(
+        shed > 0.0 && shed < 400.0,
+        "{shed} of 400 answers shed: the first reads, before the backlog shows, are answered"
+    );
+    assert_eq!(c.status(task).unwrap(), TaskStatus::Running);
+    assert_eq!(
+        c.next_event(Duration::ZERO),
+        None,
+        "the live client was expired"
+    );
+    let until = Instant::now() + Duration::from_secs(5);
+    let warned = std::iter::from_fn(|| {
+        server
+            .stderr
+            .recv_timeout(until.saturating_duration_since(Instant::now()))
+            .ok()
+    })
+    .any(|line| line.contains("socket flooded"));
+    assert!(warned, "no warning about shed replies in the log");
+    // Drained, the server answers strangers again.
+    let reply = stranger.ask(Message::Heartbeat);
+    assert_eq!(message_of(&reply, None), Message::UnknownSession);
+}
+
+#[test]
+fn an_embedded_server_can_hold_loopback_peers_to_what_they_sent() {
+    let server = tether::Server::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .amplification_limit(true)
+        .bind()
+        .unwrap()
+        .spawn()
+        .unwrap();
+    let mut raw = Raw::new(server.local_addr(), 43);
+    let hello = Message::Hello {
+        ttl_ms: 0,
+        name: "",
+    };
+    raw.send(hello);
+    assert!(raw.recv(Duration::from_millis(300)).is_none());
+    let welcome = raw.ask(hello);
+    assert!(matches!(
+        message_of(&welcome, None),
+        Message::Welcome { .. }
+    ));
+    server.shutdown().unwrap();
 }

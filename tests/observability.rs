@@ -3,54 +3,12 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{Raw, ServerProcess};
+use common::{metrics_addr, scrape, value, Raw, ServerProcess};
 use tether::wire::Message;
 use tether::{Client, ClientConfig, TaskStatus};
-
-fn scrape(addr: SocketAddr) -> String {
-    let mut stream = TcpStream::connect(addr).expect("connect to metrics");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    assert!(
-        response.starts_with("HTTP/1.1 200") || response.starts_with("HTTP/1.0 200"),
-        "{response}"
-    );
-    response
-}
-
-/// The value of the series whose line starts with `series` (name and
-/// labels exactly as exported).
-fn value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no series {series}"))
-        .trim()
-        .parse()
-        .unwrap()
-}
-
-fn metrics_addr(server: &ServerProcess) -> SocketAddr {
-    let line = server
-        .stdout
-        .recv_timeout(Duration::from_secs(10))
-        .expect("no metrics line");
-    line.strip_prefix("metrics on http://")
-        .and_then(|l| l.strip_suffix("/metrics"))
-        .unwrap_or_else(|| panic!("unexpected line {line:?}"))
-        .parse()
-        .unwrap()
-}
 
 #[test]
 fn metrics_move_as_traffic_is_sent() {

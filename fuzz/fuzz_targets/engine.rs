@@ -1,9 +1,12 @@
 //! The engine's datagram input, driven by a script of operations decoded
 //! from the fuzzer's bytes: raw datagrams, datagrams with a valid header
 //! and a fuzzed body (so they get past framing), time advancing, and worker
-//! reports. The engine must never panic, and its books must balance.
+//! reports. The engine must never panic, and its books must balance. The
+//! first byte turns the amplification limit on (then no address may ever
+//! be sent more bytes than it sent) and time steps toggle the backlog.
 #![no_main]
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use libfuzzer_sys::fuzz_target;
@@ -12,7 +15,12 @@ use tether::pool::Registry;
 use tether::wire::MAX_DATAGRAM;
 
 fuzz_target!(|data: &[u8]| {
+    let Some((&mode, data)) = data.split_first() else {
+        return;
+    };
+    let limited = mode & 1 == 1;
     let config = Config {
+        amplification_limit: limited,
         max_sessions: 8,
         max_client_records: 8,
         max_tasks_per_session: 4,
@@ -27,6 +35,8 @@ fuzz_target!(|data: &[u8]| {
     let mut now = Timestamp(0);
     let mut buf = [0u8; MAX_DATAGRAM];
     let mut running = Vec::new();
+    let mut received: HashMap<SocketAddr, usize> = HashMap::new();
+    let mut sent: HashMap<SocketAddr, usize> = HashMap::new();
     let mut input = data;
     while let [op, len, rest @ ..] = input {
         let len = (*len as usize).min(rest.len());
@@ -35,6 +45,7 @@ fuzz_target!(|data: &[u8]| {
         let from = SocketAddr::from(([127, 0, 0, 1], 1000 + u16::from(*op >> 4)));
         match op % 4 {
             0 => {
+                *received.entry(from).or_default() += chunk.len();
                 let _ = engine.handle_datagram(now, from, chunk);
             }
             1 => {
@@ -47,11 +58,14 @@ fuzz_target!(|data: &[u8]| {
                 datagram.extend_from_slice(&1u64.to_be_bytes());
                 datagram.extend_from_slice(&u32::from(chunk.get(1).copied().unwrap_or(1) | 1).to_be_bytes());
                 datagram.extend_from_slice(body);
+                *received.entry(from).or_default() += datagram.len();
                 let _ = engine.handle_datagram(now, from, &datagram);
             }
             2 => {
-                now = now.plus_millis(u64::from(chunk.first().copied().unwrap_or(0)) * 37);
+                let step = chunk.first().copied().unwrap_or(0);
+                now = now.plus_millis(u64::from(step) * 37);
                 engine.handle_timeout(now);
+                engine.set_backlogged(chunk.get(1).is_some_and(|b| b & 1 == 1));
             }
             _ => {
                 while let Some(effect) = engine.poll_effect() {
@@ -66,7 +80,14 @@ fuzz_target!(|data: &[u8]| {
                 }
             }
         }
-        while engine.poll_transmit(&mut buf).is_some() {}
+        while let Some((to, n)) = engine.poll_transmit(&mut buf) {
+            let total = sent.entry(to).or_default();
+            *total += n;
+            if limited {
+                let got = received.get(&to).copied().unwrap_or(0);
+                assert!(*total <= got, "{to} was sent {total} bytes, sent {got}");
+            }
+        }
         while engine.poll_event().is_some() {}
         let s = engine.stats();
         assert!(engine.live_sessions() <= 8);

@@ -52,6 +52,14 @@ enum LogFormat {
     Json,
 }
 
+#[derive(Clone, Copy, ValueEnum)]
+enum Switch {
+    /// Decided by the setting's rule.
+    Auto,
+    On,
+    Off,
+}
+
 #[derive(Args)]
 struct ServeArgs {
     /// Address to listen on (UDP). A non-loopback address needs --key-file,
@@ -80,6 +88,14 @@ struct ServeArgs {
     /// can reach the port can then act as any client.
     #[arg(long)]
     insecure_bind: bool,
+    /// Keyless: never send an address more bytes than it has sent, so
+    /// spoofed requests cannot make this server amplify traffic at a third
+    /// party. "auto" turns it on when listening beyond loopback. With it
+    /// on, a HELLO with an empty name (33 bytes) waits for its retry to be
+    /// welcomed (36 bytes), and at most 7 of 8 ACKs go to a client that asks
+    /// for one on every heartbeat and sends nothing else.
+    #[arg(long, value_enum, default_value = "auto", value_name = "WHEN")]
+    amplification_limit: Switch,
     /// Worker threads running tasks [default: number of cores].
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
@@ -304,6 +320,11 @@ fn config(args: &ServeArgs) -> Result<ServerConfig, String> {
         workers,
         grace: args.grace,
         insecure_bind: args.insecure_bind,
+        amplification_limit: match args.amplification_limit {
+            Switch::Auto => None,
+            Switch::On => Some(true),
+            Switch::Off => Some(false),
+        },
         handle_signals: true,
         metrics: args.metrics,
         events: args.events.clone(),

@@ -38,7 +38,15 @@
 //! (`max_tasks_per_session`, REJECTED 3), remembered request ids per session,
 //! retained final states (`max_finished_tasks`, oldest first), and queued
 //! replies (`max_outbox_bytes`, excess dropped and counted).
+//!
+//! Nothing unauthenticated is answered by a keyed engine. A keyless one can
+//! hold each address to the bytes it sent (`Config::amplification_limit`,
+//! the `credit` module), so spoofed requests cannot turn it into an
+//! amplifier; and while the caller reports a flooded socket
+//! ([`Engine::set_backlogged`]) it does not answer strangers at all, so the
+//! caller's time goes to reading live sessions' datagrams.
 
+mod credit;
 mod index;
 mod outbox;
 
@@ -54,7 +62,7 @@ use crate::wire::{
     ReplayError, ReplayWindow, TaskReport,
 };
 use index::ClientIndex;
-use outbox::{Outbox, PeerAddr};
+use outbox::{NotQueued, Outbox, PeerAddr};
 
 /// Sessions whose room is reserved when the engine starts, at most.
 const RESERVE_SESSIONS_MAX: usize = 4 << 20;
@@ -182,6 +190,13 @@ pub struct Config {
     pub max_outbox_bytes: usize,
     /// The shared secret; `None` runs keyless.
     pub key: Option<MacKey>,
+    /// Keyless only: never send an address more bytes than it has sent
+    /// (counted per source address and port, banked up to 16 KiB). Protocol
+    /// v1 answers some requests with a few bytes more than they carried (an
+    /// empty-name HELLO 33 → WELCOME 36), so with this on such an answer
+    /// waits for the client's retry. The server turns it on when a keyless
+    /// server listens beyond loopback, where sources can be spoofed.
+    pub amplification_limit: bool,
     /// The jobs SUBMIT can name.
     pub jobs: JobTable,
     /// Queue an [`Event`] for every session and task lifecycle step, for
@@ -206,6 +221,7 @@ impl Default for Config {
             client_memory_ms: 600_000,
             max_outbox_bytes: 16 << 20,
             key: None,
+            amplification_limit: false,
             jobs: JobTable::default(),
             record_events: false,
         }
@@ -472,6 +488,13 @@ pub struct Stats {
     pub replies: u64,
     /// Replies dropped because the outbox was full.
     pub replies_dropped: u64,
+    /// Replies not sent because their address had not sent as many bytes
+    /// ([`Config::amplification_limit`]).
+    pub replies_unpaid: u64,
+    /// Answers to strangers (UNKNOWN_SESSION, REJECTED to a HELLO, WELCOME
+    /// of a new session) not sent while the caller's socket was backlogged
+    /// ([`Engine::set_backlogged`]).
+    pub replies_shed: u64,
     /// Sessions opened.
     pub sessions_opened: u64,
     /// Sessions ended by expiry.
@@ -620,6 +643,7 @@ pub struct Engine {
     waiting_tasks: usize,
     unfinished_tasks: usize,
     shutting_down: bool,
+    backlogged: bool,
     outbox: Outbox,
     effects: VecDeque<Effect>,
     expired_scratch: Vec<Expired>,
@@ -644,7 +668,10 @@ impl Engine {
         let expected_sessions = config.max_sessions.min(RESERVE_SESSIONS_MAX);
         let mut session_wheel = Wheel::new(start);
         session_wheel.reserve_keys(expected_sessions);
-        let outbox = Outbox::new(config.max_outbox_bytes);
+        let outbox = Outbox::new(
+            config.max_outbox_bytes,
+            config.amplification_limit && config.key.is_none(),
+        );
         Engine {
             sessions: Slab::with_capacity(expected_sessions),
             live_by_client: ClientIndex::with_capacity(expected_sessions),
@@ -658,6 +685,7 @@ impl Engine {
             waiting_tasks: 0,
             unfinished_tasks: 0,
             shutting_down: false,
+            backlogged: false,
             outbox,
             effects: VecDeque::new(),
             expired_scratch: Vec::new(),
@@ -694,6 +722,19 @@ impl Engine {
         self.shutting_down
     }
 
+    /// Tells the engine whether the caller's socket holds more datagrams
+    /// than it can read at once. While it does, answers to strangers are
+    /// not sent, only counted in [`Stats::replies_shed`]: UNKNOWN_SESSION, a
+    /// REJECTED to a HELLO, and the WELCOME of a session a HELLO opens (the
+    /// session is opened all the same, and the client's retry of its HELLO
+    /// is welcomed as a member's). Under a flood, the time a reply costs
+    /// goes to reading live sessions' datagrams instead. These are answers a
+    /// client must retry for anyway, since UDP may lose them; nothing a
+    /// member of a live session asks for is ever shed.
+    pub fn set_backlogged(&mut self, backlogged: bool) {
+        self.backlogged = backlogged;
+    }
+
     /// Call for every datagram that arrives, with the time it was read.
     /// Replies are queued for [`Engine::poll_transmit`] and task commands
     /// for [`Engine::poll_effect`]. A dropped datagram changed nothing and
@@ -706,6 +747,8 @@ impl Engine {
     ) -> Result<(), Dropped> {
         self.advance_clock(now);
         self.stats.datagrams += 1;
+        let from = PeerAddr::from(from);
+        self.outbox.received(&from, data.len());
         let datagram = match Datagram::decode(data, self.config.key.as_ref()) {
             Ok(d) => d,
             Err(e) => return Err(self.count_drop(Self::classify(e))),
@@ -713,7 +756,6 @@ impl Engine {
         if !datagram.message.kind().is_from_client() {
             return Err(self.count_drop(Dropped::WrongDirection));
         }
-        let from = PeerAddr::from(from);
         if let Message::Hello { ttl_ms, .. } = datagram.message {
             return self.on_hello(&datagram.header, ttl_ms, from);
         }
@@ -723,7 +765,8 @@ impl Engine {
             _ => {
                 // No state to protect, and the reply is never larger than the
                 // datagram: both are bare headers (plus a MAC when keyed, and
-                // then the datagram carried one too).
+                // then the datagram carried one too). A retired session's
+                // client learns here that it must say HELLO again.
                 self.stats.unknown_session += 1;
                 self.reply_unknown_session(&h, from);
                 return Ok(());
@@ -1110,7 +1153,13 @@ impl Engine {
             peer: SocketAddr::from(from),
             at: self.now,
         });
-        self.welcome(index);
+        if self.backlogged {
+            // Opened all the same: the client's retry finds the session and
+            // is welcomed as a member, not a stranger.
+            self.stats.replies_shed += 1;
+        } else {
+            self.welcome(index);
+        }
         Ok(())
     }
 
@@ -1514,6 +1563,10 @@ impl Engine {
     /// Answers with the header fields of the datagram answered, as the
     /// protocol asks of UNKNOWN_SESSION and a REJECTED HELLO.
     fn reply_to_request(&mut self, h: &Header, to: PeerAddr, message: Message<'_>) {
+        if self.backlogged {
+            self.stats.replies_shed += 1;
+            return;
+        }
         let header = Header {
             flags: Flags::empty(),
             ..*h
@@ -1595,9 +1648,10 @@ fn queue(
     header: &Header,
     message: &Message<'_>,
 ) {
-    stats.replies += 1;
-    if !outbox.push(to, header, message, key) {
-        stats.replies_dropped += 1;
+    match outbox.push(to, header, message, key) {
+        Ok(()) => stats.replies += 1,
+        Err(NotQueued::Full) => stats.replies_dropped += 1,
+        Err(NotQueued::NoCredit) => stats.replies_unpaid += 1,
     }
 }
 

@@ -3,17 +3,20 @@
 //! All queued datagrams share one byte arena, reset whenever the queue
 //! empties, so the steady state allocates nothing. The arena is bounded; a
 //! reply that does not fit is dropped (and counted by the engine) rather than
-//! letting a peer that never reads grow the server's memory.
+//! letting a peer that never reads grow the server's memory. A keyless
+//! engine can also hold every address to the bytes it has sent
+//! ([`ReplyCredit`]); a reply it has not paid for is not queued.
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
+use super::credit::ReplyCredit;
 use crate::wire::{Datagram, Header, MacKey, Message};
 
 /// A peer address in 19 bytes, alignment 1, instead of `SocketAddr`'s 32:
 /// sessions store one each, and a million of them is the design point.
 /// IPv6 scope and flow labels are not kept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) struct PeerAddr {
     ip: [u8; 16],
     port: [u8; 2],
@@ -61,33 +64,59 @@ pub(crate) struct Outbox {
     /// Datagrams put back by `push_front`; sent before the queue.
     front: Vec<(SocketAddr, Vec<u8>)>,
     max_bytes: usize,
+    /// Present when replies are limited to what their address has sent.
+    credit: Option<ReplyCredit>,
+}
+
+/// Why [`Outbox::push`] did not queue a reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NotQueued {
+    /// The outbox already holds its byte limit.
+    Full,
+    /// Its address has not sent enough bytes to pay for it.
+    NoCredit,
 }
 
 impl Outbox {
-    pub(crate) fn new(max_bytes: usize) -> Outbox {
+    pub(crate) fn new(max_bytes: usize, limit_to_credit: bool) -> Outbox {
         Outbox {
             arena: Vec::new(),
             queue: VecDeque::new(),
             front: Vec::new(),
             max_bytes,
+            credit: limit_to_credit.then(ReplyCredit::new),
         }
     }
 
-    /// Encodes and queues a datagram; false when it had to be dropped.
+    /// Counts `bytes` that arrived from `from` towards its replies.
+    #[inline]
+    pub(crate) fn received(&mut self, from: &PeerAddr, bytes: usize) {
+        if let Some(credit) = self.credit.as_mut() {
+            credit.earn(from, bytes);
+        }
+    }
+
+    /// Encodes and queues a datagram, unless the outbox is full or its
+    /// address cannot pay for it.
     pub(crate) fn push(
         &mut self,
         to: PeerAddr,
         header: &Header,
         message: &Message<'_>,
         key: Option<&MacKey>,
-    ) -> bool {
+    ) -> Result<(), NotQueued> {
         let datagram = Datagram {
             header: *header,
             message: *message,
         };
         let len = datagram.encoded_len(key.is_some());
         if self.arena.len() + len > self.max_bytes {
-            return false;
+            return Err(NotQueued::Full);
+        }
+        if let Some(credit) = self.credit.as_mut() {
+            if !credit.spend(&to, len) {
+                return Err(NotQueued::NoCredit);
+            }
         }
         let start = self.arena.len();
         self.arena.resize(start + len, 0);
@@ -99,14 +128,14 @@ impl Outbox {
                     start: start as u32,
                     len: len as u16,
                 });
-                true
+                Ok(())
             }
             Err(e) => {
                 // The engine bounds every field before it builds a reply, so
                 // this is a bug; drop the reply rather than the server.
                 debug_assert!(false, "cannot encode {message:?}: {e}");
                 self.arena.truncate(start);
-                false
+                Err(NotQueued::Full)
             }
         }
     }
@@ -160,20 +189,43 @@ mod tests {
             seq: 1,
         };
         let to = PeerAddr::from("127.0.0.1:1".parse::<SocketAddr>().unwrap());
-        let mut outbox = Outbox::new(60);
-        assert!(outbox.push(to, &header, &Message::ByeAck, None));
-        assert!(outbox.push(to, &header, &Message::ByeAck, None));
-        assert!(
-            !outbox.push(to, &header, &Message::ByeAck, None),
+        let mut outbox = Outbox::new(60, false);
+        assert_eq!(outbox.push(to, &header, &Message::ByeAck, None), Ok(()));
+        assert_eq!(outbox.push(to, &header, &Message::ByeAck, None), Ok(()));
+        assert_eq!(
+            outbox.push(to, &header, &Message::ByeAck, None),
+            Err(NotQueued::Full),
             "over 60 bytes"
         );
         let mut buf = [0u8; 1200];
         assert_eq!(outbox.pop(&mut buf).map(|(_, n)| n), Some(28));
         assert_eq!(outbox.pop(&mut buf).map(|(_, n)| n), Some(28));
         assert!(outbox.pop(&mut buf).is_none());
-        assert!(
+        assert_eq!(
             outbox.push(to, &header, &Message::ByeAck, None),
+            Ok(()),
             "arena reset"
         );
+    }
+
+    #[test]
+    fn limited_to_credit_queues_only_what_the_address_paid_for() {
+        let header = Header {
+            flags: crate::wire::Flags::empty(),
+            client_id: 1,
+            incarnation: 1,
+            seq: 1,
+        };
+        let to = PeerAddr::from("127.0.0.1:1".parse::<SocketAddr>().unwrap());
+        let mut outbox = Outbox::new(1 << 20, true);
+        outbox.received(&to, 40);
+        assert_eq!(outbox.push(to, &header, &Message::ByeAck, None), Ok(()));
+        assert_eq!(
+            outbox.push(to, &header, &Message::ByeAck, None),
+            Err(NotQueued::NoCredit),
+            "12 bytes left for a 28-byte reply"
+        );
+        outbox.received(&to, 16);
+        assert_eq!(outbox.push(to, &header, &Message::ByeAck, None), Ok(()));
     }
 }

@@ -2,8 +2,8 @@
 //! a free port, and a raw wire-level client for byte-exact scenarios.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, UdpSocket};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -28,10 +28,17 @@ impl ServerProcess {
 
     /// As `start`, with extra environment variables.
     pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> ServerProcess {
+        ServerProcess::start_at("127.0.0.1:0", args, env)
+    }
+
+    /// As `start`, listening on `listen`. Tests still send to loopback
+    /// only: a server on `0.0.0.0` is reached at `127.0.0.1`, see
+    /// [`ServerProcess::loopback_addr`].
+    pub fn start_at(listen: &str, args: &[&str], env: &[(&str, &str)]) -> ServerProcess {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tether"))
             .envs(env.iter().copied())
             .arg("serve")
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", listen])
             .args(args)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -65,6 +72,19 @@ impl ServerProcess {
             stdout: rx,
             stderr: erx,
         }
+    }
+
+    /// The address to send to: the bound one, or loopback in its family
+    /// when the server listens on every interface.
+    pub fn loopback_addr(&self) -> SocketAddr {
+        let mut addr = self.addr;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(match addr {
+                SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        addr
     }
 
     pub fn pid(&self) -> String {
@@ -213,4 +233,47 @@ pub fn key_file(name: &str, secret: &[u8]) -> std::path::PathBuf {
     std::fs::write(&path, secret).unwrap();
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
     path
+}
+
+/// The metrics endpoint's whole response.
+pub fn scrape(addr: SocketAddr) -> String {
+    let mut stream = TcpStream::connect(addr).expect("connect to metrics");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    assert!(
+        response.starts_with("HTTP/1.1 200") || response.starts_with("HTTP/1.0 200"),
+        "{response}"
+    );
+    response
+}
+
+/// The value of the series whose line starts with `series` (name and
+/// labels exactly as exported).
+pub fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no series {series}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// The metrics address from the line after "listening on" (needs
+/// `--metrics 127.0.0.1:0`).
+pub fn metrics_addr(server: &ServerProcess) -> SocketAddr {
+    let line = server
+        .stdout
+        .recv_timeout(Duration::from_secs(10))
+        .expect("no metrics line");
+    line.strip_prefix("metrics on http://")
+        .and_then(|l| l.strip_suffix("/metrics"))
+        .unwrap_or_else(|| panic!("unexpected line {line:?}"))
+        .parse()
+        .unwrap()
 }

@@ -244,6 +244,8 @@ struct RunResult {
     phase: Duration,
     heartbeats: u64,
     send_errors: u64,
+    /// Bytes the live clients sent, all run long (opening included).
+    bytes_sent: u64,
     target_rate: f64,
     silent: usize,
     received: Received,
@@ -493,6 +495,7 @@ fn run_once(args: &Args, target: Target, key: Option<MacKey>) -> Result<RunResul
         phase,
         heartbeats,
         send_errors: sender.send_errors,
+        bytes_sent: sender.bytes_sent,
         target_rate: n as f64 / args.interval.as_secs_f64(),
         silent,
         welcomed: shared.welcomed.load(Ordering::Acquire),
@@ -529,6 +532,7 @@ struct Sender {
     next_event: u64,
     send_errors: u64,
     sent: u64,
+    bytes_sent: u64,
     /// HELLOs of clients that stay live, to replay as junk.
     captured: Vec<Vec<u8>>,
 }
@@ -553,6 +557,7 @@ impl Sender {
             next_event: 0,
             send_errors: 0,
             sent: 0,
+            bytes_sent: 0,
             captured: Vec::new(),
             shared,
         }
@@ -607,6 +612,10 @@ impl Sender {
         while done < offsets.len() {
             match self.batch.send(&self.sockets[s], &offsets[done..]) {
                 Ok(n) => {
+                    self.bytes_sent += offsets[done..done + n]
+                        .iter()
+                        .map(|d| d.len() as u64)
+                        .sum::<u64>();
                     done += n;
                     self.sent += n as u64;
                 }
@@ -1143,8 +1152,7 @@ fn describe_hostile(h: &Hostile, text: &mut String, json: &mut Json) {
                 text,
                 "  kernel drops at server  {kernel_drops:>12}   ({missing} junk datagrams never reached it; every one that did was counted under its cause: {accounted})"
             );
-            json.num("server_kernel_drops", kernel_drops)
-                .num("junk_missing", missing)
+            json.num("junk_missing", missing)
                 .num("counters_match", accounted);
         } else {
             let _ = writeln!(text, "  server counters         not read (pass --metrics ADDR of the server's --metrics)");
@@ -1158,9 +1166,43 @@ fn describe_hostile(h: &Hostile, text: &mut String, json: &mut Json) {
             "  hello flood             {:>12}   sent; {welcomed} welcomed, {rejected} rejected (too many sessions)",
             hellos.sent("hello")
         );
+        let ratio = hellos.bytes_received as f64 / hellos.bytes_sent.max(1) as f64;
+        let rate = hellos.sent("hello") as f64 / hellos.elapsed.as_secs_f64().max(1e-9);
+        let _ = writeln!(
+            text,
+            "  hello flood rate        {rate:>12.0}/s  amplification {ratio:.3} (bytes back / bytes of HELLO; 1.091 if every one is answered)"
+        );
         json.num("hellos_sent", hellos.sent("hello"))
+            .float("hellos_rate", rate)
             .num("hellos_welcomed", welcomed)
-            .num("hellos_rejected", rejected);
+            .num("hellos_rejected", rejected)
+            .num("hellos_bytes_sent", hellos.bytes_sent)
+            .num("hellos_bytes_received", hellos.bytes_received)
+            .float("hellos_amplification", ratio);
+        if let Some((before, after)) = &h.counters {
+            let delta = |series: &str| {
+                (after.get(series).copied().unwrap_or(0.0)
+                    - before.get(series).copied().unwrap_or(0.0))
+                .max(0.0) as u64
+            };
+            let refused = delta("tether_sessions_refused_total");
+            let shed = delta("tether_replies_withheld_total{reason=\"backlog\"}");
+            let unpaid = delta("tether_replies_withheld_total{reason=\"amplification\"}");
+            let kernel_drops = delta("tether_receive_buffer_drops_total");
+            let _ = writeln!(
+                text,
+                "  server refused          {refused:>12}   HELLOs past --max-sessions; answers not sent: {shed} while flooded, {unpaid} unpaid (amplification limit); {kernel_drops} datagrams dropped by the kernel at its socket"
+            );
+            json.num("server_refused", refused)
+                .num("server_replies_shed", shed)
+                .num("server_replies_unpaid", unpaid);
+        }
+    }
+    if let Some((before, after)) = &h.counters {
+        let series = "tether_receive_buffer_drops_total";
+        let drops =
+            after.get(series).copied().unwrap_or(0.0) - before.get(series).copied().unwrap_or(0.0);
+        json.num("server_kernel_drops", drops.max(0.0) as u64);
     }
 }
 
@@ -1236,8 +1278,12 @@ fn summarize(args: &Args, results: &[RunResult]) {
             );
             let _ = writeln!(
                 text,
-                "  replies received        {:>12}   ({} bytes; {} UNKNOWN_SESSION)",
-                r.received.datagrams, r.received.bytes, r.received.unknown_session
+                "  replies received        {:>12}   ({} bytes, {:.3} of the {} bytes sent; {} UNKNOWN_SESSION)",
+                r.received.datagrams,
+                r.received.bytes,
+                r.received.bytes as f64 / r.bytes_sent.max(1) as f64,
+                r.bytes_sent,
+                r.received.unknown_session
             );
         } else {
             let _ = writeln!(text, "  datagrams received      {:>12}", r.target_datagrams);
@@ -1315,7 +1361,12 @@ fn summarize(args: &Args, results: &[RunResult]) {
                 .raw("lateness_ms", &late_p.json())
                 .raw("rtt_us", &rtt_p.json())
                 .num("replies", r.received.datagrams)
-                .num("reply_bytes", r.received.bytes);
+                .num("reply_bytes", r.received.bytes)
+                .num("bytes_sent", r.bytes_sent)
+                .float(
+                    "amplification",
+                    r.received.bytes as f64 / r.bytes_sent.max(1) as f64,
+                );
             if let Some(kb) = r.target_peak_rss_kb {
                 j.num("peak_rss_kb", kb);
             }
