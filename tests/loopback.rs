@@ -350,6 +350,9 @@ fn bad_configuration_exits_non_zero_with_one_line() {
     let (code, err) = run_tether(&["serve", "--ttl", "50ms"]);
     assert_eq!(code, Some(1));
     assert!(err.contains("--min-ttl"), "{err}");
+    let (code, err) = run_tether(&["serve", "--coalesce", "6ms"]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("half of --tick"), "{err}");
 }
 
 #[test]
@@ -642,4 +645,23 @@ fn an_embedded_server_can_hold_loopback_peers_to_what_they_sent() {
         Message::Welcome { .. }
     ));
     server.shutdown().unwrap();
+}
+
+#[test]
+fn an_embedded_server_refuses_to_coalesce_past_half_a_tick() {
+    let refused = tether::Server::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .tick(Duration::from_millis(10))
+        .coalesce(Duration::from_millis(6))
+        .bind();
+    assert!(matches!(
+        refused,
+        Err(tether::ServerError::InvalidConfig(_))
+    ));
+    let accepted = tether::Server::builder()
+        .listen("127.0.0.1:0".parse().unwrap())
+        .tick(Duration::from_millis(10))
+        .coalesce(Duration::from_millis(5))
+        .bind();
+    assert!(accepted.is_ok());
 }
