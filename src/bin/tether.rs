@@ -136,7 +136,7 @@ struct ServeArgs {
     #[arg(long, default_value = "100ms", value_parser = parse_duration, value_name = "DURATION")]
     slow_loop: Duration,
     /// Under load, let datagrams gather this long between reads, so each
-    /// read takes a batch: about half the CPU per heartbeat at 100K/s, for
+    /// read takes a batch: 40% of the CPU per heartbeat at 100K/s, for
     /// at most this much more round trip. Never delays expiry. 0 reads as
     /// soon as anything arrives. At most half the tick.
     #[arg(long, default_value = "500us", value_parser = parse_duration, value_name = "DURATION")]

@@ -1078,6 +1078,12 @@ const CAUSES: [&str; 5] = [
     "unknown_session",
 ];
 
+/// How much a server counter grew between two scrapes.
+fn counter_delta(before: &HashMap<String, f64>, after: &HashMap<String, f64>, series: &str) -> u64 {
+    let value = |scrape: &HashMap<String, f64>| scrape.get(series).copied().unwrap_or(0.0);
+    (value(after) - value(before)).max(0.0) as u64
+}
+
 fn describe_hostile(h: &Hostile, text: &mut String, json: &mut Json) {
     use std::fmt::Write as _;
     if let Some(junk) = &h.junk {
@@ -1116,11 +1122,7 @@ fn describe_hostile(h: &Hostile, text: &mut String, json: &mut Json) {
             .num("junk_replies_other", unanswerable)
             .float("amplification", ratio);
         if let Some((before, after)) = &h.counters {
-            let delta = |series: &str| {
-                (after.get(series).copied().unwrap_or(0.0)
-                    - before.get(series).copied().unwrap_or(0.0))
-                .max(0.0) as u64
-            };
+            let delta = |series: &str| counter_delta(before, after, series);
             // Datagrams the kernel dropped at the server's socket never
             // reached it; they are the only allowed difference.
             let kernel_drops = delta("tether_receive_buffer_drops_total");
@@ -1180,11 +1182,7 @@ fn describe_hostile(h: &Hostile, text: &mut String, json: &mut Json) {
             .num("hellos_bytes_received", hellos.bytes_received)
             .float("hellos_amplification", ratio);
         if let Some((before, after)) = &h.counters {
-            let delta = |series: &str| {
-                (after.get(series).copied().unwrap_or(0.0)
-                    - before.get(series).copied().unwrap_or(0.0))
-                .max(0.0) as u64
-            };
+            let delta = |series: &str| counter_delta(before, after, series);
             let refused = delta("tether_sessions_refused_total");
             let shed = delta("tether_replies_withheld_total{reason=\"backlog\"}");
             let unpaid = delta("tether_replies_withheld_total{reason=\"amplification\"}");
@@ -1199,10 +1197,8 @@ fn describe_hostile(h: &Hostile, text: &mut String, json: &mut Json) {
         }
     }
     if let Some((before, after)) = &h.counters {
-        let series = "tether_receive_buffer_drops_total";
-        let drops =
-            after.get(series).copied().unwrap_or(0.0) - before.get(series).copied().unwrap_or(0.0);
-        json.num("server_kernel_drops", drops.max(0.0) as u64);
+        let drops = counter_delta(before, after, "tether_receive_buffer_drops_total");
+        json.num("server_kernel_drops", drops);
     }
 }
 
