@@ -742,6 +742,13 @@ impl Server {
         self.timestamp(self.clock.now())
     }
 
+    /// When the engine next needs `handle_timeout`, on the clock.
+    fn engine_due(&self) -> Option<Instant> {
+        self.engine
+            .poll_timeout()
+            .map(|due| self.start + Duration::from_micros(due.as_micros()))
+    }
+
     /// Lets datagrams gather for up to `coalesce`, but never past the
     /// engine's next due tick or the end of a shutdown's grace, so expiry
     /// and shutdown are not delayed.
@@ -750,10 +757,7 @@ impl Server {
             return;
         }
         let now = self.clock.now();
-        let engine_due = self
-            .engine
-            .poll_timeout()
-            .map(|due| self.start + Duration::from_micros(due.as_micros()));
+        let engine_due = self.engine_due();
         let until = [Some(now + self.coalesce), engine_due, grace]
             .into_iter()
             .flatten()
@@ -769,10 +773,7 @@ impl Server {
         if socket_backlog {
             return Some(Duration::ZERO);
         }
-        let engine_due = self
-            .engine
-            .poll_timeout()
-            .map(|due| self.start + Duration::from_micros(due.as_micros()));
+        let engine_due = self.engine_due();
         let wake_at = [
             engine_due,
             grace,

@@ -2,8 +2,11 @@
 //! reported and counted. An embedded server, so the test can register a
 //! job that misbehaves on purpose.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
+use common::value;
 use tether::{CancelOutcome, Client, ClientConfig, PayloadRule, Server, TaskStatus};
 
 /// Waits (bounded) until `name` reaches `at_least`: the loop publishes its
@@ -16,7 +19,7 @@ fn wait_for_metric(
     let until = Instant::now() + Duration::from_secs(5);
     loop {
         let text = metrics.render();
-        if metric(&text, name) >= at_least {
+        if value(&text, name) >= at_least {
             return text;
         }
         assert!(
@@ -25,15 +28,6 @@ fn wait_for_metric(
         );
         std::thread::sleep(Duration::from_millis(10));
     }
-}
-
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
-        .unwrap_or_else(|| panic!("no {name}"))
-        .trim()
-        .parse()
-        .unwrap()
 }
 
 #[test]
@@ -68,7 +62,7 @@ fn a_task_ignoring_its_flag_is_reported_and_counted() {
     );
     let text = wait_for_metric(&metrics, "tether_slow_cancels_total", 1.0);
     assert_eq!(
-        metric(&text, "tether_slow_cancels_total"),
+        value(&text, "tether_slow_cancels_total"),
         1.0,
         "reported once"
     );
@@ -94,8 +88,8 @@ fn slow_loop_iterations_are_counted() {
     let text = wait_for_metric(&metrics, "tether_slow_loop_iterations_total", 2.0);
     // Every iteration counts as slow; the histogram is observed at once and
     // the counter published every 50 ms, so the histogram is never behind.
-    let slow = metric(&text, "tether_slow_loop_iterations_total");
-    let all = metric(&text, "tether_loop_iteration_seconds_count");
+    let slow = value(&text, "tether_slow_loop_iterations_total");
+    let all = value(&text, "tether_loop_iteration_seconds_count");
     assert!(slow <= all, "{slow} slow of {all}");
     client.bye().unwrap();
     server.shutdown().unwrap();
