@@ -48,7 +48,7 @@ fn engine_with_sessions(n: u32, ttl_ms: u32) -> Engine {
         jobs: Registry::with_standard_jobs().table(),
         ..Config::default()
     };
-    let mut engine = Engine::new(config, Timestamp(0));
+    let mut engine = Engine::new(config, Timestamp(0)).expect("valid config");
     let mut buf = [0u8; MAX_DATAGRAM];
     for i in 0..n {
         let hello = datagram(u64::from(i) + 1, 1, Message::Hello { ttl_ms, name: "" });

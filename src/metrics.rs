@@ -44,6 +44,10 @@ pub struct EdgeStats {
     pub slow_cancels: u64,
     /// Loop iterations that took longer than the slow-loop threshold.
     pub slow_loops: u64,
+    /// Tasks the worker pool holds in its queue now.
+    pub pool_queued: u64,
+    /// Tasks on the pool's workers now.
+    pub pool_running: u64,
 }
 
 /// How one series reads its value.
@@ -241,6 +245,20 @@ const SERIES: &[Series] = &[
         Gauge,
         "state" = "running",
         |s, _| s.tasks_running_now
+    ),
+    series!(
+        "tether_pool_tasks",
+        "Tasks the worker pool holds, by state (what the engine counts as queued or running, as the pool sees it).",
+        Gauge,
+        "state" = "queued",
+        |_, e| e.pool_queued
+    ),
+    series!(
+        "tether_pool_tasks",
+        "Tasks the worker pool holds, by state (what the engine counts as queued or running, as the pool sees it).",
+        Gauge,
+        "state" = "running",
+        |_, e| e.pool_running
     ),
     series!(
         "tether_tasks_accepted",

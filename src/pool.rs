@@ -2,10 +2,17 @@
 //! a shared cancel flag.
 //!
 //! ```text
-//!   server loop ──WorkItem──► crossbeam channel ──► worker 0..n
-//!        ▲                                            │ catch_unwind(job(&ctx))
-//!        └──── Report (Started / Finished) ◄──────────┘ then wake the loop
+//!   server loop ── run(task) ──► WorkQueue (one lock) ◄── claim ── worker 0..n
+//!               ── cancel(task) ─┘  queued: withdrawn,          │ catch_unwind(job(&ctx))
+//!                                   running: flag set           │
+//!        ▲                                                      │
+//!        └──── Report (Started / Finished) over a channel ◄─────┘ then wake the loop
 //! ```
+//!
+//! The queue is the one owner of a queued task's fate: under its lock a
+//! worker claims the task or the loop withdraws it, so a task reported
+//! cancelled before it started never runs, and a cancelled queued task's
+//! payload is freed the moment it is cancelled.
 //!
 //! Cancellation is cooperative, as it must be for threads: the loop flips a
 //! task's [`CancelFlag`] and the job sees it at its next
@@ -16,18 +23,19 @@
 //! panic message and the worker takes the next item.
 
 use std::any::Any;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
+use crossbeam_channel::Sender;
 use parking_lot::{Condvar, Mutex};
 
 use crate::engine::{JobId, JobOutcome, JobTable, PayloadRule, TaskEvent, TaskId};
-use crate::wire::{CancelReason, MAX_JOB_LEN};
+use crate::wire::{CancelReason, MAX_JOB_LEN, MAX_TEXT_LEN};
 
 /// A task's cancel flag, shared by the loop that flips it and the worker
 /// that polls it.
@@ -253,7 +261,7 @@ impl Registry {
         match catch_unwind(AssertUnwindSafe(|| body(ctx))) {
             Ok(Ok(result)) => JobOutcome::Done(result),
             Ok(Err(JobError(text))) => JobOutcome::Failed(text),
-            Err(panic) => JobOutcome::Failed(format!("panicked: {}", panic_text(&*panic))),
+            Err(panic) => JobOutcome::Failed(format!("{PANIC_PREFIX}{}", panic_text(&*panic))),
         }
     }
 }
@@ -313,6 +321,9 @@ pub fn quiet_worker_panics() {
 
 const WORKER_PREFIX: &str = "tether-worker-";
 
+/// What a failed task's error starts with when its job panicked.
+const PANIC_PREFIX: &str = "panicked: ";
+
 fn panic_text(panic: &(dyn Any + Send)) -> &str {
     if let Some(s) = panic.downcast_ref::<&str>() {
         s
@@ -330,14 +341,24 @@ pub(crate) fn standard_jobs() -> [StandardJob; 5] {
         ("sleep", PayloadRule::Exactly(4), job_sleep),
         ("spin", PayloadRule::Exactly(8), job_spin),
         ("echo", PayloadRule::Any, |ctx| Ok(ctx.payload().to_vec())),
-        ("fail", PayloadRule::Any, |ctx| {
-            Err(JobError(
-                String::from_utf8_lossy(ctx.payload()).into_owned(),
-            ))
-        }),
-        ("panic", PayloadRule::Any, |ctx| {
-            panic!("{}", String::from_utf8_lossy(ctx.payload()))
-        }),
+        (
+            "fail",
+            PayloadRule::Text {
+                max_len: MAX_TEXT_LEN,
+            },
+            |ctx| {
+                Err(JobError(
+                    String::from_utf8_lossy(ctx.payload()).into_owned(),
+                ))
+            },
+        ),
+        (
+            "panic",
+            PayloadRule::Text {
+                max_len: MAX_TEXT_LEN - PANIC_PREFIX.len(),
+            },
+            |ctx| panic!("{}", String::from_utf8_lossy(ctx.payload())),
+        ),
     ]
 }
 
@@ -368,25 +389,253 @@ fn job_spin(ctx: &TaskContext<'_>) -> JobResult {
     Ok(std::hint::black_box(state).to_be_bytes().to_vec())
 }
 
-/// A unit of work for a worker.
+/// A worker's report on a task, for [`crate::engine::Engine::handle_task_event`].
+pub type Report = (TaskId, TaskEvent);
+
+/// What [`WorkQueue::cancel`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// It was still queued: it is gone and will never run. Report
+    /// [`TaskEvent::Withdrawn`] to the engine.
+    Withdrawn,
+    /// A worker has it: its flag is set, and the worker reports it finished
+    /// when the job stops.
+    Signalled,
+    /// Not held: it already finished (its report is on its way) or was never
+    /// queued.
+    NotHeld,
+}
+
+/// A task a worker took from the queue.
 #[derive(Debug)]
-pub struct WorkItem {
+pub struct Claim {
     /// The task.
     pub task: TaskId,
     /// Which job.
     pub job: JobId,
     /// Its payload.
     pub payload: Vec<u8>,
-    /// Its cancel flag, also held by whoever may cancel it.
+    /// Its cancel flag, also held by the queue.
     pub flag: Arc<CancelFlag>,
 }
 
-/// A worker's report on a task, for [`crate::engine::Engine::handle_task_event`].
-pub type Report = (TaskId, TaskEvent);
+/// A task still running after its flag was set.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlowCancel {
+    /// The task.
+    pub task: TaskId,
+    /// Whose task it is.
+    pub client_id: u64,
+    /// Which job.
+    pub job: JobId,
+    /// How long ago its flag was set.
+    pub ignoring: Duration,
+    /// Why it was cancelled.
+    pub reason: Option<CancelReason>,
+}
 
-/// A fixed set of worker threads fed by a channel.
+struct Waiting {
+    client_id: u64,
+    job: JobId,
+    payload: Vec<u8>,
+}
+
+struct Running {
+    client_id: u64,
+    job: JobId,
+    flag: Arc<CancelFlag>,
+    /// When its flag was set, and whether it has been reported as slow.
+    cancelled_at: Option<(Instant, bool)>,
+}
+
+/// The tasks the pool holds, and the one place that decides whether a
+/// queued task still starts: a worker's [`WorkQueue::claim`] and the loop's
+/// [`WorkQueue::cancel`] both run under the pool's lock, so a task is either
+/// withdrawn (and never runs) or claimed (and then cancelled through its
+/// flag), never both.
+///
+/// Plain data, no threads or locks: [`Pool`] wraps it in a mutex, and tests
+/// drive it directly. A withdrawn task's payload is freed at once; its id
+/// stays in the order queue until a worker passes it or the queue is
+/// compacted (when such ids outnumber the queued ones), so the queue holds
+/// at most twice what the engine counts as queued.
+#[derive(Default)]
+pub struct WorkQueue {
+    order: VecDeque<TaskId>,
+    waiting: HashMap<TaskId, Waiting>,
+    running: HashMap<TaskId, Running>,
+    /// Bytes of the waiting tasks' payloads.
+    waiting_bytes: usize,
+}
+
+impl WorkQueue {
+    /// An empty queue.
+    pub fn new() -> WorkQueue {
+        WorkQueue::default()
+    }
+
+    /// Queues a task for a worker.
+    pub fn push(&mut self, task: TaskId, client_id: u64, job: JobId, payload: Vec<u8>) {
+        self.waiting_bytes += payload.len();
+        let previous = self.waiting.insert(
+            task,
+            Waiting {
+                client_id,
+                job,
+                payload,
+            },
+        );
+        debug_assert!(previous.is_none(), "{task} queued twice");
+        self.order.push_back(task);
+    }
+
+    /// Cancels `task` for `reason`: withdraws it if it is still queued, sets
+    /// its flag if a worker has it. `now` dates the flag for the slow-cancel
+    /// report.
+    pub fn cancel(&mut self, task: TaskId, reason: CancelReason, now: Instant) -> CancelOutcome {
+        if let Some(w) = self.waiting.remove(&task) {
+            self.waiting_bytes -= w.payload.len();
+            self.compact();
+            return CancelOutcome::Withdrawn;
+        }
+        match self.running.get_mut(&task) {
+            Some(r) => {
+                r.flag.cancel(reason);
+                r.cancelled_at.get_or_insert((now, false));
+                CancelOutcome::Signalled
+            }
+            None => CancelOutcome::NotHeld,
+        }
+    }
+
+    /// The oldest queued task, now running on the caller's thread.
+    pub fn claim(&mut self) -> Option<Claim> {
+        while let Some(task) = self.order.pop_front() {
+            let Some(w) = self.waiting.remove(&task) else {
+                continue; // withdrawn
+            };
+            self.waiting_bytes -= w.payload.len();
+            let flag = Arc::new(CancelFlag::new());
+            self.running.insert(
+                task,
+                Running {
+                    client_id: w.client_id,
+                    job: w.job,
+                    flag: Arc::clone(&flag),
+                    cancelled_at: None,
+                },
+            );
+            return Some(Claim {
+                task,
+                job: w.job,
+                payload: w.payload,
+                flag,
+            });
+        }
+        None
+    }
+
+    /// A worker's job for `task` returned.
+    pub fn finish(&mut self, task: TaskId) {
+        self.running.remove(&task);
+    }
+
+    /// Tasks waiting for a worker.
+    pub fn queued(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// Tasks on a worker.
+    pub fn running(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Entries in the order queue, withdrawn ones included.
+    pub fn order_len(&self) -> usize {
+        self.order.len()
+    }
+
+    /// Bytes of the queued tasks' payloads.
+    pub fn queued_bytes(&self) -> usize {
+        self.waiting_bytes
+    }
+
+    /// Running tasks whose flag was set `threshold` or more before `now`
+    /// and that have not been reported yet (each is reported once), and when
+    /// the next one could become slow.
+    pub fn slow_cancels(
+        &mut self,
+        now: Instant,
+        threshold: Duration,
+        out: &mut Vec<SlowCancel>,
+    ) -> Option<Instant> {
+        let mut next = None::<Instant>;
+        for (&task, r) in self.running.iter_mut() {
+            let Some((at, reported)) = r.cancelled_at.as_mut() else {
+                continue;
+            };
+            if *reported {
+                continue;
+            }
+            let ignoring = now.saturating_duration_since(*at);
+            if ignoring >= threshold {
+                *reported = true;
+                out.push(SlowCancel {
+                    task,
+                    client_id: r.client_id,
+                    job: r.job,
+                    ignoring,
+                    reason: r.flag.reason(),
+                });
+            } else {
+                let due = *at + threshold;
+                next = Some(next.map_or(due, |n| n.min(due)));
+            }
+        }
+        next
+    }
+
+    /// Running tasks whose flag is set: at the end of a shutdown's grace,
+    /// the ones that ignored it.
+    pub fn still_cancelling(&self) -> Vec<(TaskId, u64, JobId)> {
+        let mut tasks: Vec<_> = self
+            .running
+            .iter()
+            .filter(|(_, r)| r.cancelled_at.is_some())
+            .map(|(&t, r)| (t, r.client_id, r.job))
+            .collect();
+        tasks.sort_unstable_by_key(|t| t.0);
+        tasks
+    }
+
+    fn compact(&mut self) {
+        if self.order.len() > 2 * self.waiting.len() + 64 {
+            let waiting = &self.waiting;
+            self.order.retain(|t| waiting.contains_key(t));
+        }
+    }
+}
+
+impl fmt::Debug for WorkQueue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkQueue")
+            .field("queued", &self.waiting.len())
+            .field("running", &self.running.len())
+            .field("order", &self.order.len())
+            .finish()
+    }
+}
+
+struct Shared {
+    queue: Mutex<WorkQueue>,
+    /// Signalled when a task is queued or the pool closes.
+    ready: Condvar,
+    closed: AtomicBool,
+}
+
+/// A fixed set of worker threads taking tasks from a [`WorkQueue`].
 pub struct Pool {
-    work: Option<Sender<WorkItem>>,
+    shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -400,33 +649,46 @@ impl Pool {
         reports: Sender<Report>,
         notify: Arc<dyn Fn() + Send + Sync>,
     ) -> std::io::Result<Pool> {
-        let (tx, rx) = crossbeam_channel::unbounded::<WorkItem>();
-        let mut threads = Vec::with_capacity(workers);
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(WorkQueue::new()),
+            ready: Condvar::new(),
+            closed: AtomicBool::new(false),
+        });
+        let mut pool = Pool {
+            shared,
+            threads: Vec::with_capacity(workers),
+        };
         for i in 0..workers.max(1) {
-            let rx = rx.clone();
+            let shared = Arc::clone(&pool.shared);
             let registry = Arc::clone(&registry);
             let reports = reports.clone();
             let notify = Arc::clone(&notify);
-            threads.push(
+            pool.threads.push(
                 std::thread::Builder::new()
                     .name(format!("{WORKER_PREFIX}{i}"))
-                    .spawn(move || worker(rx, &registry, &reports, &*notify))?,
+                    .spawn(move || worker(&shared, &registry, &reports, &*notify))?,
             );
         }
-        Ok(Pool {
-            work: Some(tx),
-            threads,
-        })
+        Ok(pool)
     }
 
-    /// Queues a work item. The engine bounds how many wait, so the channel
-    /// needs no bound of its own.
-    pub fn submit(&self, item: WorkItem) {
-        if let Some(work) = &self.work {
-            // Fails only once every worker has exited, i.e. never while the
-            // pool is alive (a panicking job is caught inside the worker).
-            let _ = work.send(item);
-        }
+    /// Queues a task. The engine bounds how many wait: it emits a task to
+    /// run only within its queue limit, and counts a cancelled one until
+    /// [`Pool::cancel`] has withdrawn it.
+    pub fn run(&self, task: TaskId, client_id: u64, job: JobId, payload: Vec<u8>) {
+        self.shared.queue.lock().push(task, client_id, job, payload);
+        self.shared.ready.notify_one();
+    }
+
+    /// Cancels a task (see [`WorkQueue::cancel`]).
+    pub fn cancel(&self, task: TaskId, reason: CancelReason, now: Instant) -> CancelOutcome {
+        self.shared.queue.lock().cancel(task, reason, now)
+    }
+
+    /// Runs `f` on the queue, under the pool's lock: for counts and reports,
+    /// never for long.
+    pub fn with_queue<T>(&self, f: impl FnOnce(&mut WorkQueue) -> T) -> T {
+        f(&mut self.shared.queue.lock())
     }
 
     /// Number of worker threads.
@@ -436,38 +698,54 @@ impl Pool {
 
     /// Stops taking work and waits for the workers to finish what they hold.
     pub fn join(mut self) {
-        self.work = None;
+        self.close();
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
     }
+
+    fn close(&self) {
+        self.shared.closed.store(true, Ordering::Release);
+        // Under the lock, so a worker between its check and its wait cannot
+        // miss the wake-up.
+        let _guard = self.shared.queue.lock();
+        self.shared.ready.notify_all();
+    }
 }
 
-fn worker(
-    rx: Receiver<WorkItem>,
-    registry: &Registry,
-    reports: &Sender<Report>,
-    notify: &dyn Fn(),
-) {
+impl Drop for Pool {
+    /// Idle workers exit; a job still running finishes on its own thread,
+    /// which is not waited for (a job ignoring its flag must not hold up a
+    /// shutdown past its grace).
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn worker(shared: &Shared, registry: &Registry, reports: &Sender<Report>, notify: &dyn Fn()) {
     let report = |task, event| {
         if reports.send((task, event)).is_ok() {
             notify();
         }
     };
-    while let Ok(item) = rx.recv() {
-        if item.flag.is_cancelled() {
-            // Cancelled while queued: the engine has already recorded its
-            // final state; it only needs to know the item is gone.
-            report(
-                item.task,
-                TaskEvent::Finished(JobOutcome::Failed("cancelled before start".into())),
-            );
-            continue;
-        }
-        report(item.task, TaskEvent::Started);
-        let ctx = TaskContext::new(item.task, &item.payload, &item.flag);
-        let outcome = registry.run(item.job, &ctx);
-        report(item.task, TaskEvent::Finished(outcome));
+    loop {
+        let claim = {
+            let mut queue = shared.queue.lock();
+            loop {
+                if shared.closed.load(Ordering::Acquire) {
+                    return;
+                }
+                if let Some(claim) = queue.claim() {
+                    break claim;
+                }
+                shared.ready.wait(&mut queue);
+            }
+        };
+        report(claim.task, TaskEvent::Started);
+        let ctx = TaskContext::new(claim.task, &claim.payload, &claim.flag);
+        let outcome = registry.run(claim.job, &ctx);
+        shared.queue.lock().finish(claim.task);
+        report(claim.task, TaskEvent::Finished(outcome));
     }
 }
 
@@ -576,12 +854,8 @@ mod tests {
         let (tx, rx) = crossbeam_channel::unbounded();
         let pool = Pool::start(2, registry, tx, Arc::new(|| {})).unwrap();
         for i in 0..20u64 {
-            pool.submit(WorkItem {
-                task: TaskId(i),
-                job: if i % 2 == 0 { panic_job } else { echo_job },
-                payload: b"p".to_vec(),
-                flag: Arc::new(CancelFlag::new()),
-            });
+            let job = if i % 2 == 0 { panic_job } else { echo_job };
+            pool.run(TaskId(i), 1, job, b"p".to_vec());
         }
         let mut finished = 0;
         while finished < 20 {
@@ -593,5 +867,85 @@ mod tests {
         }
         assert_eq!(pool.size(), 2);
         pool.join();
+    }
+
+    fn now() -> Instant {
+        Instant::now()
+    }
+
+    #[test]
+    fn a_queued_task_is_either_withdrawn_or_claimed_never_both() {
+        let mut q = WorkQueue::new();
+        q.push(TaskId(1), 7, JobId(0), vec![1; 100]);
+        q.push(TaskId(2), 7, JobId(0), vec![2; 100]);
+        assert_eq!(q.queued_bytes(), 200);
+        let claim = q.claim().expect("task 1 is first");
+        assert_eq!(claim.task, TaskId(1));
+        // The worker won task 1: cancelling it can only set its flag.
+        assert_eq!(
+            q.cancel(TaskId(1), CancelReason::Cancelled, now()),
+            CancelOutcome::Signalled
+        );
+        assert_eq!(claim.flag.reason(), Some(CancelReason::Cancelled));
+        // Task 2 is still queued: it is withdrawn, its payload freed, and
+        // no worker can claim it afterwards.
+        assert_eq!(
+            q.cancel(TaskId(2), CancelReason::Left, now()),
+            CancelOutcome::Withdrawn
+        );
+        assert_eq!(q.queued_bytes(), 0);
+        assert!(q.claim().is_none());
+        q.finish(TaskId(1));
+        assert_eq!(
+            q.cancel(TaskId(1), CancelReason::Cancelled, now()),
+            CancelOutcome::NotHeld
+        );
+        assert_eq!((q.queued(), q.running()), (0, 0));
+    }
+
+    #[test]
+    fn submit_cancel_cycles_behind_busy_workers_hold_no_memory() {
+        // Every worker busy, a client loops SUBMIT (1 KiB) then CANCEL: each
+        // cancelled task leaves the queue with its payload at once.
+        let mut q = WorkQueue::new();
+        q.push(TaskId(u64::MAX), 1, JobId(0), vec![0; 4]);
+        let _busy = q.claim().unwrap();
+        for i in 0..100_000u64 {
+            q.push(TaskId(i), 1, JobId(0), vec![0; 1024]);
+            assert_eq!(
+                q.cancel(TaskId(i), CancelReason::Cancelled, now()),
+                CancelOutcome::Withdrawn
+            );
+            assert!(q.order_len() <= 65, "order queue grew to {}", q.order_len());
+        }
+        assert_eq!((q.queued(), q.queued_bytes(), q.running()), (0, 0, 1));
+    }
+
+    #[test]
+    fn slow_cancels_are_reported_once_each() {
+        let mut q = WorkQueue::new();
+        let t0 = now();
+        q.push(TaskId(1), 9, JobId(3), vec![]);
+        let _c = q.claim().unwrap();
+        let mut out = Vec::new();
+        assert_eq!(q.slow_cancels(t0, Duration::from_secs(1), &mut out), None);
+        q.cancel(TaskId(1), CancelReason::Expired, t0);
+        let next = q.slow_cancels(t0, Duration::from_secs(1), &mut out);
+        assert_eq!(next, Some(t0 + Duration::from_secs(1)));
+        assert!(out.is_empty());
+        let later = t0 + Duration::from_secs(2);
+        assert_eq!(
+            q.slow_cancels(later, Duration::from_secs(1), &mut out),
+            None
+        );
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            (out[0].task, out[0].client_id, out[0].job),
+            (TaskId(1), 9, JobId(3))
+        );
+        assert_eq!(out[0].reason, Some(CancelReason::Expired));
+        q.slow_cancels(later, Duration::from_secs(1), &mut out);
+        assert_eq!(out.len(), 1, "reported once");
+        assert_eq!(q.still_cancelling(), vec![(TaskId(1), 9, JobId(3))]);
     }
 }

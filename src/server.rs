@@ -46,7 +46,6 @@
 //! between hundreds of live sessions lost to kernel drops and none, with no
 //! datagram dropped at all.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::net::SocketAddr;
@@ -62,10 +61,12 @@ use signal_hook_mio::v1_0::Signals;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::batch::RecvBatch;
-use crate::engine::{self, Effect, Engine, Event, JobTable, TaskEvent, TaskId, Timestamp};
+use crate::engine::{
+    self, ConfigError, Effect, Engine, Event, JobTable, TaskEvent, TaskId, Timestamp,
+};
 use crate::metrics::{EdgeStats, Metrics};
 use crate::observe::{log_event, EventStream, EventsTarget, WallClock};
-use crate::pool::{CancelFlag, Pool, Registry, Report, WorkItem};
+use crate::pool::{CancelOutcome, Pool, Registry, Report};
 use crate::wire::MAX_DATAGRAM;
 
 const SOCKET: Token = Token(0);
@@ -186,8 +187,10 @@ pub enum ServerError {
         /// Tasks that had not stopped.
         unfinished: usize,
     },
-    /// The configuration is inconsistent; the text says which rule.
-    InvalidConfig(&'static str),
+    /// The configuration breaks a rule; the error says which.
+    InvalidConfig(ConfigError),
+    /// The server's thread panicked (a bug: please report it).
+    Panicked,
 }
 
 impl fmt::Display for ServerError {
@@ -202,6 +205,7 @@ impl fmt::Display for ServerError {
             ServerError::Bind(addr, e) => write!(f, "cannot listen on {addr}: {e}"),
             ServerError::Io(what, e) => write!(f, "{what}: {e}"),
             ServerError::InvalidConfig(rule) => write!(f, "invalid configuration: {rule}"),
+            ServerError::Panicked => f.write_str("the server thread panicked"),
             ServerError::Aborted { unfinished } => write!(
                 f,
                 "second signal: stopped at once with {unfinished} task(s) still running"
@@ -214,6 +218,7 @@ impl std::error::Error for ServerError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             ServerError::Bind(_, e) | ServerError::Io(_, e) => Some(e),
+            ServerError::InvalidConfig(e) => Some(e),
             _ => None,
         }
     }
@@ -244,17 +249,48 @@ impl ServerHandle {
     }
 }
 
-/// A task handed to the pool, until its worker reports it finished.
-struct InFlight {
-    flag: Arc<CancelFlag>,
-    client_id: u64,
-    job: engine::JobId,
-    /// When its flag was set, and whether it has been reported as slow.
-    cancelled_at: Option<(Instant, bool)>,
-    /// Whether a worker has taken it: a cancelled task still waiting in the
-    /// queue is not slow to stop, it will simply never start.
-    started: bool,
+/// What the loop carries from one turn to the next.
+struct LoopState {
+    events: Events,
+    batch: RecvBatch,
+    send: SendSlots,
+    /// The socket may hold datagrams not read yet.
+    socket_backlog: bool,
+    /// The last send would have blocked; wait for writability.
+    send_blocked: bool,
+    /// Worker reports left for the next turn by the per-turn budget.
+    reports_pending: bool,
+    grace_deadline: Option<Instant>,
+    /// Datagrams the last turn read.
+    last_read: usize,
 }
+
+impl LoopState {
+    fn new() -> LoopState {
+        LoopState {
+            events: Events::with_capacity(64),
+            // One byte over the limit, so an oversized datagram shows as such.
+            batch: RecvBatch::new(RECV_BATCH, MAX_DATAGRAM + 1),
+            send: SendSlots::new(),
+            socket_backlog: true,
+            send_blocked: false,
+            reports_pending: false,
+            grace_deadline: None,
+            last_read: 0,
+        }
+    }
+}
+
+/// How a turn of the loop ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Turn {
+    Again,
+    /// A graceful shutdown completed or ran out of grace.
+    Stopped,
+}
+
+/// Worker reports applied per turn at most.
+const REPORTS_PER_TURN: usize = 4096;
 
 /// What one loop iteration did, for the slow-loop warning.
 #[derive(Debug, Default)]
@@ -279,7 +315,6 @@ pub struct Server {
     engine: Engine,
     pool: Pool,
     reports: Receiver<Report>,
-    inflight: HashMap<TaskId, InFlight>,
     grace: Duration,
     start: Instant,
     wall: WallClock,
@@ -359,7 +394,7 @@ impl Server {
         if config.engine.key.is_none() && !listen.ip().is_loopback() && !config.insecure_bind {
             return Err(ServerError::InsecureBind(listen));
         }
-        validate(&config)?;
+        config.validate().map_err(ServerError::InvalidConfig)?;
         let (std_socket, granted) =
             udp_socket(listen, config.recv_buffer).map_err(|e| ServerError::Bind(listen, e))?;
         let mut socket = UdpSocket::from_std(std_socket);
@@ -435,10 +470,9 @@ impl Server {
             waker,
             signals,
             stop: Arc::new(AtomicBool::new(false)),
-            engine: Engine::new(config.engine, Timestamp(0)),
+            engine: Engine::new(config.engine, Timestamp(0)).map_err(ServerError::InvalidConfig)?,
             pool,
             reports,
-            inflight: HashMap::new(),
             grace: config.grace,
             start,
             wall,
@@ -492,104 +526,109 @@ impl Server {
 
     /// Runs until a graceful shutdown completes (or its grace runs out).
     pub fn run(mut self) -> Result<ShutdownReport, ServerError> {
-        let mut events = Events::with_capacity(64);
-        // One byte over the limit, so an oversized datagram shows as such.
-        let mut batch = RecvBatch::new(RECV_BATCH, MAX_DATAGRAM + 1);
-        let mut send_buf = SendSlots::new();
-        let mut socket_backlog = true;
-        let mut send_blocked = false;
-        let mut grace_deadline: Option<Instant> = None;
         tracing::info!(addr = %self.local_addr, "listening");
-        let mut last_read = 0;
+        let mut state = LoopState::new();
         loop {
-            if last_read >= 2 && !socket_backlog {
-                self.gather(grace_deadline);
-            }
-            let timeout = self.poll_timeout(socket_backlog, grace_deadline);
-            if let Err(e) = self.poll.poll(&mut events, timeout) {
-                if e.kind() == io::ErrorKind::Interrupted {
-                    continue;
-                }
-                return Err(ServerError::Io("polling", e));
-            }
-            let woke = self.clock.now();
-            let decided_at = self.timestamp(woke);
-            let mut signalled = 0;
-            for event in events.iter() {
-                match event.token() {
-                    SOCKET => {
-                        socket_backlog |= event.is_readable();
-                        send_blocked &= !event.is_writable();
-                    }
-                    SIGNALS => {
-                        if let Some(signals) = self.signals.as_mut() {
-                            signalled += signals.pending().count();
-                        }
-                    }
-                    _ => {}
-                }
-            }
-            if self.stop.swap(false, Ordering::AcqRel) {
-                signalled += 1;
-            }
-            if signalled > 0 {
-                if grace_deadline.is_some() || signalled > 1 {
-                    tracing::warn!(
-                        unfinished = self.engine.unfinished_tasks(),
-                        "second stop signal: exiting at once"
-                    );
-                    return Err(ServerError::Aborted {
-                        unfinished: self.engine.unfinished_tasks(),
-                    });
-                }
-                tracing::info!(
-                    tasks = self.engine.unfinished_tasks(),
-                    grace = ?self.grace,
-                    "shutting down: refusing new work, cancelling every task"
-                );
-                self.engine.begin_shutdown(self.now());
-                grace_deadline = Some(self.clock.now() + self.grace);
-            }
-            let expired_before = self.engine.stats().sessions_expired;
-            let read_before = self.iteration.datagrams;
-            if socket_backlog {
-                socket_backlog = self.drain_socket(&mut batch, &mut send_buf, &mut send_blocked);
-            }
-            last_read = self.iteration.datagrams - read_before;
-            self.apply_reports();
-            self.engine.handle_timeout(decided_at);
-            self.iteration.expired = self.engine.stats().sessions_expired - expired_before;
-            self.apply_effects();
-            if !send_blocked {
-                send_blocked = self.flush(&mut send_buf);
-            }
-            self.observe();
-            self.check_slow_cancels(woke);
-            self.end_iteration(woke);
-            if let Some(deadline) = grace_deadline {
-                let drained = self.engine.unfinished_tasks() == 0 && !self.engine.has_transmits();
-                if drained || self.clock.now() >= deadline {
-                    return Ok(self.finish());
-                }
+            match self.turn(&mut state)? {
+                Turn::Again => {}
+                Turn::Stopped => return Ok(self.finish()),
             }
         }
     }
 
+    /// One iteration of the loop (see the module documentation).
+    fn turn(&mut self, state: &mut LoopState) -> Result<Turn, ServerError> {
+        if state.last_read >= 2 && !state.socket_backlog && !state.reports_pending {
+            self.gather(state.grace_deadline);
+        }
+        let timeout = if state.reports_pending {
+            Some(Duration::ZERO)
+        } else {
+            self.poll_timeout(state.socket_backlog, state.grace_deadline)
+        };
+        if let Err(e) = self.poll.poll(&mut state.events, timeout) {
+            if e.kind() == io::ErrorKind::Interrupted {
+                return Ok(Turn::Again);
+            }
+            return Err(ServerError::Io("polling", e));
+        }
+        let woke = self.clock.now();
+        let decided_at = self.timestamp(woke);
+        let mut signalled = 0;
+        for event in state.events.iter() {
+            match event.token() {
+                SOCKET => {
+                    state.socket_backlog |= event.is_readable();
+                    state.send_blocked &= !event.is_writable();
+                }
+                SIGNALS => {
+                    if let Some(signals) = self.signals.as_mut() {
+                        signalled += signals.pending().count();
+                    }
+                }
+                _ => {}
+            }
+        }
+        if self.stop.swap(false, Ordering::AcqRel) {
+            signalled += 1;
+        }
+        if signalled > 0 && (state.grace_deadline.is_some() || signalled > 1) {
+            tracing::warn!(
+                unfinished = self.engine.unfinished_tasks(),
+                "second stop signal: exiting at once"
+            );
+            return Err(ServerError::Aborted {
+                unfinished: self.engine.unfinished_tasks(),
+            });
+        }
+        // Reports the workers sent before the stop was noticed are applied
+        // first, so a task that finished is recorded done, not cancelled.
+        let mut report_budget = REPORTS_PER_TURN;
+        state.reports_pending = self.apply_reports(&mut report_budget);
+        if signalled > 0 {
+            tracing::info!(
+                tasks = self.engine.unfinished_tasks(),
+                grace = ?self.grace,
+                "shutting down: refusing new work, cancelling every task"
+            );
+            self.engine.begin_shutdown(self.now());
+            state.grace_deadline = Some(self.clock.now() + self.grace);
+        }
+        let expired_before = self.engine.stats().sessions_expired;
+        let read_before = self.iteration.datagrams;
+        if state.socket_backlog {
+            state.socket_backlog =
+                self.drain_socket(&mut state.batch, &mut state.send, &mut state.send_blocked);
+        }
+        state.last_read = (self.iteration.datagrams - read_before) as usize;
+        state.reports_pending = self.apply_reports(&mut report_budget);
+        self.engine.handle_timeout(decided_at);
+        self.iteration.expired = self.engine.stats().sessions_expired - expired_before;
+        self.apply_effects();
+        if !state.send_blocked {
+            state.send_blocked = self.flush(&mut state.send);
+        }
+        self.observe();
+        self.check_slow_cancels(woke);
+        self.end_iteration(woke);
+        if let Some(deadline) = state.grace_deadline {
+            let drained = self.engine.unfinished_tasks() == 0 && !self.engine.has_transmits();
+            if drained || self.clock.now() >= deadline {
+                return Ok(Turn::Stopped);
+            }
+        }
+        Ok(Turn::Again)
+    }
+
     fn finish(mut self) -> ShutdownReport {
-        // Still on a worker: a task cancelled while queued never starts.
-        let mut ignored_cancel: Vec<TaskId> = self
-            .inflight
-            .iter()
-            .filter(|(_, f)| f.started)
-            .map(|(t, _)| *t)
-            .collect();
-        ignored_cancel.sort_unstable();
-        for task in &ignored_cancel {
-            let f = &self.inflight[task];
+        // Tasks still on a worker with their flag set ignored it; a task
+        // that was still queued was withdrawn and never started.
+        let still_running = self.pool.with_queue(|q| q.still_cancelling());
+        for &(task, client_id, job) in &still_running {
             tracing::warn!(
                 task_id = task.0,
-                client_id = f.client_id,
-                job = self.jobs.name(f.job),
+                client_id,
+                job = self.jobs.name(job),
                 "task still running at the end of the grace period: it ignored its cancel flag"
             );
         }
@@ -606,7 +645,7 @@ impl Server {
             "stopped"
         );
         ShutdownReport {
-            ignored_cancel,
+            ignored_cancel: still_running.into_iter().map(|(t, _, _)| t).collect(),
             stats: *self.engine.stats(),
         }
         // The pool is dropped without joining: a job that ignores its flag
@@ -643,6 +682,9 @@ impl Server {
     fn publish(&mut self) {
         self.edge.sessions_live = self.engine.live_sessions() as u64;
         self.edge.events_dropped = self.events.as_ref().map_or(0, |e| e.dropped());
+        (self.edge.pool_queued, self.edge.pool_running) = self
+            .pool
+            .with_queue(|q| (q.queued() as u64, q.running() as u64));
         self.metrics.publish(self.engine.stats(), &self.edge);
     }
 
@@ -698,39 +740,29 @@ impl Server {
     }
 
     /// Warns, once per task, about tasks still running `slow_cancel` after
-    /// their flag was set. Scans at most every 100 ms.
+    /// their flag was set. Scans (the running tasks only) at most every
+    /// 100 ms, and only while a cancelled task may become slow.
     fn check_slow_cancels(&mut self, now: Instant) {
-        // Only when a cancelled task may have become slow: a scan of every
-        // task in flight on each iteration would cost the loop dearly.
         match self.next_slow_cancel_check {
             Some(at) if now >= at => {}
             _ => return,
         }
-        self.next_slow_cancel_check = None;
-        for (task, f) in self.inflight.iter_mut() {
-            let Some((at, reported)) = f.cancelled_at.as_mut().filter(|_| f.started) else {
-                continue;
-            };
-            let ignoring = now.saturating_duration_since(*at);
-            if ignoring >= self.slow_cancel && !*reported {
-                *reported = true;
-                self.edge.slow_cancels += 1;
-                tracing::warn!(
-                    task_id = task.0,
-                    client_id = f.client_id,
-                    job = self.jobs.name(f.job),
-                    ignoring_ms = ignoring.as_millis() as u64,
-                    reason = ?f.flag.reason().map(|r| r.name()),
-                    "task keeps running after its cancel flag was set: it does not poll is_cancelled() or sleep through the context"
-                );
-            } else if !*reported {
-                let due = *at + self.slow_cancel;
-                self.next_slow_cancel_check = Some(
-                    self.next_slow_cancel_check
-                        .map_or(due, |d| d.min(due))
-                        .max(now + Duration::from_millis(100)),
-                );
-            }
+        let mut slow = Vec::new();
+        let threshold = self.slow_cancel;
+        let next = self
+            .pool
+            .with_queue(|q| q.slow_cancels(now, threshold, &mut slow));
+        self.next_slow_cancel_check = next.map(|due| due.max(now + Duration::from_millis(100)));
+        for s in slow {
+            self.edge.slow_cancels += 1;
+            tracing::warn!(
+                task_id = s.task.0,
+                client_id = s.client_id,
+                job = self.jobs.name(s.job),
+                ignoring_ms = s.ignoring.as_millis() as u64,
+                reason = ?s.reason.map(|r| r.name()),
+                "task keeps running after its cancel flag was set: it does not poll is_cancelled() or sleep through the context"
+            );
         }
     }
 
@@ -835,22 +867,21 @@ impl Server {
         true
     }
 
-    fn apply_reports(&mut self) {
-        while let Ok((task, event)) = self.reports.try_recv() {
+    /// Applies worker reports while `budget` (shared by a turn's calls, at
+    /// most `REPORTS_PER_TURN`) lasts, so that however many finish at once,
+    /// socket reads and expiry wait for a bounded amount of work. Returns
+    /// whether more are waiting.
+    fn apply_reports(&mut self, budget: &mut usize) -> bool {
+        while *budget > 0 {
+            let Ok((task, event)) = self.reports.try_recv() else {
+                return false;
+            };
+            *budget -= 1;
             self.iteration.reports += 1;
-            match event {
-                TaskEvent::Finished(_) => {
-                    self.inflight.remove(&task);
-                }
-                TaskEvent::Started => {
-                    if let Some(f) = self.inflight.get_mut(&task) {
-                        f.started = true;
-                    }
-                }
-            }
             let now = self.now();
             self.engine.handle_task_event(now, task, event);
         }
+        !self.reports.is_empty()
     }
 
     fn apply_effects(&mut self) {
@@ -862,31 +893,21 @@ impl Server {
                     client_id,
                     job,
                     payload,
-                } => {
-                    let flag = Arc::new(CancelFlag::new());
-                    let entry = InFlight {
-                        flag: Arc::clone(&flag),
-                        client_id,
-                        job,
-                        cancelled_at: None,
-                        started: false,
-                    };
-                    self.inflight.insert(task, entry);
-                    self.pool.submit(WorkItem {
-                        task,
-                        job,
-                        payload,
-                        flag,
-                    });
-                }
+                } => self.pool.run(task, client_id, job, payload),
                 Effect::Cancel { task, reason } => {
-                    if let Some(f) = self.inflight.get_mut(&task) {
-                        f.flag.cancel(reason);
-                        let now = self.clock.now();
-                        f.cancelled_at.get_or_insert((now, false));
-                        let due = now + self.slow_cancel;
-                        self.next_slow_cancel_check =
-                            Some(self.next_slow_cancel_check.map_or(due, |d| d.min(due)));
+                    let now = self.clock.now();
+                    match self.pool.cancel(task, reason, now) {
+                        CancelOutcome::Withdrawn => {
+                            let at = self.timestamp(now);
+                            self.engine
+                                .handle_task_event(at, task, TaskEvent::Withdrawn);
+                        }
+                        CancelOutcome::Signalled => {
+                            let due = now + self.slow_cancel;
+                            self.next_slow_cancel_check =
+                                Some(self.next_slow_cancel_check.map_or(due, |d| d.min(due)));
+                        }
+                        CancelOutcome::NotHeld => {}
                     }
                 }
             }
@@ -968,39 +989,20 @@ impl SendSlots {
     }
 }
 
-/// Checks what the engine would otherwise assert, so a bad configuration
-/// is an error and never a panic.
-fn validate(config: &ServerConfig) -> Result<(), ServerError> {
-    let e = &config.engine;
-    if e.tick_us < 1000 || e.tick_us % 1000 != 0 {
-        return Err(ServerError::InvalidConfig(
-            "the tick must be a whole number of milliseconds, at least 1",
-        ));
+impl ServerConfig {
+    /// Checks every setting, the engine's included: the one place the
+    /// rules live, used by [`Server::bind`] (and so by the builder and the
+    /// command line).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.engine.validate()?;
+        if self.workers == 0 {
+            return Err(ConfigError::NoWorkers);
+        }
+        if self.coalesce.as_micros() * 2 > u128::from(self.engine.tick_us) {
+            return Err(ConfigError::CoalesceTooLong);
+        }
+        Ok(())
     }
-    if e.min_ttl_ms == 0 || e.min_ttl_ms > e.default_ttl_ms || e.default_ttl_ms > e.max_ttl_ms {
-        return Err(ServerError::InvalidConfig(
-            "TTLs must satisfy 0 < min <= default <= max",
-        ));
-    }
-    if e.max_sessions == 0 || e.max_sessions > u32::MAX as usize / 2 {
-        return Err(ServerError::InvalidConfig(
-            "max sessions must be between 1 and 2^31 - 1",
-        ));
-    }
-    if config.workers == 0 {
-        return Err(ServerError::InvalidConfig(
-            "at least one worker thread is needed",
-        ));
-    }
-    if e.max_tasks_per_session == 0 || e.max_waiting_tasks == 0 {
-        return Err(ServerError::InvalidConfig("task limits must be at least 1"));
-    }
-    if config.coalesce.as_micros() * 2 > u128::from(e.tick_us) {
-        return Err(ServerError::InvalidConfig(
-            "coalesce must be at most half a tick",
-        ));
-    }
-    Ok(())
 }
 
 /// Builds a server to embed in a program: its address, limits, key and
@@ -1172,9 +1174,7 @@ impl RunningServer {
     /// reason `shutdown` and told to its client, within the grace period.
     pub fn shutdown(self) -> Result<ShutdownReport, ServerError> {
         self.handle.shutdown();
-        self.thread.join().unwrap_or(Err(ServerError::InvalidConfig(
-            "the server thread panicked",
-        )))
+        self.thread.join().unwrap_or(Err(ServerError::Panicked))
     }
 }
 
@@ -1204,4 +1204,104 @@ pub const QUEUED_DATAGRAM_COST: usize = 832;
 /// read, rather than lose.
 pub fn datagrams_held(granted: usize) -> usize {
     granted / QUEUED_DATAGRAM_COST
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::PayloadRule;
+    use crate::wire::{Datagram, Flags, Header, Message};
+
+    fn datagram(seq: u32, message: Message<'_>) -> Vec<u8> {
+        let d = Datagram {
+            header: Header {
+                flags: Flags::empty(),
+                client_id: 5,
+                incarnation: 1,
+                seq,
+            },
+            message,
+        };
+        let mut buf = vec![0; MAX_DATAGRAM];
+        let n = d.emit(None, &mut buf).unwrap();
+        buf.truncate(n);
+        buf
+    }
+
+    /// Turns the loop until `done` holds, for at most ten seconds.
+    fn turn_until(server: &mut Server, state: &mut LoopState, done: impl Fn(&Server) -> bool) {
+        let until = Instant::now() + Duration::from_secs(10);
+        while !done(server) {
+            assert!(Instant::now() < until, "the loop never got there");
+            assert_eq!(server.turn(state).unwrap(), Turn::Again);
+        }
+    }
+
+    #[test]
+    fn a_report_waiting_when_shutdown_begins_is_applied_first() {
+        let mut server = Server::builder()
+            .listen("127.0.0.1:0".parse().unwrap())
+            .workers(1)
+            .job("quick", PayloadRule::Any, |_| Ok(b"done".to_vec()))
+            .unwrap()
+            .bind()
+            .unwrap();
+        let mut state = LoopState::new();
+        let client = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.connect(server.local_addr()).unwrap();
+        client
+            .send(&datagram(
+                1,
+                Message::Hello {
+                    ttl_ms: 0,
+                    name: "t",
+                },
+            ))
+            .unwrap();
+        let submit = Message::Submit {
+            request_id: 1,
+            delay_ms: 0,
+            deadline_ms: 0,
+            job: "quick",
+            payload: b"",
+        };
+        client.send(&datagram(2, submit)).unwrap();
+        turn_until(&mut server, &mut state, |s| {
+            s.engine.stats().tasks_accepted == 1
+        });
+        // The worker ran the job; both its reports wait in the channel
+        // when the stop arrives.
+        let until = Instant::now() + Duration::from_secs(10);
+        while server.reports.len() < 2 {
+            assert!(Instant::now() < until, "the worker never reported");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        server.handle().shutdown();
+        server.turn(&mut state).unwrap();
+        let stats = server.engine.stats();
+        assert!(server.engine.is_shutting_down());
+        assert_eq!((stats.tasks_done, stats.tasks_cancelled), (1, 0));
+    }
+
+    #[test]
+    fn a_flood_of_worker_reports_is_applied_a_budget_at_a_time() {
+        let mut server = Server::builder()
+            .listen("127.0.0.1:0".parse().unwrap())
+            .bind()
+            .unwrap();
+        let mut state = LoopState::new();
+        // Reports for tasks the engine does not know change nothing, but
+        // each costs the loop a little: they are taken a budget per turn.
+        let (tx, rx) = crossbeam_channel::unbounded();
+        for i in 0..(REPORTS_PER_TURN * 3 / 2) as u64 {
+            tx.send((TaskId(i), TaskEvent::Started)).unwrap();
+        }
+        server.reports = rx;
+        server.turn(&mut state).unwrap();
+        assert!(state.reports_pending);
+        assert_eq!(server.reports.len(), REPORTS_PER_TURN / 2);
+        server.turn(&mut state).unwrap();
+        assert!(!state.reports_pending);
+        assert!(server.reports.is_empty());
+    }
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tether::engine::{JobOutcome, TaskEvent, TaskId};
-use tether::pool::{quiet_worker_panics, CancelFlag, Pool, Registry, WorkItem};
+use tether::pool::{quiet_worker_panics, Pool, Registry};
 
 fn rss_kb() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -29,12 +29,7 @@ fn ten_thousand_panics_keep_the_pool_whole_and_memory_flat() {
     let pool = Pool::start(2, registry, tx, Arc::new(|| {})).unwrap();
     let run_batch = |from: u64, n: u64| {
         for i in from..from + n {
-            pool.submit(WorkItem {
-                task: TaskId(i),
-                job: panic_job,
-                payload: b"boom".to_vec(),
-                flag: Arc::new(CancelFlag::new()),
-            });
+            pool.run(TaskId(i), 1, panic_job, b"boom".to_vec());
         }
         let mut finished = 0;
         while finished < n {
@@ -55,12 +50,7 @@ fn ten_thousand_panics_keep_the_pool_whole_and_memory_flat() {
     );
     assert_eq!(pool.size(), 2);
     // Both workers still take work.
-    pool.submit(WorkItem {
-        task: TaskId(99_999),
-        job: echo_job,
-        payload: b"alive".to_vec(),
-        flag: Arc::new(CancelFlag::new()),
-    });
+    pool.run(TaskId(99_999), 1, echo_job, b"alive".to_vec());
     loop {
         let (task, event) = rx.recv_timeout(Duration::from_secs(10)).expect("report");
         if let (TaskId(99_999), TaskEvent::Finished(outcome)) = (task, event) {

@@ -4,15 +4,21 @@
 //! reports. The engine must never panic, and its books must balance. The
 //! first byte turns the amplification limit on (then no address may ever
 //! be sent more bytes than it sent) and time steps toggle the backlog.
+//! Work goes through the pool's real queue with two workers, and what the
+//! engine and the queue hold never exceeds `Config::client_bound` for the
+//! eight client ids the script can use.
 #![no_main]
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use libfuzzer_sys::fuzz_target;
-use tether::engine::{Config, Effect, Engine, JobOutcome, TaskEvent, Timestamp};
-use tether::pool::Registry;
-use tether::wire::MAX_DATAGRAM;
+use tether::engine::{Config, Effect, Engine, Footprint, JobOutcome, TaskEvent, Timestamp};
+use tether::pool::{CancelOutcome, Registry, WorkQueue};
+use tether::wire::{MAX_DATAGRAM, MAX_PAYLOAD_LEN};
+
+const WORKERS: usize = 2;
+const CLIENTS: usize = 8;
 
 fuzz_target!(|data: &[u8]| {
     let Some((&mode, data)) = data.split_first() else {
@@ -31,7 +37,20 @@ fuzz_target!(|data: &[u8]| {
         record_events: true,
         ..Config::default()
     };
-    let mut engine = Engine::new(config, Timestamp(0));
+    let one = config.client_bound(WORKERS);
+    let bound = Footprint {
+        live_sessions: one.live_sessions * CLIENTS,
+        ended_sessions_held: one.ended_sessions_held,
+        unfinished_tasks: config.max_waiting_tasks + WORKERS,
+        final_states: config.max_finished_tasks.min(one.final_states * CLIENTS),
+        remembered_requests: one.remembered_requests * CLIENTS,
+        client_records: config.max_client_records + WORKERS,
+        task_bytes: (config.max_waiting_tasks + WORKERS) * MAX_PAYLOAD_LEN
+            + config.max_finished_tasks.min(one.final_states * CLIENTS) * 1147,
+        outbox_bytes: one.outbox_bytes * CLIENTS,
+    };
+    let mut engine = Engine::new(config.clone(), Timestamp(0)).expect("valid config");
+    let mut queue = WorkQueue::new();
     let mut now = Timestamp(0);
     let mut buf = [0u8; MAX_DATAGRAM];
     let mut running = Vec::new();
@@ -68,18 +87,42 @@ fuzz_target!(|data: &[u8]| {
                 engine.set_backlogged(chunk.get(1).is_some_and(|b| b & 1 == 1));
             }
             _ => {
-                while let Some(effect) = engine.poll_effect() {
-                    if let Effect::Run { task, .. } = effect {
-                        engine.handle_task_event(now, task, TaskEvent::Started);
-                        running.push(task);
+                if running.len() < WORKERS {
+                    if let Some(claim) = queue.claim() {
+                        engine.handle_task_event(now, claim.task, TaskEvent::Started);
+                        running.push(claim.task);
                     }
                 }
-                if let Some(task) = running.pop() {
-                    let outcome = JobOutcome::Done(chunk.to_vec());
-                    engine.handle_task_event(now, task, TaskEvent::Finished(outcome));
+                if chunk.first().is_some_and(|b| b & 1 == 1) {
+                    if let Some(task) = running.pop() {
+                        queue.finish(task);
+                        let outcome = JobOutcome::Done(chunk.to_vec());
+                        engine.handle_task_event(now, task, TaskEvent::Finished(outcome));
+                    }
                 }
             }
         }
+        while let Some(effect) = engine.poll_effect() {
+            match effect {
+                Effect::Run {
+                    task,
+                    client_id,
+                    job,
+                    payload,
+                } => queue.push(task, client_id, job, payload),
+                Effect::Cancel { task, reason } => {
+                    let at = std::time::Instant::now();
+                    if queue.cancel(task, reason, at) == CancelOutcome::Withdrawn {
+                        engine.handle_task_event(now, task, TaskEvent::Withdrawn);
+                    }
+                }
+            }
+        }
+        let held = engine.footprint();
+        assert!(held.within(&bound), "held {held:?}\nbound {bound:?}");
+        assert!(queue.queued() <= config.max_waiting_tasks);
+        assert!(queue.running() <= WORKERS);
+        assert!(queue.order_len() <= 2 * queue.queued() + 64);
         while let Some((to, n)) = engine.poll_transmit(&mut buf) {
             let total = sent.entry(to).or_default();
             *total += n;

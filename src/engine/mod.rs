@@ -47,8 +47,10 @@
 //! caller's time goes to reading live sessions' datagrams.
 
 mod credit;
+mod finished;
 mod index;
 mod outbox;
+mod records;
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
@@ -61,8 +63,10 @@ use crate::wire::{
     self, CancelOutcome, CancelReason, Datagram, Flags, Header, MacKey, Message, RejectCode,
     ReplayError, ReplayWindow, TaskReport,
 };
+use finished::{FinishedTasks, Forget};
 use index::ClientIndex;
 use outbox::{NotQueued, Outbox, PeerAddr};
+use records::ClientRecords;
 
 /// Sessions whose room is reserved when the engine starts, at most.
 const RESERVE_SESSIONS_MAX: usize = 4 << 20;
@@ -117,6 +121,12 @@ pub enum PayloadRule {
     Any,
     /// Exactly this many bytes.
     Exactly(usize),
+    /// UTF-8 text of at most this many bytes (for jobs that hand their
+    /// payload back as an error text, which the protocol caps at 255).
+    Text {
+        /// Longest text admitted, in bytes.
+        max_len: usize,
+    },
 }
 
 impl PayloadRule {
@@ -124,6 +134,9 @@ impl PayloadRule {
         match self {
             PayloadRule::Any => true,
             PayloadRule::Exactly(n) => payload.len() == n,
+            PayloadRule::Text { max_len } => {
+                payload.len() <= max_len && std::str::from_utf8(payload).is_ok()
+            }
         }
     }
 }
@@ -180,6 +193,9 @@ pub struct Config {
     pub max_waiting_tasks: usize,
     /// Final task states retained at most (oldest dropped first).
     pub max_finished_tasks: usize,
+    /// Final task states retained per client at most (that client's oldest
+    /// dropped first), so one client cannot take the whole table.
+    pub max_finished_per_client: usize,
     /// How long final states are kept, at least.
     pub finished_retention_ms: u64,
     /// Ended clients whose largest incarnation is remembered, at most.
@@ -216,6 +232,7 @@ impl Default for Config {
             max_tasks_per_session: 64,
             max_waiting_tasks: 65_536,
             max_finished_tasks: 100_000,
+            max_finished_per_client: 256,
             finished_retention_ms: 60_000,
             max_client_records: 1_000_000,
             client_memory_ms: 600_000,
@@ -227,6 +244,120 @@ impl Default for Config {
         }
     }
 }
+
+impl Config {
+    /// Checks every rule the engine relies on. [`Engine::new`] calls it, and
+    /// so do the server's builder and the command line, so a bad setting is
+    /// one clear error wherever it comes from, never a panic later.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.tick_us < 1000 || self.tick_us % 1000 != 0 {
+            return Err(ConfigError::Tick {
+                tick_us: self.tick_us,
+            });
+        }
+        if self.min_ttl_ms == 0
+            || self.min_ttl_ms > self.default_ttl_ms
+            || self.default_ttl_ms > self.max_ttl_ms
+        {
+            return Err(ConfigError::TtlBounds {
+                min_ms: self.min_ttl_ms,
+                default_ms: self.default_ttl_ms,
+                max_ms: self.max_ttl_ms,
+            });
+        }
+        if self.max_sessions == 0 || self.max_sessions > MAX_SESSIONS_LIMIT {
+            return Err(ConfigError::MaxSessions(self.max_sessions));
+        }
+        let limits = [
+            ("max tasks per session", self.max_tasks_per_session),
+            ("queue", self.max_waiting_tasks),
+            ("max finished tasks", self.max_finished_tasks),
+            (
+                "max finished tasks per client",
+                self.max_finished_per_client,
+            ),
+            ("max client records", self.max_client_records),
+        ];
+        if let Some(&(limit, _)) = limits.iter().find(|(_, n)| *n == 0) {
+            return Err(ConfigError::ZeroLimit(limit));
+        }
+        if self.max_tasks_per_session > u32::MAX as usize / 4 {
+            return Err(ConfigError::ZeroLimit("max tasks per session (too large)"));
+        }
+        if self.max_outbox_bytes < wire::MAX_DATAGRAM {
+            return Err(ConfigError::OutboxTooSmall(self.max_outbox_bytes));
+        }
+        Ok(())
+    }
+}
+
+/// Live sessions at most: slab indices are `u32`, and the live index keeps
+/// itself at most half full.
+pub const MAX_SESSIONS_LIMIT: usize = u32::MAX as usize / 2;
+
+/// A setting the engine (or the server around it) cannot run with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The tick is not a whole number of milliseconds, at least one.
+    Tick {
+        /// The tick asked for, in microseconds.
+        tick_us: u64,
+    },
+    /// The TTLs do not satisfy `0 < min <= default <= max`.
+    TtlBounds {
+        /// Smallest TTL granted.
+        min_ms: u32,
+        /// TTL for a HELLO that asks for none.
+        default_ms: u32,
+        /// Largest TTL granted.
+        max_ms: u32,
+    },
+    /// Live sessions must be between 1 and [`MAX_SESSIONS_LIMIT`].
+    MaxSessions(usize),
+    /// A limit that must be at least 1 is 0 (the name says which).
+    ZeroLimit(&'static str),
+    /// The reply queue cannot hold even one datagram.
+    OutboxTooSmall(usize),
+    /// The server needs at least one worker thread.
+    NoWorkers,
+    /// The coalescing wait is longer than half a tick.
+    CoalesceTooLong,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConfigError::Tick { tick_us } => write!(
+                f,
+                "the tick must be a whole number of milliseconds, at least 1 (got {tick_us} us)"
+            ),
+            ConfigError::TtlBounds {
+                min_ms,
+                default_ms,
+                max_ms,
+            } => write!(
+                f,
+                "TTLs must satisfy 0 < min <= default <= max (got min {min_ms} ms, default \
+                 {default_ms} ms, max {max_ms} ms)"
+            ),
+            ConfigError::MaxSessions(n) => write!(
+                f,
+                "max sessions must be between 1 and {MAX_SESSIONS_LIMIT} (got {n})"
+            ),
+            ConfigError::ZeroLimit(what) => write!(f, "{what} must be at least 1"),
+            ConfigError::OutboxTooSmall(n) => write!(
+                f,
+                "the reply queue must hold at least one datagram ({} bytes; got {n})",
+                wire::MAX_DATAGRAM
+            ),
+            ConfigError::NoWorkers => f.write_str("at least one worker thread is needed"),
+            ConfigError::CoalesceTooLong => f.write_str("coalesce must be at most half a tick"),
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
 
 /// A command for the worker pool.
 #[derive(Debug, PartialEq, Eq)]
@@ -243,9 +374,12 @@ pub enum Effect {
         /// Its payload.
         payload: Vec<u8>,
     },
-    /// Flip this task's cancel flag. A queued task must then not start
-    /// (report [`TaskEvent::Finished`] with anything, or nothing at all); a
-    /// running one reports [`TaskEvent::Finished`] when it stops.
+    /// Cancel this task. If no worker has taken it yet, withdraw it so it
+    /// never runs and report [`TaskEvent::Withdrawn`]; if a worker has (its
+    /// [`TaskEvent::Started`] may not have been reported yet), flip its flag
+    /// and report [`TaskEvent::Finished`] when it stops. Exactly one of the
+    /// two must follow for a task that was queued: the engine keeps counting
+    /// it against the queue until then.
     Cancel {
         /// The task.
         task: TaskId,
@@ -261,6 +395,9 @@ pub enum TaskEvent {
     Started,
     /// The job returned this result.
     Finished(JobOutcome),
+    /// The task was taken out of the queue, after an [`Effect::Cancel`],
+    /// before any worker took it: it never ran and never will.
+    Withdrawn,
 }
 
 /// How a job ended, from the job's side.
@@ -529,18 +666,104 @@ pub struct Stats {
     pub sessions_at_shutdown: u64,
 }
 
+/// What the engine holds, counted the way its memory bounds are stated
+/// (PROTOCOL.md, "Choices"). [`Engine::footprint`] reads it (in time linear
+/// in sessions and tasks: for tests, fuzzing and capacity checks, not the
+/// hot path); [`Config::client_bound`] gives what one client may hold.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Footprint {
+    /// Live sessions.
+    pub live_sessions: usize,
+    /// Ended sessions whose slot is still held because a task of theirs is
+    /// still on a worker.
+    pub ended_sessions_held: usize,
+    /// Tasks scheduled, queued or running.
+    pub unfinished_tasks: usize,
+    /// Final task states kept for STATUS.
+    pub final_states: usize,
+    /// Answered request ids remembered for SUBMIT retries.
+    pub remembered_requests: usize,
+    /// Clients remembered after their sessions ended.
+    pub client_records: usize,
+    /// Payloads of tasks not yet handed out, results and error texts kept.
+    pub task_bytes: usize,
+    /// Encoded replies waiting to be sent.
+    pub outbox_bytes: usize,
+}
+
+impl Footprint {
+    /// Whether every count is at most `bound`'s.
+    pub fn within(&self, bound: &Footprint) -> bool {
+        self.live_sessions <= bound.live_sessions
+            && self.ended_sessions_held <= bound.ended_sessions_held
+            && self.unfinished_tasks <= bound.unfinished_tasks
+            && self.final_states <= bound.final_states
+            && self.remembered_requests <= bound.remembered_requests
+            && self.client_records <= bound.client_records
+            && self.task_bytes <= bound.task_bytes
+            && self.outbox_bytes <= bound.outbox_bytes
+    }
+}
+
+impl Config {
+    /// The most one client (one `client_id`, whatever datagrams it sends,
+    /// however many sessions it opens one after another) can make the engine
+    /// hold, with `workers` worker threads and replies sent after each
+    /// datagram is handled, as the server does:
+    ///
+    /// | held | at most |
+    /// |---|---|
+    /// | live sessions | 1 |
+    /// | ended sessions still held | `workers` (one per task still running) |
+    /// | unfinished tasks | `max_tasks_per_session + workers` |
+    /// | final states | `max_finished_per_client` |
+    /// | remembered request ids | `max(2 × max_tasks_per_session, 64)` |
+    /// | client records | 1 |
+    /// | task bytes | 1024 per unfinished task + 1147 per final state |
+    /// | reply bytes queued | 1200 × (2 + unfinished tasks) |
+    ///
+    /// The worker pool holds at most `max_tasks_per_session` of its queued
+    /// items and `workers` running ones. Across clients the totals are
+    /// bounded by `max_sessions`, `max_waiting_tasks`,
+    /// `max_finished_tasks`, `max_client_records` and `max_outbox_bytes`.
+    pub fn client_bound(&self, workers: usize) -> Footprint {
+        let unfinished = self.max_tasks_per_session + workers;
+        let finals = self.max_finished_per_client;
+        Footprint {
+            live_sessions: 1,
+            ended_sessions_held: workers,
+            unfinished_tasks: unfinished,
+            final_states: finals,
+            remembered_requests: request_memory(self.max_tasks_per_session),
+            client_records: 1,
+            task_bytes: unfinished * wire::MAX_PAYLOAD_LEN + finals * wire::MAX_RESULT_LEN,
+            outbox_bytes: (2 + unfinished) * wire::MAX_DATAGRAM,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum RequestReply {
     Accepted(TaskId),
     Rejected(RejectCode),
 }
 
+/// An answered SUBMIT, kept so that a retry of it gets the same answer.
+#[derive(Debug, Clone, Copy)]
+struct Request {
+    id: u32,
+    reply: RequestReply,
+    /// When its task reached a final state; `None` while it is unfinished
+    /// (or for a rejection).
+    ended: Option<Timestamp>,
+}
+
 /// What a session holds once it has submitted anything; idle sessions
 /// carry only the `None` of the box.
 #[derive(Debug, Default)]
 struct SessionWork {
-    /// Every request id answered, oldest first, bounded by `request_memory`.
-    requests: VecDeque<(u32, RequestReply)>,
+    /// Answered request ids, oldest first, at most `request_memory`.
+    requests: VecDeque<Request>,
     unfinished: Vec<TaskId>,
 }
 
@@ -632,14 +855,14 @@ pub struct Engine {
     sessions: Slab<Session>,
     live_by_client: ClientIndex,
     session_wheel: Wheel,
-    /// Largest incarnation of clients with no live session.
-    retired: FastMap<u64, (u64, Timestamp)>,
-    retired_order: VecDeque<(u64, u64, Timestamp)>,
+    /// Largest incarnation of clients whose sessions ended.
+    records: ClientRecords,
     tasks: Slab<Task>,
     task_serial: u32,
     /// Delay timers of scheduled tasks and deadlines of running ones.
     task_wheel: Wheel,
-    finished_order: VecDeque<(TaskId, Timestamp)>,
+    /// Which final states are kept (they stay in `tasks` meanwhile).
+    finished: FinishedTasks,
     waiting_tasks: usize,
     unfinished_tasks: usize,
     shutting_down: bool,
@@ -653,13 +876,10 @@ pub struct Engine {
 }
 
 impl Engine {
-    /// An engine whose clock starts at `now`.
-    pub fn new(config: Config, now: Timestamp) -> Engine {
-        assert!(
-            config.tick_us >= 1000 && config.tick_us % 1000 == 0,
-            "tick must be a whole number of milliseconds, got {} us",
-            config.tick_us
-        );
+    /// An engine whose clock starts at `now`, once `config` passes
+    /// [`Config::validate`].
+    pub fn new(config: Config, now: Timestamp) -> Result<Engine, ConfigError> {
+        config.validate()?;
         let start = Tick(now.0 / config.tick_us);
         // Reserve room for the expected sessions up front so a HELLO never
         // triggers a large reallocation (or a rehash of a million entries)
@@ -672,16 +892,19 @@ impl Engine {
             config.max_outbox_bytes,
             config.amplification_limit && config.key.is_none(),
         );
-        Engine {
+        Ok(Engine {
             sessions: Slab::with_capacity(expected_sessions),
             live_by_client: ClientIndex::with_capacity(expected_sessions),
             session_wheel,
-            retired: FastMap::default(),
-            retired_order: VecDeque::new(),
+            records: ClientRecords::new(config.max_client_records, config.client_memory_ms),
             tasks: Slab::new(),
             task_serial: 0,
             task_wheel: Wheel::new(start),
-            finished_order: VecDeque::new(),
+            finished: FinishedTasks::new(
+                config.max_finished_tasks,
+                config.max_finished_per_client,
+                config.finished_retention_ms,
+            ),
             waiting_tasks: 0,
             unfinished_tasks: 0,
             shutting_down: false,
@@ -694,7 +917,7 @@ impl Engine {
             stats: Stats::default(),
             now,
             config,
-        }
+        })
     }
 
     /// The settings.
@@ -715,6 +938,27 @@ impl Engine {
     /// Tasks not yet in a final state.
     pub fn unfinished_tasks(&self) -> usize {
         self.unfinished_tasks
+    }
+
+    /// What the engine holds now (see [`Footprint`]; linear in sessions and
+    /// tasks).
+    pub fn footprint(&self) -> Footprint {
+        let mut f = Footprint {
+            live_sessions: self.live_by_client.len(),
+            ended_sessions_held: self.sessions.len() - self.live_by_client.len(),
+            unfinished_tasks: self.unfinished_tasks,
+            final_states: self.finished.len(),
+            client_records: self.records.len(),
+            outbox_bytes: self.outbox.queued_bytes(),
+            ..Footprint::default()
+        };
+        for (_, session) in &self.sessions {
+            f.remembered_requests += session.work.as_ref().map_or(0, |w| w.requests.len());
+        }
+        for (_, task) in &self.tasks {
+            f.task_bytes += task.data.len();
+        }
+        f
     }
 
     /// Whether [`Engine::begin_shutdown`] has been called.
@@ -921,14 +1165,30 @@ impl Engine {
                 }
                 t.state = TaskState::Running;
                 t.started_at = Some(now);
-                let deadline_ms = t.deadline_ms;
+                // A task whose cancel crossed its start on the way is already
+                // told to stop: its deadline no longer matters.
+                let deadline_ms = if t.cancelling.is_some() {
+                    0
+                } else {
+                    t.deadline_ms
+                };
                 self.waiting_tasks -= 1;
                 move_task_gauge(&mut self.stats, Some(TaskState::Queued), TaskState::Running);
                 if deadline_ms > 0 {
                     let due = self.tick_at_or_after(self.now.plus_millis(u64::from(deadline_ms)));
-                    let inserted = self.task_wheel.insert(WheelKey(task.index() as u32), due);
-                    debug_assert!(inserted.is_ok(), "deadline timer: {inserted:?}");
+                    schedule(&mut self.task_wheel, WheelKey(task.index() as u32), due);
                 }
+            }
+            TaskEvent::Withdrawn => {
+                // Only a cancelled queued task is withdrawn; anything else is
+                // a confused caller, and changes nothing.
+                if t.state != TaskState::Queued {
+                    return;
+                }
+                let Some(cause) = t.cancelling else {
+                    return;
+                };
+                self.finish(task, TaskState::Cancelled(cause.reason()));
             }
             TaskEvent::Finished(outcome) => {
                 if !matches!(t.state, TaskState::Running | TaskState::Queued) {
@@ -1107,7 +1367,7 @@ impl Engine {
                 by: h.incarnation,
             };
             self.end_session(index, cause, None);
-        } else if let Some(&(largest, _)) = self.retired.get(&h.client_id) {
+        } else if let Some(largest) = self.records.largest_ended(h.client_id) {
             if h.incarnation <= largest {
                 return Err(self.count_drop(Dropped::StaleHello));
             }
@@ -1140,10 +1400,9 @@ impl Engine {
         let sessions = &self.sessions;
         self.live_by_client
             .insert(h.client_id, index, |i| sessions[i as usize].client_id);
-        self.retired.remove(&h.client_id);
+        self.records.opened(h.client_id);
         let due = self.tick_at_or_after(self.now.plus_millis(u64::from(ttl_ms)));
-        let inserted = self.session_wheel.insert(WheelKey(index), due);
-        debug_assert!(inserted.is_ok(), "new session {index}: {inserted:?}");
+        schedule(&mut self.session_wheel, WheelKey(index), due);
         self.stats.accepted += 1;
         self.stats.sessions_opened += 1;
         self.record(Event::SessionOpened {
@@ -1181,13 +1440,28 @@ impl Engine {
         let remembered = self.sessions[index as usize]
             .work
             .as_ref()
-            .and_then(|w| w.requests.iter().find(|(id, _)| *id == request_id))
-            .map(|&(_, reply)| reply);
+            .and_then(|w| w.requests.iter().find(|r| r.id == request_id))
+            .map(|r| r.reply);
         let reply = match remembered {
             Some(reply) => reply,
+            None if !self.make_request_room(index) => {
+                // Every answer it holds may still be retried: admitting this
+                // one would mean forgetting one of them, and a late retry of
+                // a forgotten SUBMIT would start its task a second time.
+                self.stats.tasks_rejected += 1;
+                RequestReply::Rejected(RejectCode::TooManyTasks)
+            }
             None => {
                 let reply = self.admit(index, delay_ms, deadline_ms, job, payload);
-                self.remember_request(index, request_id, reply);
+                self.sessions[index as usize]
+                    .work
+                    .get_or_insert_with(Box::default)
+                    .requests
+                    .push_back(Request {
+                        id: request_id,
+                        reply,
+                        ended: None,
+                    });
                 reply
             }
         };
@@ -1207,6 +1481,44 @@ impl Engine {
                     message: reject_text(code),
                 },
             ),
+        }
+    }
+
+    /// Makes room for one more answered request id, if the session's memory
+    /// is full, by forgetting one that can no longer be retried: the oldest
+    /// rejection (a retry of it is judged afresh, which cannot start a task
+    /// twice), else the oldest task that ended more than one TTL ago (the
+    /// client's retry window: a client that has heard nothing for its TTL
+    /// has lost its session anyway). An unfinished task's id, or one that
+    /// ended within the TTL, is never forgotten; if that is all there is,
+    /// there is no room.
+    fn make_request_room(&mut self, index: u32) -> bool {
+        let limit = request_memory(self.config.max_tasks_per_session);
+        let now = self.now;
+        let session = &mut self.sessions[index as usize];
+        let window_us = u64::from(session.ttl_ms) * 1000;
+        let Some(work) = session.work.as_mut() else {
+            return true;
+        };
+        if work.requests.len() < limit {
+            return true;
+        }
+        let forgettable = work
+            .requests
+            .iter()
+            .position(|r| matches!(r.reply, RequestReply::Rejected(_)))
+            .or_else(|| {
+                work.requests.iter().position(|r| {
+                    r.ended
+                        .is_some_and(|ended| now.0.saturating_sub(ended.0) >= window_us)
+                })
+            });
+        match forgettable {
+            Some(i) => {
+                work.requests.remove(i);
+                true
+            }
+            None => false,
         }
     }
 
@@ -1283,8 +1595,7 @@ impl Engine {
         self.stats.tasks_accepted += 1;
         if delay_ms > 0 {
             let due = self.tick_at_or_after(self.now.plus_millis(u64::from(delay_ms)));
-            let inserted = self.task_wheel.insert(WheelKey(id.index() as u32), due);
-            debug_assert!(inserted.is_ok(), "delay timer: {inserted:?}");
+            schedule(&mut self.task_wheel, WheelKey(id.index() as u32), due);
         } else {
             self.effects.push_back(Effect::Run {
                 task: id,
@@ -1294,29 +1605,6 @@ impl Engine {
             });
         }
         RequestReply::Accepted(id)
-    }
-
-    /// Keeps the answer to `request_id` so a retry gets the same one. The
-    /// memory is bounded: past it, the oldest answer that no longer names an
-    /// unfinished task is forgotten.
-    fn remember_request(&mut self, index: u32, request_id: u32, reply: RequestReply) {
-        let limit = request_memory(self.config.max_tasks_per_session);
-        let tasks = &self.tasks;
-        let work = self.sessions[index as usize]
-            .work
-            .get_or_insert_with(Box::default);
-        if work.requests.len() >= limit {
-            let unfinished = |r: &RequestReply| match r {
-                RequestReply::Accepted(id) => tasks
-                    .get(id.index())
-                    .is_some_and(|t| t.id == *id && !t.state.is_final()),
-                RequestReply::Rejected(_) => false,
-            };
-            if let Some(pos) = work.requests.iter().position(|(_, r)| !unfinished(r)) {
-                work.requests.remove(pos);
-            }
-        }
-        work.requests.push_back((request_id, reply));
     }
 
     fn on_status(&mut self, index: u32, client_id: u64, task_id: u64) {
@@ -1362,10 +1650,13 @@ impl Engine {
                 self.task_wheel.remove(WheelKey(id.index() as u32));
                 self.finish(id, TaskState::Cancelled(reason));
             }
-            TaskState::Queued => {
+            // Whoever holds the queue decides whether it still starts: it
+            // answers Withdrawn (then it is final) or Started (then it runs
+            // with its flag already set). Until then it keeps its place in
+            // the queue's count, so the queue holds no more than counted.
+            TaskState::Queued if task.cancelling.is_none() => {
                 task.cancelling = Some(cause);
                 self.effects.push_back(Effect::Cancel { task: id, reason });
-                self.finish(id, TaskState::Cancelled(reason));
             }
             // A second cancel of a running task changes nothing: the first
             // cause is the one its final state records.
@@ -1420,6 +1711,10 @@ impl Engine {
         let session = &mut self.sessions[session_index as usize];
         if let Some(work) = session.work.as_mut() {
             work.unfinished.retain(|t| *t != id);
+            let accepted = RequestReply::Accepted(id);
+            if let Some(request) = work.requests.iter_mut().find(|r| r.reply == accepted) {
+                request.ended = Some(now);
+            }
         }
         let (peer, header) = (session.peer, session.next_header());
         let incarnation = session.incarnation;
@@ -1446,7 +1741,22 @@ impl Engine {
             &message,
         );
         self.release_if_done(session_index);
-        self.finished_order.push_back((id, now));
+        // At most one state goes here: this client's oldest, past its bound.
+        let pushed_out = std::cell::Cell::new(None);
+        let tasks = &self.tasks;
+        self.finished.push(
+            id,
+            client_id,
+            now,
+            |old, _| pushed_out.set(Some(old)),
+            |kept| pushed_out.get() != Some(kept) && is_task(tasks, kept),
+        );
+        if let Some(old) = pushed_out.get() {
+            self.stats.finished_evicted_early += 1;
+            if is_task(&self.tasks, old) {
+                self.tasks.remove(old.index());
+            }
+        }
         self.age_records();
     }
 
@@ -1465,7 +1775,8 @@ impl Engine {
         self.live_by_client
             .remove(client_id, |i| sessions[i as usize].client_id);
         self.session_wheel.remove(WheelKey(index));
-        self.retire(client_id, incarnation);
+        // Pinned until the slot is released (release_if_done).
+        self.records.retire(client_id, incarnation, self.now);
         self.record(Event::SessionEnded {
             client_id,
             incarnation,
@@ -1493,54 +1804,24 @@ impl Engine {
             .get(index as usize)
             .is_some_and(|s| !s.live && s.unfinished() == 0);
         if done {
-            self.sessions.remove(index as usize);
-        }
-    }
-
-    fn retire(&mut self, client_id: u64, incarnation: u64) {
-        let now = self.now;
-        if self.retired_order.len() >= self.config.max_client_records {
-            if let Some((old_client, old_incarnation, _)) = self.retired_order.pop_front() {
-                self.forget_client(old_client, old_incarnation);
-            }
-        }
-        self.retired.insert(client_id, (incarnation, now));
-        self.retired_order.push_back((client_id, incarnation, now));
-    }
-
-    fn forget_client(&mut self, client_id: u64, incarnation: u64) {
-        // Only if nothing newer was recorded for it since.
-        if self.retired.get(&client_id).map(|r| r.0) == Some(incarnation) {
-            self.retired.remove(&client_id);
+            let session = self.sessions.remove(index as usize);
+            self.records.release(session.client_id);
         }
     }
 
     /// Drops final states and client records past their retention, and
     /// final states past their bound.
     fn age_records(&mut self) {
-        let now = self.now.0;
-        let retention_us = self.config.finished_retention_ms * 1000;
-        while let Some(&(id, ended)) = self.finished_order.front() {
-            let over_bound = self.finished_order.len() > self.config.max_finished_tasks;
-            if !over_bound && now.saturating_sub(ended.0) < retention_us {
-                break;
+        let (tasks, stats) = (&mut self.tasks, &mut self.stats);
+        self.finished.age(self.now, |id, why| {
+            if why == Forget::Early {
+                stats.finished_evicted_early += 1;
             }
-            if over_bound && now.saturating_sub(ended.0) < retention_us {
-                self.stats.finished_evicted_early += 1;
+            if is_task(tasks, id) {
+                tasks.remove(id.index());
             }
-            self.finished_order.pop_front();
-            if self.tasks.get(id.index()).is_some_and(|t| t.id == id) {
-                self.tasks.remove(id.index());
-            }
-        }
-        let memory_us = self.config.client_memory_ms * 1000;
-        while let Some(&(client_id, incarnation, ended)) = self.retired_order.front() {
-            if now.saturating_sub(ended.0) < memory_us {
-                break;
-            }
-            self.retired_order.pop_front();
-            self.forget_client(client_id, incarnation);
-        }
+        });
+        self.records.age(self.now);
     }
 
     fn task_mut(&mut self, id: TaskId) -> Option<&mut Task> {
@@ -1613,6 +1894,17 @@ impl fmt::Debug for Engine {
     }
 }
 
+/// Files `key` to fire at `due`. A deadline the wheel has already passed
+/// fires at its next tick instead, as tokio-util's `DelayQueue` does with an
+/// elapsed insert, and a key already present is moved: neither can happen
+/// with a validated configuration, and neither may cost a panic.
+fn schedule(wheel: &mut Wheel, key: WheelKey, due: Tick) {
+    let due = due.max(Tick(wheel.now().0 + 1));
+    if wheel.insert(key, due).is_err() {
+        let _ = wheel.reset(key, due);
+    }
+}
+
 /// Keeps the tasks-by-state gauges in step with a task's move.
 fn move_task_gauge(stats: &mut Stats, from: Option<TaskState>, to: TaskState) {
     fn gauge(stats: &mut Stats, state: TaskState) -> Option<&mut u64> {
@@ -1629,6 +1921,10 @@ fn move_task_gauge(stats: &mut Stats, from: Option<TaskState>, to: TaskState) {
     if let Some(g) = gauge(stats, to) {
         *g += 1;
     }
+}
+
+fn is_task(tasks: &Slab<Task>, id: TaskId) -> bool {
+    tasks.get(id.index()).is_some_and(|t| t.id == id)
 }
 
 fn find_task(tasks: &Slab<Task>, client_id: u64, id: TaskId) -> Option<&Task> {

@@ -1,17 +1,20 @@
 //! Replies waiting to be sent, encoded as soon as they are decided.
 //!
-//! All queued datagrams share one byte arena, reset whenever the queue
-//! empties, so the steady state allocates nothing. The arena is bounded; a
-//! reply that does not fit is dropped (and counted by the engine) rather than
-//! letting a peer that never reads grow the server's memory. A keyless
-//! engine can also hold every address to the bytes it has sent
-//! ([`ReplyCredit`]); a reply it has not paid for is not queued.
+//! All queued datagrams share one ring of bytes: a reply is appended at the
+//! back and its bytes leave the front as it is sent, so the space of every
+//! reply sent is free again at once, even while the queue never empties
+//! (a socket that keeps blocking). The ring keeps its capacity, so the steady
+//! state allocates nothing. It is bounded; a reply that does not fit is
+//! dropped (and counted by the engine) rather than letting a peer that never
+//! reads grow the server's memory. A keyless engine can also hold every
+//! address to the bytes it has sent ([`ReplyCredit`]); a reply it has not
+//! paid for is not queued.
 
 use std::collections::VecDeque;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
 use super::credit::ReplyCredit;
-use crate::wire::{Datagram, Header, MacKey, Message};
+use crate::wire::{Datagram, Header, MacKey, Message, MAX_DATAGRAM};
 
 /// A peer address in 19 bytes, alignment 1, instead of `SocketAddr`'s 32:
 /// sessions store one each, and a million of them is the design point.
@@ -54,12 +57,12 @@ impl From<PeerAddr> for SocketAddr {
 
 struct Queued {
     to: PeerAddr,
-    start: u32,
     len: u16,
 }
 
 pub(crate) struct Outbox {
-    arena: Vec<u8>,
+    /// The queued datagrams' bytes, back to back, oldest first.
+    bytes: VecDeque<u8>,
     queue: VecDeque<Queued>,
     /// Datagrams put back by `push_front`; sent before the queue.
     front: Vec<(SocketAddr, Vec<u8>)>,
@@ -80,7 +83,7 @@ pub(crate) enum NotQueued {
 impl Outbox {
     pub(crate) fn new(max_bytes: usize, limit_to_credit: bool) -> Outbox {
         Outbox {
-            arena: Vec::new(),
+            bytes: VecDeque::new(),
             queue: VecDeque::new(),
             front: Vec::new(),
             max_bytes,
@@ -110,7 +113,7 @@ impl Outbox {
             message: *message,
         };
         let len = datagram.encoded_len(key.is_some());
-        if self.arena.len() + len > self.max_bytes {
+        if self.queued_bytes() + len > self.max_bytes {
             return Err(NotQueued::Full);
         }
         if let Some(credit) = self.credit.as_mut() {
@@ -118,23 +121,18 @@ impl Outbox {
                 return Err(NotQueued::NoCredit);
             }
         }
-        let start = self.arena.len();
-        self.arena.resize(start + len, 0);
-        match datagram.emit(key, &mut self.arena[start..]) {
+        let mut encoded = [0u8; MAX_DATAGRAM];
+        match datagram.emit(key, &mut encoded) {
             Ok(n) => {
                 debug_assert_eq!(n, len);
-                self.queue.push_back(Queued {
-                    to,
-                    start: start as u32,
-                    len: len as u16,
-                });
+                self.bytes.extend(&encoded[..n]);
+                self.queue.push_back(Queued { to, len: n as u16 });
                 Ok(())
             }
             Err(e) => {
                 // The engine bounds every field before it builds a reply, so
                 // this is a bug; drop the reply rather than the server.
                 debug_assert!(false, "cannot encode {message:?}: {e}");
-                self.arena.truncate(start);
                 Err(NotQueued::Full)
             }
         }
@@ -150,16 +148,20 @@ impl Outbox {
             return Some((to, bytes.len()));
         }
         let q = self.queue.pop_front()?;
-        let (start, len) = (q.start as usize, usize::from(q.len));
-        buf[..len].copy_from_slice(&self.arena[start..start + len]);
-        if self.queue.is_empty() {
-            self.arena.clear();
+        let len = usize::from(q.len);
+        for (out, byte) in buf[..len].iter_mut().zip(self.bytes.drain(..len)) {
+            *out = byte;
         }
         Some((q.to.into(), len))
     }
 
     pub(crate) fn is_empty(&self) -> bool {
         self.queue.is_empty() && self.front.is_empty()
+    }
+
+    /// Bytes of the datagrams waiting.
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.bytes.len()
     }
 }
 
@@ -204,8 +206,42 @@ mod tests {
         assert_eq!(
             outbox.push(to, &header, &Message::ByeAck, None),
             Ok(()),
-            "arena reset"
+            "room again"
         );
+    }
+
+    #[test]
+    fn space_is_reclaimed_while_the_queue_never_empties() {
+        // The socket keeps blocking: one reply goes out for each new one, so
+        // the queue never drains. Every reply sent frees its bytes at once,
+        // so ten times the bound passes through without a drop, in order.
+        let to = PeerAddr::from("127.0.0.1:1".parse::<SocketAddr>().unwrap());
+        let mut outbox = Outbox::new(64 * 28, false);
+        let header = |seq| Header {
+            flags: crate::wire::Flags::empty(),
+            client_id: 1,
+            incarnation: 1,
+            seq,
+        };
+        for seq in 1..=32 {
+            assert_eq!(
+                outbox.push(to, &header(seq), &Message::ByeAck, None),
+                Ok(())
+            );
+        }
+        let mut buf = [0u8; 1200];
+        for seq in 33..=640 {
+            let (_, n) = outbox.pop(&mut buf).unwrap();
+            let d = Datagram::decode(&buf[..n], None).unwrap();
+            assert_eq!(d.header.seq, seq - 32, "in order");
+            assert_eq!(
+                outbox.push(to, &header(seq), &Message::ByeAck, None),
+                Ok(()),
+                "reply {seq} dropped with {} bytes queued",
+                outbox.queued_bytes()
+            );
+        }
+        assert_eq!(outbox.queued_bytes(), 32 * 28);
     }
 
     #[test]
