@@ -229,10 +229,21 @@ enum Reply {
         task_id: u64,
         outcome: CancelOutcome,
     },
+    /// Copies the header of the datagram it answers.
     UnknownSession {
+        incarnation: u64,
         seq: u32,
     },
     ByeAck,
+}
+
+/// How a request was answered.
+enum Answer {
+    Reply(Reply),
+    /// UNKNOWN_SESSION, in answer to the try with this index (0: the first).
+    UnknownSession {
+        try_index: usize,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,7 +262,9 @@ struct State {
     tick_ms: u32,
     server_window: Option<ReplayWindow>,
     replies: VecDeque<Reply>,
-    finals: HashMap<u64, TaskStatus>,
+    /// Final states pushed, by task id, with the incarnation they came
+    /// under: a restarted server numbers tasks afresh, so an id can return.
+    finals: HashMap<u64, (u64, TaskStatus)>,
     events: VecDeque<ClientEvent>,
     last_sent: Instant,
     heartbeat_sent: VecDeque<(u32, Instant)>,
@@ -265,6 +278,8 @@ struct Inner {
     state: Mutex<State>,
     changed: Condvar,
     stop: AtomicBool,
+    /// The server said it lost the session: reopen without waiting.
+    lost: AtomicBool,
     heartbeats_paused: AtomicBool,
     /// Lets `close` interrupt the heartbeat thread's sleep.
     stop_lock: Mutex<()>,
@@ -312,6 +327,7 @@ impl Client {
             config,
             changed: Condvar::new(),
             stop: AtomicBool::new(false),
+            lost: AtomicBool::new(false),
             heartbeats_paused: AtomicBool::new(false),
             stop_lock: Mutex::new(()),
             stop_wake: Condvar::new(),
@@ -474,7 +490,7 @@ impl Client {
             {
                 let mut state = self.inner.state.lock();
                 loop {
-                    if let Some(status) = state.finals.get(&task.0).cloned() {
+                    if let Some((_, status)) = state.finals.get(&task.0).cloned() {
                         claim_event(&mut state.events, task);
                         return Ok(status);
                     }
@@ -527,11 +543,23 @@ impl Client {
 
     /// Ends the session with BYE (its tasks are cancelled, reason left) and
     /// stops the client.
+    ///
+    /// If a BYE_ACK is lost, the retry finds the session gone and is
+    /// answered UNKNOWN_SESSION: that means the first BYE took effect, and
+    /// is success. Only UNKNOWN_SESSION to the *first* BYE is
+    /// [`ClientError::SessionLost`]: the session had already ended (expired)
+    /// before the BYE arrived.
     pub fn bye(mut self) -> Result<(), ClientError> {
-        let result = self
-            .inner
-            .request(&Message::Bye, |r| matches!(r, Reply::ByeAck))
-            .map(|_| ());
+        let result = match self.inner.request_answer(
+            &Message::Bye,
+            |r| matches!(r, Reply::ByeAck),
+            self.inner.config.tries,
+        ) {
+            Ok(Answer::Reply(_)) => Ok(()),
+            Ok(Answer::UnknownSession { try_index: 0 }) => Err(ClientError::SessionLost),
+            Ok(Answer::UnknownSession { .. }) => Ok(()),
+            Err(e) => Err(e),
+        };
         self.close();
         result
     }
@@ -557,7 +585,9 @@ impl Drop for Client {
 }
 
 impl Inner {
-    fn send(&self, flags: Flags, message: &Message<'_>) -> io::Result<u32> {
+    /// Sends one datagram of the current session; returns its
+    /// `(incarnation, seq)`.
+    fn send(&self, flags: Flags, message: &Message<'_>) -> io::Result<(u64, u32)> {
         let mut buf = [0u8; MAX_DATAGRAM];
         let (seq, n) = {
             let mut state = self.state.lock();
@@ -582,7 +612,7 @@ impl Inner {
                 let entry = (state.tx_seq, state.last_sent);
                 state.heartbeat_sent.push_back(entry);
             }
-            (state.tx_seq, n)
+            ((state.incarnation, state.tx_seq), n)
         };
         self.socket.send(&buf[..n])?;
         Ok(seq)
@@ -604,6 +634,20 @@ impl Inner {
         wanted: impl Fn(&Reply) -> bool,
         tries: u32,
     ) -> Result<Reply, ClientError> {
+        match self.request_answer(message, wanted, tries)? {
+            Answer::Reply(reply) => Ok(reply),
+            Answer::UnknownSession { .. } => Err(ClientError::SessionLost),
+        }
+    }
+
+    /// Sends `message` up to `tries` times until a wanted reply, or an
+    /// UNKNOWN_SESSION answering one of the tries, arrives.
+    fn request_answer(
+        &self,
+        message: &Message<'_>,
+        wanted: impl Fn(&Reply) -> bool,
+        tries: u32,
+    ) -> Result<Answer, ClientError> {
         let mut sent_seqs = Vec::new();
         for _ in 0..tries.max(1) {
             if self.stop.load(Ordering::Acquire) {
@@ -613,13 +657,18 @@ impl Inner {
             let until = Instant::now() + self.config.retry_after;
             let mut state = self.state.lock();
             loop {
-                let lost = |r: &Reply| matches!(r, Reply::UnknownSession { seq } if sent_seqs.contains(seq));
+                let lost = |r: &Reply| {
+                    matches!(r, Reply::UnknownSession { incarnation, seq }
+                        if sent_seqs.contains(&(*incarnation, *seq)))
+                };
                 if let Some(i) = state.replies.iter().position(|r| wanted(r) || lost(r)) {
                     let reply = state.replies.remove(i).expect("position is in range");
-                    if let Reply::UnknownSession { .. } = reply {
-                        return Err(ClientError::SessionLost);
+                    if let Reply::UnknownSession { incarnation, seq } = reply {
+                        let answered = (incarnation, seq);
+                        let try_index = sent_seqs.iter().position(|s| *s == answered).unwrap_or(0);
+                        return Ok(Answer::UnknownSession { try_index });
                     }
-                    return Ok(reply);
+                    return Ok(Answer::Reply(reply));
                 }
                 if state.session == SessionState::Closed {
                     return Err(ClientError::Closed);
@@ -673,6 +722,7 @@ impl Inner {
 
     /// Starts a new session after the server lost the old one.
     fn reopen(&self) {
+        self.lost.store(false, Ordering::Release);
         self.reset_session();
         if self.hello().is_err() {
             self.state.lock().session = SessionState::Lost;
@@ -682,33 +732,35 @@ impl Inner {
     fn heartbeat_loop(&self) {
         let mut count: u32 = 0;
         while !self.stop.load(Ordering::Acquire) {
-            let (interval, session) = {
+            let interval = {
                 let state = self.state.lock();
                 let ttl = Duration::from_millis(u64::from(state.ttl_ms.max(30)));
-                (
-                    self.config.heartbeat_interval.unwrap_or(ttl / 3),
-                    state.session,
-                )
+                self.config.heartbeat_interval.unwrap_or(ttl / 3)
             };
             {
                 let mut guard = self.stop_lock.lock();
-                if self.stop.load(Ordering::Acquire) {
-                    return;
+                // The receiver sets `lost` and then wakes this sleep, so a
+                // new session is opened at once rather than an interval later.
+                if !self.stop.load(Ordering::Acquire) && !self.lost.load(Ordering::Acquire) {
+                    self.stop_wake.wait_for(&mut guard, interval);
                 }
-                self.stop_wake.wait_for(&mut guard, interval);
             }
-            if self.stop.load(Ordering::Acquire) || self.heartbeats_paused.load(Ordering::Acquire) {
-                continue;
+            if self.stop.load(Ordering::Acquire) {
+                return;
             }
+            // What to do is decided now, after the sleep: acting on state
+            // read before it would send a heartbeat for a session already
+            // known to be lost.
+            let session = self.state.lock().session;
             match session {
-                SessionState::Live => {
+                SessionState::Lost => self.reopen(),
+                SessionState::Live if !self.heartbeats_paused.load(Ordering::Acquire) => {
                     count = count.wrapping_add(1);
                     let ack = self.config.ack_every > 0 && count % self.config.ack_every == 0;
                     let flags = if ack { Flags::ACK } else { Flags::empty() };
                     let _ = self.send(flags, &Message::Heartbeat);
                 }
-                SessionState::Lost => self.reopen(),
-                SessionState::Opening | SessionState::Closed => {}
+                SessionState::Live | SessionState::Opening | SessionState::Closed => {}
             }
         }
     }
@@ -739,13 +791,24 @@ impl Inner {
             // Copies our own header, so it sits outside the server's seq
             // space; it is only taken as an answer to a seq we sent.
             if h.incarnation == state.incarnation {
-                if state.session == SessionState::Live {
+                let lost_now = state.session == SessionState::Live;
+                if lost_now {
                     state.session = SessionState::Lost;
                     let incarnation = state.incarnation;
                     push_bounded(&mut state.events, ClientEvent::SessionLost { incarnation });
                 }
-                push_bounded_reply(&mut state.replies, Reply::UnknownSession { seq: h.seq });
+                let reply = Reply::UnknownSession {
+                    incarnation: h.incarnation,
+                    seq: h.seq,
+                };
+                push_bounded_reply(&mut state.replies, reply);
                 self.changed.notify_all();
+                drop(state);
+                if lost_now {
+                    self.lost.store(true, Ordering::Release);
+                    let _guard = self.stop_lock.lock();
+                    self.stop_wake.notify_all();
+                }
             }
             return;
         }
@@ -774,10 +837,21 @@ impl Inner {
             Message::Accepted {
                 request_id,
                 task_id,
-            } => Reply::Accepted {
-                request_id,
-                task_id,
-            },
+            } => {
+                // A final state kept under this id from another incarnation
+                // is another task's, from before a server restart.
+                if state
+                    .finals
+                    .get(&task_id)
+                    .is_some_and(|(i, _)| *i != h.incarnation)
+                {
+                    state.finals.remove(&task_id);
+                }
+                Reply::Accepted {
+                    request_id,
+                    task_id,
+                }
+            }
             Message::Rejected {
                 request_id,
                 code,
@@ -794,7 +868,9 @@ impl Inner {
                     if state.finals.len() >= MAX_EVENTS {
                         state.finals.clear();
                     }
-                    state.finals.insert(task_id, status.clone());
+                    state
+                        .finals
+                        .insert(task_id, (h.incarnation, status.clone()));
                     push_bounded(
                         &mut state.events,
                         ClientEvent::TaskEnded {

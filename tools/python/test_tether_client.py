@@ -7,6 +7,8 @@ Run by `cargo test` (tests/python.rs sets TETHER_BIN), or by hand:
 
 import asyncio
 import os
+import random
+import socket
 import struct
 import subprocess
 import sys
@@ -23,11 +25,11 @@ BIN = os.environ.get("TETHER_BIN") or os.path.join(HERE, "..", "..", "target", "
 
 
 class Server:
-    """`tether serve` on a free loopback port; stopped on exit."""
+    """`tether serve` on a free loopback port (or ``listen``); stopped on exit."""
 
-    def __init__(self, *args):
+    def __init__(self, *args, listen="127.0.0.1:0"):
         self.proc = subprocess.Popen(
-            [BIN, "serve", "--listen", "127.0.0.1:0", *args],
+            [BIN, "serve", "--listen", listen, *args],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         line = self._first_line(timeout=30)
         host, port = line.strip().rsplit(" ", 1)[1].rsplit(":", 1)
@@ -88,6 +90,241 @@ class CodecTests(unittest.TestCase):
         self.assertTrue(w.accept(200))
         self.assertFalse(w.accept(136))
         self.assertTrue(w.accept(137))
+
+
+def _valid_server_datagrams():
+    """One well-formed datagram of every server kind, keyless."""
+    bodies = [
+        (tc.WELCOME, struct.pack(">II", 3000, 10)),
+        (tc.HEARTBEAT_ACK, struct.pack(">I", 4)),
+        (tc.ACCEPTED, struct.pack(">IQ", 1, 2)),
+        (tc.REJECTED, struct.pack(">IHB", 1, 2, 3) + b"abc"),
+        (tc.TASK_STATE, struct.pack(">QB", 1, 3) + b"result"),
+        (tc.TASK_STATE, struct.pack(">QBB", 1, 4, 2) + b"no"),
+        (tc.TASK_STATE, struct.pack(">QBB", 1, 5, 1)),
+        (tc.TASK_STATE, struct.pack(">QB", 1, 2)),
+        (tc.CANCEL_RESULT, struct.pack(">QB", 1, 0)),
+        (tc.UNKNOWN_SESSION, b""),
+        (tc.BYE_ACK, b""),
+    ]
+    return [tc.encode(kind, 5, 9, seq + 1, body) for seq, (kind, body) in enumerate(bodies)]
+
+
+class DecoderFuzzTests(unittest.TestCase):
+    """Whatever arrives, the decoder returns a datagram or None and never
+    raises, so nothing a server (or anyone spoofing it) sends can kill a
+    client's receiver."""
+
+    def test_out_of_range_values_are_malformed(self):
+        for kind, body in [
+            (tc.CANCEL_RESULT, struct.pack(">QB", 1, 3)),
+            (tc.CANCEL_RESULT, struct.pack(">QB", 1, 255)),
+            (tc.TASK_STATE, struct.pack(">QBB", 1, 5, 0)),
+            (tc.TASK_STATE, struct.pack(">QBB", 1, 5, 7)),
+            (tc.TASK_STATE, struct.pack(">QB", 1, 7)),
+            (tc.REJECTED, struct.pack(">IHB", 1, 2, 9) + b"abc"),
+            (tc.TASK_STATE, struct.pack(">QBB", 1, 4, 2) + b"\xff\xfe"),
+        ]:
+            self.assertIsNone(tc.decode(tc.encode(kind, 5, 9, 1, body)), (kind, body))
+
+    def test_random_and_mutated_datagrams_never_raise(self):
+        rng = random.Random(1234)
+        valid = _valid_server_datagrams()
+        session = tc._Session(5, None)
+        session.incarnation = 9
+        for _ in range(20_000):
+            if rng.random() < 0.3:
+                data = bytes(rng.randrange(256) for _ in range(rng.randrange(60)))
+            else:
+                data = bytearray(rng.choice(valid))
+                for _ in range(rng.randrange(1, 4)):
+                    op = rng.randrange(3)
+                    if op == 0 and data:
+                        data[rng.randrange(len(data))] = rng.randrange(256)
+                    elif op == 1 and data:
+                        del data[rng.randrange(len(data)):]
+                    else:
+                        data += bytes([rng.randrange(256)])
+                data = bytes(data)
+            tc.decode(data)
+            tc.decode(data, b"k" * 32)
+            session.accept(data)
+        self.assertGreater(session.dropped, 0)
+
+
+class FakeServer:
+    """A UDP socket on loopback that plays the server from a script."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(5)
+        self.addr = self.sock.getsockname()
+        self.seq = 0
+
+    def recv(self):
+        """(kind, client_id, incarnation, seq, peer) of the next datagram."""
+        data, peer = self.sock.recvfrom(2048)
+        _, _, kind, _, _, _, client_id, incarnation, seq = tc.HEADER.unpack_from(data)
+        return kind, client_id, incarnation, seq, peer
+
+    def expect(self, kind):
+        while True:
+            got = self.recv()
+            if got[0] == kind:
+                return got
+
+    def reply(self, to, kind, body=b""):
+        self.seq += 1
+        _, client_id, incarnation, _, peer = to
+        self.sock.sendto(tc.encode(kind, client_id, incarnation, self.seq, body), peer)
+
+    def unknown_session(self, to):
+        _, client_id, incarnation, seq, peer = to
+        self.sock.sendto(tc.encode(tc.UNKNOWN_SESSION, client_id, incarnation, seq, b""), peer)
+
+    def welcome(self):
+        hello = self.expect(tc.HELLO)
+        self.reply(hello, tc.WELCOME, struct.pack(">II", 3000, 10))
+        return hello
+
+    def close(self):
+        self.sock.close()
+
+
+def _in_thread(fn):
+    """Runs ``fn`` in a thread; returns a function that joins it and
+    returns its result (or raises its exception)."""
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the caller
+            out["error"] = e
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+
+    def join():
+        t.join(10)
+        if "error" in out:
+            raise out["error"]
+        return out["value"]
+
+    return join
+
+
+class ScriptedServerTests(unittest.TestCase):
+    def setUp(self):
+        self.fake = FakeServer()
+
+    def tearDown(self):
+        self.fake.close()
+
+    def test_a_garbled_datagram_is_dropped_and_the_receiver_lives_on(self):
+        client = _in_thread(lambda: tc.Client(self.fake.addr, client_id=7, retry_after=0.1))
+        hello = self.fake.welcome()
+        c = client()
+        try:
+            # A framed CANCEL_RESULT with an outcome outside {0, 1, 2}.
+            self.fake.reply(hello, tc.CANCEL_RESULT, struct.pack(">QB", 1, 9))
+            submit = _in_thread(lambda: c.submit("echo", b"x"))
+            request = self.fake.expect(tc.SUBMIT)
+            self.fake.reply(request, tc.ACCEPTED, struct.pack(">IQ", 1, 42))
+            self.assertEqual(submit(), 42, "the receiver still files replies")
+            self.assertGreaterEqual(c.dropped, 1)
+        finally:
+            c.close()
+
+    def test_a_bye_whose_ack_was_lost_succeeds_on_its_retry(self):
+        client = _in_thread(lambda: tc.Client(self.fake.addr, client_id=8, retry_after=0.1))
+        self.fake.welcome()
+        c = client()
+        bye = _in_thread(c.bye)
+        self.fake.expect(tc.BYE)  # took effect; its BYE_ACK is lost
+        self.fake.unknown_session(self.fake.expect(tc.BYE))
+        bye()  # returns normally
+
+    def test_a_bye_to_a_session_already_gone_raises_session_lost(self):
+        client = _in_thread(lambda: tc.Client(self.fake.addr, client_id=9, retry_after=0.1))
+        self.fake.welcome()
+        c = client()
+        bye = _in_thread(c.bye)
+        self.fake.unknown_session(self.fake.expect(tc.BYE))
+        with self.assertRaises(tc.SessionLost):
+            bye()
+
+    def test_an_async_block_exits_cleanly_when_its_byes_ack_was_lost(self):
+        async def main():
+            async with tc.AsyncSession(self.fake.addr, client_id=10, retry_after=0.1):
+                pass
+
+        run = _in_thread(lambda: asyncio.run(main()))
+        self.fake.welcome()
+        self.fake.expect(tc.BYE)
+        self.fake.unknown_session(self.fake.expect(tc.BYE))
+        run()
+
+    def test_unclaimed_events_are_bounded(self):
+        client = _in_thread(lambda: tc.Client(self.fake.addr, client_id=11, retry_after=0.1))
+        hello = self.fake.welcome()
+        c = client()
+        try:
+            for task_id in range(1, 3001):
+                self.fake.reply(hello, tc.TASK_STATE, struct.pack(">QB", task_id, 3))
+            deadline = time.monotonic() + 10
+            while c.events[-1][1].task_id != 3000:
+                self.assertLess(time.monotonic(), deadline)
+                time.sleep(0.01)
+            self.assertEqual(len(c.events), tc.MAX_EVENTS)
+        finally:
+            c.close()
+
+
+class ServerRestartTests(unittest.TestCase):
+    """A client outlives a server restart: within one TTL it is in a new
+    session, with a larger incarnation, and new work runs."""
+
+    def restart(self, first):
+        port = first.addr[1]
+        first.__exit__(None, None, None)
+        return Server(listen=f"127.0.0.1:{port}")
+
+    def test_blocking_client_reopens_its_session(self):
+        first = Server()
+        c = tc.Client(first.addr, client_id=301, ttl=1.0)
+        try:
+            old = c.session
+            self.assertEqual(c.wait(c.submit("echo", b"before")).result, b"before")
+            with self.restart(first):
+                restarted = time.monotonic()
+                while c.session == old or not c._live:
+                    self.assertLess(time.monotonic() - restarted, 1.0, "not back within one TTL")
+                    time.sleep(0.01)
+                self.assertGreater(c.session[1], old[1])
+                self.assertEqual(c.wait(c.submit("echo", b"after")).result, b"after")
+                self.assertIn(("session_lost", old[1]), list(c.events))
+                c.bye()
+        finally:
+            c.close()
+
+    def test_async_session_reopens_its_session(self):
+        first = Server()
+
+        async def main():
+            async with tc.AsyncSession(first.addr, client_id=302, ttl=1.0) as s:
+                old = s.session
+                self.assertEqual((await s.submit("echo", b"before")).result, b"before")
+                with self.restart(first):
+                    restarted = time.monotonic()
+                    while s.session == old or not s._live:
+                        self.assertLess(time.monotonic() - restarted, 1.0, "not back within one TTL")
+                        await asyncio.sleep(0.01)
+                    self.assertGreater(s.session[1], old[1])
+                    return (await s.submit("echo", b"after")).result
+
+        self.assertEqual(asyncio.run(main()), b"after")
 
 
 class BlockingClientTests(unittest.TestCase):

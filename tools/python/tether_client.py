@@ -13,6 +13,7 @@ The wire format is described in PROTOCOL.md at the top of the repository.
 """
 
 import asyncio
+import collections
 import dataclasses
 import hashlib
 import hmac
@@ -33,6 +34,8 @@ __all__ = [
     "TetherError",
     "TimeoutError_",
 ]
+
+MAX_EVENTS = 1024  # unclaimed events kept by the blocking client, newest last
 
 MAGIC = b"TH"
 VERSION = 1
@@ -73,7 +76,14 @@ class Rejected(TetherError):
 
 
 class SessionLost(TetherError):
-    """The server no longer knows the session (it expired)."""
+    """The server no longer knows the session (it expired, or the server
+    restarted). The client opens a new session on its own; retry the call.
+    ``first_try`` says whether the very first datagram of the call was
+    answered so (the session was already gone when the call began)."""
+
+    def __init__(self, message: str, first_try: bool = True):
+        super().__init__(message)
+        self.first_try = first_try
 
 
 class TimeoutError_(TetherError):
@@ -144,7 +154,7 @@ def decode(data: bytes, key: Optional[bytes] = None):
     body = signed[HEADER.size:]
     try:
         fields = _parse_body(kind, body)
-    except (struct.error, IndexError, ValueError, UnicodeDecodeError):
+    except Exception:  # noqa: BLE001 - any body the parser cannot read is malformed
         return None
     if fields is None:
         return None
@@ -189,6 +199,8 @@ def _parse_body(kind: int, body: bytes):
     if kind == CANCEL_RESULT:
         exact(9)
         task_id, outcome = struct.unpack(">QB", body)
+        if outcome not in OUTCOMES:
+            raise ValueError("outcome")
         return task_id, OUTCOMES[outcome]
     if kind in (UNKNOWN_SESSION, BYE_ACK):
         exact(0)
@@ -238,6 +250,9 @@ class _Session:
         self.seq = 0
         self.window: Optional[ReplayWindow] = None
         self.request_ids = itertools.count(1)
+        # Datagrams dropped: malformed, failing the MAC, for another client
+        # or session, or replays.
+        self.dropped = 0
 
     def datagram(self, kind: int, body: bytes = b"", flags: int = 0) -> Tuple[int, bytes]:
         self.seq += 1
@@ -250,7 +265,14 @@ class _Session:
         self.request_ids = itertools.count(1)
 
     def accept(self, data: bytes):
-        """The decoded datagram if it is for this client and not a replay."""
+        """The decoded datagram if it is for this client and not a replay;
+        anything else is counted in ``dropped`` and gives None."""
+        d = self._accept(data)
+        if d is None:
+            self.dropped += 1
+        return d
+
+    def _accept(self, data: bytes):
         d = decode(data, self.key)
         if d is None:
             return None
@@ -276,6 +298,9 @@ class _Session:
 class Client:
     """A blocking client. Opens a session on construction and heartbeats
     every ``ttl / 3`` from a background thread until ``bye()`` or ``close()``.
+    If the server loses the session (it expired, or the server restarted),
+    the client opens a new one at once, with a larger incarnation; the call
+    that learnt of the loss raises ``SessionLost`` and can be retried.
 
     >>> with Client(("127.0.0.1", 7900), client_id=42) as c:   # doctest: +SKIP
     ...     task = c.submit("echo", b"hi")
@@ -297,11 +322,22 @@ class Client:
         self._lock = threading.Condition()
         self._replies: List[tuple] = []
         self.finals: Dict[int, TaskResult] = {}
-        self.events: List[object] = []
+        # Unclaimed events, oldest dropped first: ("session_lost",
+        # incarnation), ("session_reopened", incarnation), ("task_ended",
+        # TaskResult).
+        self.events: collections.deque = collections.deque(maxlen=MAX_EVENTS)
         self.rtt: Optional[float] = None
         self._acks: Dict[int, float] = {}
         self._closed = threading.Event()
+        # Set to wake the heartbeat thread early: on close, or when the
+        # server said it lost the session.
+        self._wake = threading.Event()
+        self._live = False
+        self._closing = False
         self._paused = False
+        # The incarnation each kept final state was pushed under: a restarted
+        # server numbers its tasks afresh, so an id can come back.
+        self._final_incarnation: Dict[int, int] = {}
         self._rx = threading.Thread(target=self._receive, name="tether-rx", daemon=True)
         self._rx.start()
         try:
@@ -309,6 +345,7 @@ class Client:
         except BaseException:
             self.close()
             raise
+        self._live = True
         self._hb = threading.Thread(target=self._heartbeat, name="tether-hb", daemon=True)
         self._hb.start()
 
@@ -318,7 +355,10 @@ class Client:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
-            self.bye()
+            try:
+                self.bye()
+            except SessionLost:
+                pass  # it had expired already: the session is over either way
         else:
             self.close()
 
@@ -326,21 +366,28 @@ class Client:
     def session(self) -> Tuple[int, int]:
         return self._s.client_id, self._s.incarnation
 
+    @property
+    def dropped(self) -> int:
+        """Datagrams received and dropped (malformed, bad MAC, replays)."""
+        return self._s.dropped
+
     def pause_heartbeats(self, paused: bool = True):
         """Stop (or resume) heartbeating, to play a client that went quiet."""
         self._paused = paused
 
-    def _send(self, kind: int, body: bytes = b"", flags: int = 0) -> int:
+    def _send(self, kind: int, body: bytes = b"", flags: int = 0) -> Tuple[int, int]:
+        """Sends one datagram; returns its (incarnation, seq)."""
         with self._lock:
             seq, data = self._s.datagram(kind, body, flags)
+            incarnation = self._s.incarnation
             if kind == HEARTBEAT and flags & FLAG_ACK:
                 self._acks = {s: t for s, t in self._acks.items() if s > seq - 64}
                 self._acks[seq] = time.monotonic()
         self._sock.send(data)
-        return seq
+        return incarnation, seq
 
     def _request(self, kind: int, body: bytes, wanted: Callable[[int, tuple], bool]):
-        sent = []
+        sent: List[Tuple[int, int]] = []  # (incarnation, seq) of each try
         for _ in range(self._tries):
             if self._closed.is_set():
                 raise TetherError("client is closed")
@@ -348,10 +395,11 @@ class Client:
             deadline = time.monotonic() + self._retry_after
             with self._lock:
                 while True:
-                    for i, (k, seq, fields) in enumerate(self._replies):
-                        if k == UNKNOWN_SESSION and seq in sent:
+                    for i, (k, incarnation, seq, fields) in enumerate(self._replies):
+                        if k == UNKNOWN_SESSION and (incarnation, seq) in sent:
                             del self._replies[i]
-                            raise SessionLost("the server no longer knows this session")
+                            raise SessionLost("the server no longer knows this session",
+                                              first_try=(incarnation, seq) == sent[0])
                         if wanted(k, fields):
                             del self._replies[i]
                             return k, fields
@@ -367,6 +415,19 @@ class Client:
         if kind == REJECTED:
             raise Rejected(fields[1], fields[2])
         return fields[0] / 1000.0, fields[1] / 1000.0
+
+    def _reopen(self):
+        """Opens a new session, with a larger incarnation, after a loss."""
+        with self._lock:
+            self._s.renew()
+        try:
+            self.ttl, self.tick = self._hello()
+        except TetherError:
+            return  # still lost: the next heartbeat interval tries again
+        with self._lock:
+            self._live = True
+            self.events.append(("session_reopened", self._s.incarnation))
+            self._lock.notify_all()
 
     def submit(self, job: str, payload: bytes = b"", delay: float = 0.0, deadline: float = 0.0) -> int:
         """Starts ``job``; returns its task id. Raises ``Rejected``."""
@@ -408,16 +469,26 @@ class Client:
                 raise TimeoutError_(f"task {task_id} did not finish in {timeout} s")
 
     def bye(self):
-        """Ends the session (its tasks are cancelled, reason 'left')."""
+        """Ends the session (its tasks are cancelled, reason 'left').
+
+        If the BYE_ACK is lost, the retry finds the session gone and is
+        answered UNKNOWN_SESSION: the BYE took effect, and this returns
+        normally. Only an UNKNOWN_SESSION to the first BYE raises
+        ``SessionLost``: the session had ended before the BYE arrived."""
+        self._closing = True  # no reopening once the session is being ended
         try:
             if not self._closed.is_set():
                 self._request(BYE, b"", lambda k, f: k == BYE_ACK)
+        except SessionLost as lost:
+            if lost.first_try:
+                raise
         finally:
             self.close()
 
     def close(self):
         """Stops heartbeating without a BYE: the session expires on its own."""
         self._closed.set()
+        self._wake.set()
         with self._lock:
             self._lock.notify_all()
         for t in (getattr(self, "_hb", None), self._rx):
@@ -427,7 +498,18 @@ class Client:
 
     def _heartbeat(self):
         count = 0
-        while not self._closed.wait(self.ttl / 3):
+        while True:
+            self._wake.wait(self.ttl / 3)
+            self._wake.clear()
+            if self._closed.is_set():
+                return
+            with self._lock:
+                live = self._live
+            if self._closing:
+                continue
+            if not live:
+                self._reopen()
+                continue
             if self._paused:
                 continue
             count += 1
@@ -442,24 +524,42 @@ class Client:
                 data = self._sock.recv(2048)
             except (socket.timeout, OSError):
                 continue
-            with self._lock:
-                d = self._s.accept(data)
-                if d is None:
-                    continue
-                kind, _, _, _, seq, fields = d
-                if kind == HEARTBEAT_ACK:
-                    sent = self._acks.pop(fields[0], None)
-                    if sent is not None:
-                        self.rtt = time.monotonic() - sent
-                    continue
-                if kind == UNKNOWN_SESSION:
-                    self.events.append(("session_lost", self._s.incarnation))
-                if kind == TASK_STATE and fields.final and fields.task_id not in self.finals:
-                    self.finals[fields.task_id] = fields
-                    self.events.append(("task_ended", fields))
-                self._replies.append((kind, seq, fields))
-                del self._replies[:-256]
-                self._lock.notify_all()
+            try:
+                self._file(data)
+            except Exception:  # noqa: BLE001 - a datagram must never kill this thread
+                with self._lock:
+                    self._s.dropped += 1
+
+    def _file(self, data: bytes):
+        with self._lock:
+            d = self._s.accept(data)
+            if d is None:
+                return
+            kind, _, _, incarnation, seq, fields = d
+            if kind == HEARTBEAT_ACK:
+                sent = self._acks.pop(fields[0], None)
+                if sent is not None:
+                    self.rtt = time.monotonic() - sent
+                return
+            if kind == UNKNOWN_SESSION and self._live:
+                self._live = False
+                self.events.append(("session_lost", self._s.incarnation))
+                self._wake.set()
+            if kind == ACCEPTED and self._final_incarnation.get(fields[1], incarnation) != incarnation:
+                # The id was reused by a restarted server: the old state is
+                # another task's.
+                del self.finals[fields[1]]
+                del self._final_incarnation[fields[1]]
+            if kind == TASK_STATE and fields.final and fields.task_id not in self.finals:
+                if len(self.finals) >= 65536:
+                    self.finals.clear()
+                    self._final_incarnation.clear()
+                self.finals[fields.task_id] = fields
+                self._final_incarnation[fields.task_id] = incarnation
+                self.events.append(("task_ended", fields))
+            self._replies.append((kind, incarnation, seq, fields))
+            del self._replies[:-256]
+            self._lock.notify_all()
 
 
 # --- asyncio client ---------------------------------------------------------
@@ -476,7 +576,10 @@ class _Protocol(asyncio.DatagramProtocol):
 class AsyncSession:
     """An asyncio session: ``async with AsyncSession(server, client_id) as s``
     opens it and heartbeats in a background task until the block ends (then
-    BYE, which cancels whatever is still running, reason 'left').
+    BYE, which cancels whatever is still running, reason 'left'). If the
+    server loses the session (it expired, or the server restarted), a new
+    one is opened at once, with a larger incarnation; the call that learnt
+    of the loss raises ``SessionLost`` and can be retried.
 
     ``await s.submit(job, payload)`` returns the task's final TaskResult
     (``await s.start(...)`` only starts it and returns its id).
@@ -491,24 +594,32 @@ class AsyncSession:
         self._s = _Session(client_id, key)
         self._ttl_asked, self._name = ttl, name
         self._retry_after, self._tries = retry_after, tries
-        self._waiters: List[Tuple[Callable[[int, tuple], bool], asyncio.Future]] = []
+        self._waiters: List[Tuple[Callable[..., bool], asyncio.Future]] = []
         self._finals: Dict[int, asyncio.Future] = {}
+        self._final_incarnation: Dict[int, int] = {}
         self._transport = None
         self._heartbeat_task = None
+        self._reopen_task: Optional[asyncio.Future] = None
+        self._live = False
+        self._closing = False
         self.ttl = self.tick = None
         self.paused = False
+
+    @property
+    def session(self) -> Tuple[int, int]:
+        return self._s.client_id, self._s.incarnation
+
+    @property
+    def dropped(self) -> int:
+        """Datagrams received and dropped (malformed, bad MAC, replays)."""
+        return self._s.dropped
 
     async def __aenter__(self):
         loop = asyncio.get_running_loop()
         self._transport, _ = await loop.create_datagram_endpoint(
             lambda: _Protocol(self._on_datagram), remote_addr=self._server)
         try:
-            body = struct.pack(">I", int(self._ttl_asked * 1000)) + _text(self._name)
-            kind, fields = await self._request(
-                HELLO, body, lambda k, f: k == WELCOME or (k == REJECTED and f[0] == 0))
-            if kind == REJECTED:
-                raise Rejected(fields[1], fields[2])
-            self.ttl, self.tick = fields[0] / 1000.0, fields[1] / 1000.0
+            await self._hello()
         except BaseException:
             self._transport.close()
             raise
@@ -516,13 +627,39 @@ class AsyncSession:
         return self
 
     async def __aexit__(self, exc_type, exc, tb):
-        self._heartbeat_task.cancel()
+        self._closing = True
+        for task in (self._heartbeat_task, self._reopen_task):
+            if task is not None:
+                task.cancel()
         try:
+            # Leaving the block ends the session however the BYE is
+            # answered: BYE_ACK, UNKNOWN_SESSION to a retry (the BYE took
+            # effect but its ack was lost), or to the first try (the session
+            # had already expired).
             await self._request(BYE, b"", lambda k, f: k == BYE_ACK)
         except TetherError:
             pass
         finally:
             self._transport.close()
+
+    async def _hello(self):
+        body = struct.pack(">I", int(self._ttl_asked * 1000)) + _text(self._name)
+        kind, fields = await self._request(
+            HELLO, body, lambda k, f: k == WELCOME or (k == REJECTED and f[0] == 0))
+        if kind == REJECTED:
+            raise Rejected(fields[1], fields[2])
+        self.ttl, self.tick = fields[0] / 1000.0, fields[1] / 1000.0
+        self._live = True
+
+    async def _reopen(self):
+        """Opens a new session after a loss, trying again every ttl/3."""
+        while True:
+            self._s.renew()
+            try:
+                await self._hello()
+                return
+            except TetherError:
+                await asyncio.sleep(self.ttl / 3)
 
     def _send(self, kind: int, body: bytes = b"", flags: int = 0) -> int:
         seq, data = self._s.datagram(kind, body, flags)
@@ -532,23 +669,24 @@ class AsyncSession:
     async def _request(self, kind: int, body: bytes, wanted: Callable[[int, tuple], bool]):
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        sent: List[int] = []
+        sent: List[Tuple[int, int]] = []  # (incarnation, seq) of each try
 
-        def match(k, f, seq=None):
+        def match(k, f, incarnation, seq):
             if k == UNKNOWN_SESSION:
-                return seq in sent
+                return (incarnation, seq) in sent
             return wanted(k, f)
 
         entry = (match, future)
         self._waiters.append(entry)
         try:
             for _ in range(self._tries):
-                sent.append(self._send(kind, body))
+                sent.append((self._s.incarnation, self._send(kind, body)))
                 done, _ = await asyncio.wait({future}, timeout=self._retry_after)
                 if done:
-                    k, fields = future.result()
+                    k, fields, answered = future.result()
                     if k == UNKNOWN_SESSION:
-                        raise SessionLost("the server no longer knows this session")
+                        raise SessionLost("the server no longer knows this session",
+                                          first_try=answered == sent[0])
                     return k, fields
             raise TimeoutError_("no reply from the server (is it running, and is the key right?)")
         finally:
@@ -556,23 +694,39 @@ class AsyncSession:
                 self._waiters.remove(entry)
 
     def _on_datagram(self, data: bytes):
+        try:
+            self._file(data)
+        except Exception:  # noqa: BLE001 - a datagram must never break the session
+            self._s.dropped += 1
+
+    def _file(self, data: bytes):
         d = self._s.accept(data)
         if d is None:
             return
-        kind, _, _, _, seq, fields = d
+        kind, _, _, incarnation, seq, fields = d
+        if kind == UNKNOWN_SESSION and self._live:
+            self._live = False
+            if not self._closing and (self._reopen_task is None or self._reopen_task.done()):
+                self._reopen_task = asyncio.ensure_future(self._reopen())
+        if kind == ACCEPTED and self._final_incarnation.get(fields[1], incarnation) != incarnation:
+            # The id was reused by a restarted server: the old state is
+            # another task's.
+            del self._finals[fields[1]]
+            del self._final_incarnation[fields[1]]
         if kind == TASK_STATE and fields.final:
             future = self._finals.setdefault(fields.task_id, asyncio.get_running_loop().create_future())
             if not future.done():
                 future.set_result(fields)
+                self._final_incarnation[fields.task_id] = incarnation
         for match, future in list(self._waiters):
-            if not future.done() and match(kind, fields, seq):
-                future.set_result((kind, fields))
+            if not future.done() and match(kind, fields, incarnation, seq):
+                future.set_result((kind, fields, (incarnation, seq)))
                 break
 
     async def _heartbeat(self):
         while True:
             await asyncio.sleep(self.ttl / 3)
-            if not self.paused:
+            if not self.paused and self._live:
                 self._send(HEARTBEAT)
 
     async def start(self, job: str, payload: bytes = b"", delay: float = 0.0, deadline: float = 0.0) -> int:
