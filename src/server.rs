@@ -1001,7 +1001,12 @@ impl ServerConfig {
         if self.coalesce.as_micros() * 2 > u128::from(self.engine.tick_us) {
             return Err(ConfigError::CoalesceTooLong);
         }
-        Ok(())
+        match self.metrics {
+            Some(addr) if !addr.ip().is_loopback() && !self.insecure_bind => {
+                Err(ConfigError::InsecureMetrics(addr))
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -1303,5 +1308,19 @@ mod tests {
         server.turn(&mut state).unwrap();
         assert!(!state.reports_pending);
         assert!(server.reports.is_empty());
+    }
+
+    #[test]
+    fn an_embedded_server_refuses_metrics_beyond_loopback_without_the_switch() {
+        // Refused before anything is bound, so the documentation address
+        // is never used.
+        let refused = Server::builder()
+            .listen("127.0.0.1:0".parse().unwrap())
+            .metrics("192.0.2.1:9900".parse().unwrap())
+            .bind();
+        assert!(matches!(
+            refused,
+            Err(ServerError::InvalidConfig(ConfigError::InsecureMetrics(_)))
+        ));
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use tether::engine;
+use tether::engine::{self, ConfigError};
 use tether::observe::EventsTarget;
 use tether::server::{datagrams_held, Server, ServerConfig, ServerError};
 use tether::wire::MacKey;
@@ -280,42 +280,13 @@ fn millis(d: Duration, flag: &str) -> Result<u32, String> {
 
 fn config(args: &ServeArgs) -> Result<ServerConfig, String> {
     let tick_ms = millis(args.tick, "tick")?;
-    if tick_ms == 0 {
-        return Err("--tick must be at least 1ms".into());
-    }
     let (ttl, min_ttl, max_ttl) = (
         millis(args.ttl, "ttl")?,
         millis(args.min_ttl, "min-ttl")?,
         millis(args.max_ttl, "max-ttl")?,
     );
-    if min_ttl == 0 || !(min_ttl <= ttl && ttl <= max_ttl) {
-        return Err(format!(
-            "TTLs must satisfy 0 < --min-ttl ({min_ttl}ms) <= --ttl ({ttl}ms) <= --max-ttl ({max_ttl}ms)"
-        ));
-    }
-    if args.max_sessions == 0 || args.max_sessions > u32::MAX as usize / 2 {
-        return Err("--max-sessions must be between 1 and 2147483647".into());
-    }
-    if args.coalesce * 2 > Duration::from_millis(u64::from(tick_ms)) {
-        return Err(format!(
-            "--coalesce ({:?}) must be at most half of --tick ({tick_ms}ms): expiry is decided on ticks",
-            args.coalesce
-        ));
-    }
     let key = load_key(args.key_file.as_ref())?;
-    let workers = match args.workers {
-        Some(0) => return Err("--workers must be at least 1".into()),
-        Some(n) => n,
-        None => std::thread::available_parallelism().map_or(2, |n| n.get()),
-    };
-    if let Some(metrics) = args.metrics {
-        if !metrics.ip().is_loopback() && !args.insecure_bind {
-            return Err(format!(
-                "refusing to serve metrics on {metrics}, a non-loopback address: pass --insecure-bind if that network is trusted"
-            ));
-        }
-    }
-    Ok(ServerConfig {
+    let config = ServerConfig {
         listen: args.listen,
         engine: engine::Config {
             tick_us: u64::from(tick_ms) * 1000,
@@ -324,12 +295,14 @@ fn config(args: &ServeArgs) -> Result<ServerConfig, String> {
             max_ttl_ms: max_ttl,
             max_sessions: args.max_sessions,
             max_client_records: args.max_sessions,
-            max_tasks_per_session: args.max_tasks_per_session.max(1),
-            max_waiting_tasks: args.queue.max(1),
+            max_tasks_per_session: args.max_tasks_per_session,
+            max_waiting_tasks: args.queue,
             key,
             ..engine::Config::default()
         },
-        workers,
+        workers: args
+            .workers
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
         grace: args.grace,
         insecure_bind: args.insecure_bind,
         amplification_limit: match args.amplification_limit {
@@ -345,7 +318,40 @@ fn config(args: &ServeArgs) -> Result<ServerConfig, String> {
         slow_cancel: args.slow_cancel,
         recv_buffer: args.recv_buffer,
         clock: Arc::new(tether::server::SystemClock),
-    })
+    };
+    config.validate().map_err(|e| flag_error(&e, args))?;
+    Ok(config)
+}
+
+/// The configuration rule `e` in the words of the flags that set it.
+fn flag_error(e: &ConfigError, args: &ServeArgs) -> String {
+    match e {
+        ConfigError::Tick { .. } => "--tick must be at least 1ms".into(),
+        ConfigError::TtlBounds {
+            min_ms,
+            default_ms,
+            max_ms,
+        } => format!(
+            "TTLs must satisfy 0 < --min-ttl ({min_ms}ms) <= --ttl ({default_ms}ms) <= --max-ttl ({max_ms}ms)"
+        ),
+        ConfigError::MaxSessions(_) => format!(
+            "--max-sessions must be between 1 and {}",
+            engine::MAX_SESSIONS_LIMIT
+        ),
+        ConfigError::ZeroLimit("queue") => "--queue must be at least 1".into(),
+        ConfigError::ZeroLimit("max tasks per session") => {
+            "--max-tasks-per-session must be at least 1".into()
+        }
+        ConfigError::NoWorkers => "--workers must be at least 1".into(),
+        ConfigError::CoalesceTooLong => format!(
+            "--coalesce ({:?}) must be at most half of --tick ({:?}): expiry is decided on ticks",
+            args.coalesce, args.tick
+        ),
+        ConfigError::InsecureMetrics(addr) => format!(
+            "refusing to serve metrics on {addr}, a non-loopback address: pass --insecure-bind if that network is trusted"
+        ),
+        other => other.to_string(),
+    }
 }
 
 fn load_key(path: Option<&PathBuf>) -> Result<Option<MacKey>, String> {

@@ -323,6 +323,9 @@ pub enum ConfigError {
     NoWorkers,
     /// The coalescing wait is longer than half a tick.
     CoalesceTooLong,
+    /// Metrics asked for on a non-loopback address without the insecure
+    /// switch: anyone on that network could read who is connected.
+    InsecureMetrics(std::net::SocketAddr),
 }
 
 impl fmt::Display for ConfigError {
@@ -353,6 +356,11 @@ impl fmt::Display for ConfigError {
             ),
             ConfigError::NoWorkers => f.write_str("at least one worker thread is needed"),
             ConfigError::CoalesceTooLong => f.write_str("coalesce must be at most half a tick"),
+            ConfigError::InsecureMetrics(addr) => write!(
+                f,
+                "refusing to serve metrics on {addr}, a non-loopback address, without the \
+                 insecure-bind switch"
+            ),
         }
     }
 }
