@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Sender;
 use parking_lot::{Condvar, Mutex};
 
-use crate::engine::{JobId, JobOutcome, JobTable, PayloadRule, TaskEvent, TaskId};
+use crate::engine::{Effect, JobId, JobOutcome, JobTable, PayloadRule, TaskEvent, TaskId};
 use crate::wire::{CancelReason, MAX_JOB_LEN, MAX_TEXT_LEN};
 
 /// A task's cancel flag, shared by the loop that flips it and the worker
@@ -535,6 +535,26 @@ impl WorkQueue {
         None
     }
 
+    /// Carries out an engine [`Effect`]: queues a task to run, or cancels
+    /// one. Returns the task the engine must now be told was
+    /// [`TaskEvent::Withdrawn`], if any.
+    pub fn apply(&mut self, effect: Effect, now: Instant) -> Option<TaskId> {
+        match effect {
+            Effect::Run {
+                task,
+                client_id,
+                job,
+                payload,
+            } => {
+                self.push(task, client_id, job, payload);
+                None
+            }
+            Effect::Cancel { task, reason } => {
+                (self.cancel(task, reason, now) == CancelOutcome::Withdrawn).then_some(task)
+            }
+        }
+    }
+
     /// A worker's job for `task` returned.
     pub fn finish(&mut self, task: TaskId) {
         self.running.remove(&task);
@@ -683,6 +703,16 @@ impl Pool {
     /// Cancels a task (see [`WorkQueue::cancel`]).
     pub fn cancel(&self, task: TaskId, reason: CancelReason, now: Instant) -> CancelOutcome {
         self.shared.queue.lock().cancel(task, reason, now)
+    }
+
+    /// Carries out an engine [`Effect`] (see [`WorkQueue::apply`]).
+    pub fn apply(&self, effect: Effect, now: Instant) -> Option<TaskId> {
+        let queued = matches!(effect, Effect::Run { .. });
+        let withdrawn = self.shared.queue.lock().apply(effect, now);
+        if queued {
+            self.shared.ready.notify_one();
+        }
+        withdrawn
     }
 
     /// Runs `f` on the queue, under the pool's lock: for counts and reports,

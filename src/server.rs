@@ -66,7 +66,7 @@ use crate::engine::{
 };
 use crate::metrics::{EdgeStats, Metrics};
 use crate::observe::{log_event, EventStream, EventsTarget, WallClock};
-use crate::pool::{CancelOutcome, Pool, Registry, Report};
+use crate::pool::{Pool, Registry, Report};
 use crate::wire::MAX_DATAGRAM;
 
 const SOCKET: Token = Token(0);
@@ -887,29 +887,18 @@ impl Server {
     fn apply_effects(&mut self) {
         while let Some(effect) = self.engine.poll_effect() {
             self.iteration.effects += 1;
-            match effect {
-                Effect::Run {
-                    task,
-                    client_id,
-                    job,
-                    payload,
-                } => self.pool.run(task, client_id, job, payload),
-                Effect::Cancel { task, reason } => {
-                    let now = self.clock.now();
-                    match self.pool.cancel(task, reason, now) {
-                        CancelOutcome::Withdrawn => {
-                            let at = self.timestamp(now);
-                            self.engine
-                                .handle_task_event(at, task, TaskEvent::Withdrawn);
-                        }
-                        CancelOutcome::Signalled => {
-                            let due = now + self.slow_cancel;
-                            self.next_slow_cancel_check =
-                                Some(self.next_slow_cancel_check.map_or(due, |d| d.min(due)));
-                        }
-                        CancelOutcome::NotHeld => {}
-                    }
-                }
+            let cancelled = matches!(effect, Effect::Cancel { .. });
+            let now = self.clock.now();
+            if let Some(task) = self.pool.apply(effect, now) {
+                let at = self.timestamp(now);
+                self.engine
+                    .handle_task_event(at, task, TaskEvent::Withdrawn);
+            } else if cancelled {
+                // Its flag was set (or it already finished): watch for a job
+                // slow to notice.
+                let due = now + self.slow_cancel;
+                self.next_slow_cancel_check =
+                    Some(self.next_slow_cancel_check.map_or(due, |d| d.min(due)));
             }
         }
     }

@@ -13,8 +13,8 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 
 use libfuzzer_sys::fuzz_target;
-use tether::engine::{Config, Effect, Engine, Footprint, JobOutcome, TaskEvent, Timestamp};
-use tether::pool::{CancelOutcome, Registry, WorkQueue};
+use tether::engine::{Config, Engine, Footprint, JobOutcome, TaskEvent, Timestamp};
+use tether::pool::{Registry, WorkQueue};
 use tether::wire::{MAX_DATAGRAM, MAX_PAYLOAD_LEN};
 
 const WORKERS: usize = 2;
@@ -103,19 +103,8 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         while let Some(effect) = engine.poll_effect() {
-            match effect {
-                Effect::Run {
-                    task,
-                    client_id,
-                    job,
-                    payload,
-                } => queue.push(task, client_id, job, payload),
-                Effect::Cancel { task, reason } => {
-                    let at = std::time::Instant::now();
-                    if queue.cancel(task, reason, at) == CancelOutcome::Withdrawn {
-                        engine.handle_task_event(now, task, TaskEvent::Withdrawn);
-                    }
-                }
+            if let Some(task) = queue.apply(effect, std::time::Instant::now()) {
+                engine.handle_task_event(now, task, TaskEvent::Withdrawn);
             }
         }
         let held = engine.footprint();

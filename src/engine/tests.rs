@@ -1422,6 +1422,21 @@ fn submit_floods_get_rejected_and_never_grow_memory() {
     assert!(codes[&0] > 0, "{codes:?}");
 }
 
+/// A HELLO of `c`'s session again (same incarnation, next seq) is stale.
+fn assert_hello_is_stale(sim: &mut Sim, c: &Client, why: &str) {
+    let mut replay = c.clone();
+    let hello = Message::Hello {
+        ttl_ms: 0,
+        name: "t",
+    };
+    assert_eq!(
+        sim.send(&mut replay, hello).unwrap_err(),
+        Dropped::StaleHello,
+        "client {}: {why}",
+        c.id
+    );
+}
+
 #[test]
 fn one_client_churning_its_sessions_cannot_evict_another_clients_record() {
     let mut cfg = config();
@@ -1446,17 +1461,7 @@ fn one_client_churning_its_sessions_cannot_evict_another_clients_record() {
     // Within the ten minutes, a replayed HELLO of each ended session is
     // still stale: it cannot open that session again.
     for c in &ended {
-        let mut replay = c.clone();
-        let hello = Message::Hello {
-            ttl_ms: 0,
-            name: "t",
-        };
-        assert_eq!(
-            sim.send(&mut replay, hello).unwrap_err(),
-            Dropped::StaleHello,
-            "client {}",
-            c.id
-        );
+        assert_hello_is_stale(&mut sim, c, "its record was evicted");
     }
     assert_eq!(sim.engine.live_sessions(), 0);
     assert!(sim.engine.records.len() <= 10);
@@ -1475,15 +1480,10 @@ fn an_ended_session_whose_task_outlives_the_memory_keeps_its_incarnation_stale()
     sim.send(&mut c, Message::Bye).unwrap();
     sim.run_ms(3_600_000);
     assert_eq!(sim.engine.footprint().ended_sessions_held, 1);
-    let mut replay = c.clone();
-    let hello = Message::Hello {
-        ttl_ms: 0,
-        name: "t",
-    };
-    assert_eq!(
-        sim.send(&mut replay, hello).unwrap_err(),
-        Dropped::StaleHello,
-        "a second session with the same (client_id, incarnation)"
+    assert_hello_is_stale(
+        &mut sim,
+        &c,
+        "a second session with the same (client_id, incarnation)",
     );
     assert_eq!(sim.engine.live_sessions(), 0);
     let last = sim.event(task, TaskEvent::Finished(JobOutcome::Done(vec![])));
@@ -1701,7 +1701,7 @@ fn one_client_cannot_push_out_another_clients_final_states() {
 /// `Config::client_bound` says.
 mod memory {
     use super::*;
-    use crate::pool::{CancelOutcome, WorkQueue};
+    use crate::pool::WorkQueue;
     use proptest::prelude::*;
 
     const WORKERS: usize = 2;
@@ -1853,19 +1853,14 @@ mod memory {
                 // The server's part: hand out work, withdraw or signal
                 // cancels, as its loop does after every input.
                 while let Some(effect) = sim.engine.poll_effect() {
-                    match effect {
-                        Effect::Run { task, client_id, job, payload } => {
-                            queue.push(task, client_id, job, payload);
-                            tasks.push(task);
-                            if tasks.len() > 32 {
-                                tasks.remove(0);
-                            }
+                    if let Effect::Run { task, .. } = effect {
+                        tasks.push(task);
+                        if tasks.len() > 32 {
+                            tasks.remove(0);
                         }
-                        Effect::Cancel { task, reason } => {
-                            if queue.cancel(task, reason, std::time::Instant::now()) == CancelOutcome::Withdrawn {
-                                sim.engine.handle_task_event(sim.now, task, TaskEvent::Withdrawn);
-                            }
-                        }
+                    }
+                    if let Some(task) = queue.apply(effect, std::time::Instant::now()) {
+                        sim.engine.handle_task_event(sim.now, task, TaskEvent::Withdrawn);
                     }
                 }
                 let held = sim.engine.footprint();

@@ -292,10 +292,26 @@ class _Session:
         return d
 
 
+class _SessionView:
+    """What both clients tell about their session."""
+
+    _s: _Session
+
+    @property
+    def session(self) -> Tuple[int, int]:
+        """(client_id, incarnation) of the current session."""
+        return self._s.client_id, self._s.incarnation
+
+    @property
+    def dropped(self) -> int:
+        """Datagrams received and dropped (malformed, bad MAC, replays)."""
+        return self._s.dropped
+
+
 # --- blocking client --------------------------------------------------------
 
 
-class Client:
+class Client(_SessionView):
     """A blocking client. Opens a session on construction and heartbeats
     every ``ttl / 3`` from a background thread until ``bye()`` or ``close()``.
     If the server loses the session (it expired, or the server restarted),
@@ -361,15 +377,6 @@ class Client:
                 pass  # it had expired already: the session is over either way
         else:
             self.close()
-
-    @property
-    def session(self) -> Tuple[int, int]:
-        return self._s.client_id, self._s.incarnation
-
-    @property
-    def dropped(self) -> int:
-        """Datagrams received and dropped (malformed, bad MAC, replays)."""
-        return self._s.dropped
 
     def pause_heartbeats(self, paused: bool = True):
         """Stop (or resume) heartbeating, to play a client that went quiet."""
@@ -573,7 +580,7 @@ class _Protocol(asyncio.DatagramProtocol):
         self.on_datagram(data)
 
 
-class AsyncSession:
+class AsyncSession(_SessionView):
     """An asyncio session: ``async with AsyncSession(server, client_id) as s``
     opens it and heartbeats in a background task until the block ends (then
     BYE, which cancels whatever is still running, reason 'left'). If the
@@ -604,15 +611,6 @@ class AsyncSession:
         self._closing = False
         self.ttl = self.tick = None
         self.paused = False
-
-    @property
-    def session(self) -> Tuple[int, int]:
-        return self._s.client_id, self._s.incarnation
-
-    @property
-    def dropped(self) -> int:
-        """Datagrams received and dropped (malformed, bad MAC, replays)."""
-        return self._s.dropped
 
     async def __aenter__(self):
         loop = asyncio.get_running_loop()
