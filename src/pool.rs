@@ -389,8 +389,10 @@ fn job_spin(ctx: &TaskContext<'_>) -> JobResult {
     Ok(std::hint::black_box(state).to_be_bytes().to_vec())
 }
 
-/// A worker's report on a task, for [`crate::engine::Engine::handle_task_event`].
-pub type Report = (TaskId, TaskEvent);
+/// A worker's report on a task, for [`crate::engine::Engine::handle_task_event`],
+/// with when it happened: the loop may read it later, and a task's run time
+/// must not depend on when the loop got round to it.
+pub type Report = (TaskId, TaskEvent, Instant);
 
 /// What [`WorkQueue::cancel`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -754,7 +756,7 @@ impl Drop for Pool {
 
 fn worker(shared: &Shared, registry: &Registry, reports: &Sender<Report>, notify: &dyn Fn()) {
     let report = |task, event| {
-        if reports.send((task, event)).is_ok() {
+        if reports.send((task, event, Instant::now())).is_ok() {
             notify();
         }
     };
@@ -889,7 +891,7 @@ mod tests {
         }
         let mut finished = 0;
         while finished < 20 {
-            let (task, event) = rx.recv_timeout(Duration::from_secs(10)).expect("report");
+            let (task, event, _) = rx.recv_timeout(Duration::from_secs(10)).expect("report");
             if let TaskEvent::Finished(outcome) = event {
                 finished += 1;
                 assert_eq!(matches!(outcome, JobOutcome::Failed(_)), task.0 % 2 == 0);

@@ -99,9 +99,12 @@ fn a_task_reported_cancelled_before_it_started_never_runs() {
             std::thread::spawn(move || {
                 for id in 0..5u64 {
                     let c = Client::connect(ClientConfig::new(addr, 500 + t * 10 + id)).unwrap();
-                    for _ in 0..100 {
-                        let task = c.submit("mark", b"").unwrap();
-                        let _ = c.cancel(task).unwrap();
+                    for n in 0..100 {
+                        let task = c
+                            .submit("mark", b"")
+                            .unwrap_or_else(|e| panic!("client {t}/{id}, SUBMIT {n}: {e:?}"));
+                        c.cancel(task)
+                            .unwrap_or_else(|e| panic!("client {t}/{id}, CANCEL {n}: {e:?}"));
                     }
                 }
             })

@@ -33,7 +33,7 @@ fn ten_thousand_panics_keep_the_pool_whole_and_memory_flat() {
         }
         let mut finished = 0;
         while finished < n {
-            let (_, event) = rx.recv_timeout(Duration::from_secs(30)).expect("report");
+            let (_, event, _) = rx.recv_timeout(Duration::from_secs(30)).expect("report");
             if let TaskEvent::Finished(outcome) = event {
                 assert!(matches!(outcome, JobOutcome::Failed(ref e) if e.contains("boom")));
                 finished += 1;
@@ -52,7 +52,7 @@ fn ten_thousand_panics_keep_the_pool_whole_and_memory_flat() {
     // Both workers still take work.
     pool.run(TaskId(99_999), 1, echo_job, b"alive".to_vec());
     loop {
-        let (task, event) = rx.recv_timeout(Duration::from_secs(10)).expect("report");
+        let (task, event, _) = rx.recv_timeout(Duration::from_secs(10)).expect("report");
         if let (TaskId(99_999), TaskEvent::Finished(outcome)) = (task, event) {
             assert_eq!(outcome, JobOutcome::Done(b"alive".to_vec()));
             break;

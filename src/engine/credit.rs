@@ -30,7 +30,7 @@
 
 use std::hash::BuildHasher;
 
-use super::outbox::PeerAddr;
+use super::peer::PeerAddr;
 
 /// Slots in the table (a power of two): 512 KiB.
 const SLOTS: usize = 1 << 16;

@@ -2,7 +2,10 @@
 //! hours of protocol time run in milliseconds.
 
 use super::*;
-use crate::wire::{Datagram, Flags, Header, MacKey, Message, TaskReport, MAX_DATAGRAM};
+use crate::wire::{
+    CancelReason, Datagram, Flags, Header, MacKey, Message, ReplayError, ReplayWindow, TaskReport,
+    MAX_DATAGRAM,
+};
 
 const TTL: u32 = 3000;
 

@@ -62,6 +62,15 @@ mod field {
     pub const SEQ: Range<usize> = 24..28;
 }
 
+/// The `client_id` of a datagram, read without checking anything else:
+/// for steering a datagram (to a session's cache lines, or to a shard)
+/// before it is decoded. `None` when the datagram is too short to have one.
+#[inline]
+pub fn peek_client_id(datagram: &[u8]) -> Option<u64> {
+    let bytes = datagram.get(field::CLIENT_ID)?;
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
 /// Header flag bits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Flags(u8);

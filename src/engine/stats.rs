@@ -1,0 +1,126 @@
+//! The engine's counters, and what it holds.
+
+use super::task::TaskState;
+
+/// Counters, all monotonic except the `*_live`/`*_now` gauges.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Datagrams handed to the engine.
+    pub datagrams: u64,
+    /// Of those, accepted as part of a live session or opening one.
+    pub accepted: u64,
+    /// Heartbeats accepted.
+    pub heartbeats: u64,
+    /// Dropped: larger than 1200 bytes.
+    pub dropped_too_large: u64,
+    /// Dropped: broke a framing or body rule, or wrong direction.
+    pub dropped_malformed: u64,
+    /// Dropped: MAC missing, unexpected or wrong.
+    pub dropped_bad_mac: u64,
+    /// Dropped: replayed or too old.
+    pub dropped_replay: u64,
+    /// Dropped: stale HELLO.
+    pub dropped_stale_hello: u64,
+    /// Answered with UNKNOWN_SESSION.
+    pub unknown_session: u64,
+    /// Replies queued for sending.
+    pub replies: u64,
+    /// Replies dropped because the outbox was full.
+    pub replies_dropped: u64,
+    /// Replies not sent because their address had not sent as many bytes
+    /// ([`Config::amplification_limit`]).
+    pub replies_unpaid: u64,
+    /// Answers to strangers (UNKNOWN_SESSION, REJECTED to a HELLO, WELCOME
+    /// of a new session) not sent while the caller's socket was backlogged
+    /// ([`Engine::set_backlogged`]).
+    pub replies_shed: u64,
+    /// Sessions opened.
+    pub sessions_opened: u64,
+    /// Sessions ended by expiry.
+    pub sessions_expired: u64,
+    /// Sessions ended by BYE.
+    pub sessions_left: u64,
+    /// Sessions ended by a newer incarnation.
+    pub sessions_replaced: u64,
+    /// HELLOs refused for want of room.
+    pub sessions_refused: u64,
+    /// Tasks accepted.
+    pub tasks_accepted: u64,
+    /// SUBMITs rejected.
+    pub tasks_rejected: u64,
+    /// Tasks ended done.
+    pub tasks_done: u64,
+    /// Tasks ended failed.
+    pub tasks_failed: u64,
+    /// Tasks ended cancelled.
+    pub tasks_cancelled: u64,
+    /// Final states dropped before their retention ran out, for room.
+    pub finished_evicted_early: u64,
+    /// Tasks waiting out their delay now.
+    pub tasks_scheduled_now: u64,
+    /// Tasks waiting for a worker now.
+    pub tasks_queued_now: u64,
+    /// Tasks on a worker now.
+    pub tasks_running_now: u64,
+    /// Tasks ended cancelled, by reason (index = reason byte).
+    pub tasks_cancelled_by_reason: [u64; 7],
+    /// Live sessions when shutdown began.
+    pub sessions_at_shutdown: u64,
+}
+
+/// What the engine holds, counted the way its memory bounds are stated
+/// (PROTOCOL.md, "Choices"). [`Engine::footprint`] reads it (in time linear
+/// in sessions and tasks: for tests, fuzzing and capacity checks, not the
+/// hot path); [`Config::client_bound`] gives what one client may hold.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Footprint {
+    /// Live sessions.
+    pub live_sessions: usize,
+    /// Ended sessions whose slot is still held because a task of theirs is
+    /// still on a worker.
+    pub ended_sessions_held: usize,
+    /// Tasks scheduled, queued or running.
+    pub unfinished_tasks: usize,
+    /// Final task states kept for STATUS.
+    pub final_states: usize,
+    /// Answered request ids remembered for SUBMIT retries.
+    pub remembered_requests: usize,
+    /// Clients remembered after their sessions ended.
+    pub client_records: usize,
+    /// Payloads of tasks not yet handed out, results and error texts kept.
+    pub task_bytes: usize,
+    /// Encoded replies waiting to be sent.
+    pub outbox_bytes: usize,
+}
+
+impl Footprint {
+    /// Whether every count is at most `bound`'s.
+    pub fn within(&self, bound: &Footprint) -> bool {
+        self.live_sessions <= bound.live_sessions
+            && self.ended_sessions_held <= bound.ended_sessions_held
+            && self.unfinished_tasks <= bound.unfinished_tasks
+            && self.final_states <= bound.final_states
+            && self.remembered_requests <= bound.remembered_requests
+            && self.client_records <= bound.client_records
+            && self.task_bytes <= bound.task_bytes
+            && self.outbox_bytes <= bound.outbox_bytes
+    }
+}
+
+/// Keeps the tasks-by-state gauges in step with a task's move.
+pub(crate) fn move_task_gauge(stats: &mut Stats, from: Option<TaskState>, to: TaskState) {
+    fn gauge(stats: &mut Stats, state: TaskState) -> Option<&mut u64> {
+        match state {
+            TaskState::Scheduled => Some(&mut stats.tasks_scheduled_now),
+            TaskState::Queued => Some(&mut stats.tasks_queued_now),
+            TaskState::Running => Some(&mut stats.tasks_running_now),
+            _ => None,
+        }
+    }
+    if let Some(g) = from.and_then(|f| gauge(stats, f)) {
+        *g -= 1;
+    }
+    if let Some(g) = gauge(stats, to) {
+        *g += 1;
+    }
+}

@@ -1,0 +1,285 @@
+//! How a server is configured: [`ServerConfig`], its one check, the
+//! [`ServerBuilder`] for embedding, and the [`Clock`] it reads time from.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::socket::RECV_BUFFER_BYTES;
+use super::{Server, ServerError};
+use crate::engine::{self, ConfigError};
+use crate::observe::EventsTarget;
+use crate::pool::Registry;
+
+/// Default for [`ServerConfig::coalesce`]: at 100K heartbeats a second it
+/// brings ~50 datagrams per read and 40% of the CPU per heartbeat of
+/// reading each one as it comes (BENCHMARKS.md), for at most 0.5 ms more
+/// round trip under load.
+pub const COALESCE: Duration = Duration::from_micros(500);
+
+/// Where the server reads time. Deadlines come only from [`Clock::now`],
+/// a monotonic clock; the wall clock is read once, at start, to put dates
+/// on the event stream. Tests inject a clock whose wall time jumps to show
+/// that it changes nothing.
+pub trait Clock: fmt::Debug + Send + Sync {
+    /// A monotonic instant (must advance with real time: the loop sleeps
+    /// in the kernel against it).
+    fn now(&self) -> Instant;
+    /// The wall-clock time.
+    fn wall(&self) -> std::time::SystemTime;
+}
+
+/// The operating system's clocks.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Instant {
+        Instant::now()
+    }
+    fn wall(&self) -> std::time::SystemTime {
+        std::time::SystemTime::now()
+    }
+}
+
+/// How the server runs.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Address to bind.
+    pub listen: SocketAddr,
+    /// Sessions, tasks, limits and the key.
+    pub engine: engine::Config,
+    /// Worker threads.
+    pub workers: usize,
+    /// How long a shutdown waits for cancelled tasks to stop.
+    pub grace: Duration,
+    /// Allow a keyless server on a non-loopback address.
+    pub insecure_bind: bool,
+    /// Keyless: hold every address to the bytes it sent
+    /// ([`engine::Config::amplification_limit`]). `None` turns it on exactly
+    /// when the listen address is not loopback, where sources can be
+    /// spoofed by anyone on the network.
+    pub amplification_limit: Option<bool>,
+    /// Stop gracefully on SIGINT/SIGTERM (a second one stops at once).
+    pub handle_signals: bool,
+    /// Serve Prometheus metrics at `http://ADDR/metrics`.
+    pub metrics: Option<SocketAddr>,
+    /// Write one JSON line per session and task lifecycle event.
+    pub events: Option<EventsTarget>,
+    /// Warn about a loop iteration that takes longer than this.
+    pub slow_loop: Duration,
+    /// Under load, how long to let datagrams gather before reading again
+    /// (see the module documentation); zero reads as soon as anything
+    /// arrives. At most half a tick.
+    pub coalesce: Duration,
+    /// Warn about a task still running this long after its flag was set.
+    pub slow_cancel: Duration,
+    /// Receive buffer to ask the kernel for, in bytes: what queues while
+    /// the server is stalled (see [`datagrams_held`]).
+    pub recv_buffer: usize,
+    /// The clocks (see [`Clock`]).
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for ServerConfig {
+    fn default() -> ServerConfig {
+        ServerConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7900)),
+            engine: engine::Config::default(),
+            workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            grace: Duration::from_secs(5),
+            insecure_bind: false,
+            amplification_limit: None,
+            handle_signals: true,
+            metrics: None,
+            events: None,
+            slow_loop: Duration::from_millis(100),
+            coalesce: COALESCE,
+            slow_cancel: Duration::from_secs(1),
+            recv_buffer: RECV_BUFFER_BYTES,
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+impl ServerConfig {
+    /// Checks every setting, the engine's included: the one place the
+    /// rules live, used by [`Server::bind`] (and so by the builder and the
+    /// command line).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.engine.validate()?;
+        if self.workers == 0 {
+            return Err(ConfigError::NoWorkers);
+        }
+        if self.coalesce.as_micros() * 2 > u128::from(self.engine.tick_us) {
+            return Err(ConfigError::CoalesceTooLong);
+        }
+        match self.metrics {
+            Some(addr) if !addr.ip().is_loopback() && !self.insecure_bind => {
+                Err(ConfigError::InsecureMetrics(addr))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Builds a server to embed in a program: its address, limits, key and
+/// jobs. Start from [`Server::builder`]; [`ServerBuilder::bind`] checks the
+/// configuration and binds, [`Server::spawn`] runs it on a thread.
+#[derive(Debug, Clone)]
+pub struct ServerBuilder {
+    config: ServerConfig,
+    registry: Registry,
+}
+
+impl ServerBuilder {
+    /// The server's defaults, but no signal handling and no jobs yet: the
+    /// start of [`Server::builder`].
+    pub(super) fn new() -> ServerBuilder {
+        ServerBuilder {
+            config: ServerConfig {
+                handle_signals: false,
+                ..ServerConfig::default()
+            },
+            registry: Registry::new(),
+        }
+    }
+
+    /// The UDP address to listen on (default `127.0.0.1:7900`; port 0 picks
+    /// a free one).
+    pub fn listen(mut self, addr: SocketAddr) -> Self {
+        self.config.listen = addr;
+        self
+    }
+    /// The TTL granted to clients that ask for none (default 3 s).
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.config.engine.default_ttl_ms = duration_ms(ttl);
+        self
+    }
+    /// The range requested TTLs are clamped to (default 100 ms to 1 h).
+    pub fn ttl_bounds(mut self, min: Duration, max: Duration) -> Self {
+        self.config.engine.min_ttl_ms = duration_ms(min);
+        self.config.engine.max_ttl_ms = duration_ms(max);
+        self
+    }
+    /// The timer tick (default 10 ms): expiry comes at most one tick late.
+    pub fn tick(mut self, tick: Duration) -> Self {
+        self.config.engine.tick_us = tick.as_micros().min(u128::from(u64::MAX)) as u64;
+        self
+    }
+    /// Require HMAC-SHA256 with this key on every datagram.
+    pub fn key(mut self, key: crate::wire::MacKey) -> Self {
+        self.config.engine.key = Some(key);
+        self
+    }
+    /// Worker threads (default: the number of cores).
+    pub fn workers(mut self, workers: usize) -> Self {
+        self.config.workers = workers;
+        self
+    }
+    /// Live sessions at most (default 1,000,000).
+    pub fn max_sessions(mut self, n: usize) -> Self {
+        self.config.engine.max_sessions = n;
+        self.config.engine.max_client_records = n;
+        self
+    }
+    /// Unfinished tasks per session at most (default 64).
+    pub fn max_tasks_per_session(mut self, n: usize) -> Self {
+        self.config.engine.max_tasks_per_session = n;
+        self
+    }
+    /// Tasks waiting for a worker at most (default 65,536).
+    pub fn queue(mut self, n: usize) -> Self {
+        self.config.engine.max_waiting_tasks = n;
+        self
+    }
+    /// How long a shutdown waits for tasks to stop (default 5 s).
+    pub fn grace(mut self, grace: Duration) -> Self {
+        self.config.grace = grace;
+        self
+    }
+    /// Stop gracefully on SIGINT/SIGTERM (default off for an embedded
+    /// server: the program decides; use [`ServerHandle::shutdown`]).
+    pub fn handle_signals(mut self, on: bool) -> Self {
+        self.config.handle_signals = on;
+        self
+    }
+    /// Allow a keyless server on a non-loopback address.
+    pub fn insecure_bind(mut self, on: bool) -> Self {
+        self.config.insecure_bind = on;
+        self
+    }
+    /// Keyless: hold every address to the bytes it sent, or not (default:
+    /// only when listening beyond loopback; see
+    /// [`ServerConfig::amplification_limit`]).
+    pub fn amplification_limit(mut self, on: bool) -> Self {
+        self.config.amplification_limit = Some(on);
+        self
+    }
+    /// Under load, let datagrams gather this long between reads (default
+    /// 0.5 ms, at most half a tick; zero reads as soon as anything arrives).
+    pub fn coalesce(mut self, wait: Duration) -> Self {
+        self.config.coalesce = wait;
+        self
+    }
+    /// Warn (and count) when a loop iteration takes longer than this
+    /// (default 100 ms).
+    pub fn slow_loop(mut self, threshold: Duration) -> Self {
+        self.config.slow_loop = threshold;
+        self
+    }
+    /// Warn (and count) when a task keeps running this long after its
+    /// cancel flag was set (default 1 s).
+    pub fn slow_cancel(mut self, threshold: Duration) -> Self {
+        self.config.slow_cancel = threshold;
+        self
+    }
+    /// Read time from `clock` instead of the system's (tests).
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.config.clock = clock;
+        self
+    }
+    /// Serve Prometheus metrics on this TCP address.
+    pub fn metrics(mut self, addr: SocketAddr) -> Self {
+        self.config.metrics = Some(addr);
+        self
+    }
+    /// Write lifecycle events as JSON lines.
+    pub fn events(mut self, target: EventsTarget) -> Self {
+        self.config.events = Some(target);
+        self
+    }
+    /// Adds the protocol's standard jobs (`sleep`, `spin`, `echo`, `fail`,
+    /// `panic`).
+    pub fn standard_jobs(mut self) -> Result<Self, crate::pool::RegistryError> {
+        for (name, rule, body) in crate::pool::standard_jobs() {
+            self.registry.register(name, rule, body)?;
+        }
+        Ok(self)
+    }
+    /// Adds a job clients can SUBMIT by `name`. The closure runs on a worker
+    /// thread; it should poll [`TaskContext::is_cancelled`](crate::TaskContext::is_cancelled)
+    /// or sleep through [`TaskContext::sleep`](crate::TaskContext::sleep) so
+    /// that cancellation can stop it.
+    pub fn job<F>(
+        mut self,
+        name: &str,
+        payload: crate::engine::PayloadRule,
+        body: F,
+    ) -> Result<Self, crate::pool::RegistryError>
+    where
+        F: Fn(&crate::TaskContext<'_>) -> crate::JobResult + Send + Sync + 'static,
+    {
+        self.registry.register(name, payload, body)?;
+        Ok(self)
+    }
+    /// Checks the configuration, binds the socket and starts the workers.
+    pub fn bind(self) -> Result<Server, ServerError> {
+        Server::bind(self.config, self.registry)
+    }
+}
+
+fn duration_ms(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}

@@ -1,0 +1,208 @@
+//! The socket: how it is set up, how the loop reads it in batches, and how
+//! replies leave in batches.
+//!
+//! ```text
+//!   kernel receive buffer ──recvmmsg, 64 a call──► Incoming ──► engine
+//!   engine ──poll_transmit──► Outgoing slots ──sendmmsg, 64 a call──► kernel
+//!                              (kept, in order, while the socket would block)
+//! ```
+
+use std::io;
+use std::net::SocketAddr;
+
+use mio::net::UdpSocket;
+use socket2::{Domain, Protocol, Socket, Type};
+
+use crate::batch::{RecvBatch, SendBatch};
+use crate::engine::Engine;
+use crate::wire::MAX_DATAGRAM;
+
+/// Datagrams read per system call.
+pub(super) const RECV_BATCH: usize = 64;
+
+/// Datagrams sent per system call.
+const SEND_BATCH: usize = 64;
+
+/// Receive buffer the server asks the kernel for.
+pub const RECV_BUFFER_BYTES: usize = 4 << 20;
+
+/// Kernel accounting per queued datagram is at least this many bytes (the
+/// sk_buff and its data), so a receive buffer of N bytes holds at most
+/// N / this many datagrams.
+const MIN_DATAGRAM_TRUESIZE: usize = 512;
+
+/// Bytes the kernel charges a queued heartbeat against the receive buffer
+/// (its sk_buff and data; measured on Linux 6 at 832 for 28 bytes).
+pub const QUEUED_DATAGRAM_COST: usize = 832;
+
+/// About how many heartbeats a receive buffer the kernel reports as
+/// `granted` bytes holds: what a stalled server can find queued and still
+/// read, rather than lose.
+pub fn datagrams_held(granted: usize) -> usize {
+    granted / QUEUED_DATAGRAM_COST
+}
+
+/// A non-blocking UDP socket with a large receive buffer. Returns it with
+/// the buffer size the kernel reports.
+pub(super) fn udp_socket(
+    listen: SocketAddr,
+    recv_buffer: usize,
+) -> io::Result<(std::net::UdpSocket, usize)> {
+    let socket = Socket::new(
+        Domain::for_address(listen),
+        Type::DGRAM,
+        Some(Protocol::UDP),
+    )?;
+    socket.set_nonblocking(true)?;
+    // Best effort: unless privileged, the kernel caps it at
+    // net.core.rmem_max (and the send buffer at wmem_max).
+    let granted = crate::batch::set_recv_buffer(&socket, recv_buffer)?;
+    let _ = socket.set_send_buffer_size(RECV_BUFFER_BYTES);
+    socket.bind(&listen.into())?;
+    Ok((socket.into(), granted))
+}
+
+/// The read side's state across turns.
+pub(super) struct Incoming {
+    /// One byte over the limit per slot, so an oversized datagram shows as
+    /// such.
+    pub(super) batch: RecvBatch,
+    /// The receive buffer the kernel granted, in bytes.
+    pub(super) granted: usize,
+    /// Datagrams read per turn at most: everything the receive buffer can
+    /// hold, so a turn reads what was queued when it began (and a flood
+    /// cannot starve expiry).
+    pub(super) budget: usize,
+    /// Full batches in a row, across turns.
+    full_batches: usize,
+    /// Full batches in a row that mean the loop is behind its socket.
+    backlog_batches: usize,
+}
+
+impl Incoming {
+    pub(super) fn new(granted: usize) -> Incoming {
+        Incoming {
+            batch: RecvBatch::new(RECV_BATCH, MAX_DATAGRAM + 1),
+            granted,
+            budget: granted / MIN_DATAGRAM_TRUESIZE + 1024,
+            full_batches: 0,
+            backlog_batches: backlog_batches(granted),
+        }
+    }
+
+    /// Notes a read of `n` datagrams; returns whether the loop is now
+    /// behind its socket.
+    pub(super) fn read(&mut self, n: usize) -> bool {
+        self.full_batches = if n == RECV_BATCH {
+            self.full_batches + 1
+        } else {
+            0
+        };
+        self.full_batches >= self.backlog_batches
+    }
+
+    /// Notes that the socket was found empty.
+    pub(super) fn emptied(&mut self) {
+        self.full_batches = 0;
+    }
+}
+
+/// The loop is behind its socket when full `recvmmsg` batches in a row
+/// have brought a quarter of what the receive buffer holds (and at least
+/// two batches): whether from a flood or a slow iteration, the buffer is
+/// then on its way to overflowing, and answers to strangers wait. A burst
+/// of a fleet's HELLOs after a restart stays well below it.
+fn backlog_batches(granted: usize) -> usize {
+    (datagrams_held(granted) / 4 / RECV_BATCH).max(2)
+}
+
+/// Room for one `sendmmsg` batch of replies. A reply taken from the engine
+/// stays in its slot until the kernel takes it, so a socket that would
+/// block keeps the replies in order, and no reply goes back to the engine.
+pub(super) struct Outgoing {
+    data: Vec<u8>,
+    meta: Vec<(SocketAddr, usize)>,
+    batch: SendBatch,
+    /// Slots holding replies.
+    filled: usize,
+    /// Of those, the ones the kernel took.
+    sent: usize,
+}
+
+/// What [`Outgoing::flush`] did.
+#[derive(Debug, Default)]
+pub(super) struct Flushed {
+    pub(super) sent: u64,
+    /// Replies the socket refused (an unreachable peer): each loses only
+    /// itself.
+    pub(super) errors: u64,
+    /// The socket would block: wait until it is writable.
+    pub(super) blocked: bool,
+}
+
+impl Outgoing {
+    pub(super) fn new() -> Outgoing {
+        Outgoing {
+            data: vec![0; SEND_BATCH * MAX_DATAGRAM],
+            meta: vec![(SocketAddr::from(([0, 0, 0, 0], 0)), 0); SEND_BATCH],
+            batch: SendBatch::new(SEND_BATCH),
+            filled: 0,
+            sent: 0,
+        }
+    }
+
+    /// Whether replies taken from the engine wait here to be sent.
+    pub(super) fn is_empty(&self) -> bool {
+        self.sent == self.filled
+    }
+
+    /// Sends replies, a batch per system call, until the engine has none
+    /// left or the socket would block.
+    pub(super) fn flush(&mut self, socket: &UdpSocket, engine: &mut Engine) -> Flushed {
+        let mut done = Flushed::default();
+        loop {
+            if self.is_empty() && !self.refill(engine) {
+                return done;
+            }
+            let items: Vec<(SocketAddr, &[u8])> = (self.sent..self.filled)
+                .map(|i| {
+                    let (to, n) = self.meta[i];
+                    (to, &self.data[i * MAX_DATAGRAM..i * MAX_DATAGRAM + n])
+                })
+                .collect();
+            match self.batch.send_to(socket, &items) {
+                Ok(k) => {
+                    done.sent += k as u64;
+                    self.sent += k;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    done.blocked = true;
+                    return done;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => {
+                    done.errors += 1;
+                    self.sent += 1;
+                }
+            }
+        }
+    }
+
+    /// Takes up to a batch of replies from the engine; false if it had none.
+    fn refill(&mut self, engine: &mut Engine) -> bool {
+        self.filled = 0;
+        self.sent = 0;
+        while self.filled < SEND_BATCH {
+            let i = self.filled;
+            let slot = &mut self.data[i * MAX_DATAGRAM..(i + 1) * MAX_DATAGRAM];
+            match engine.poll_transmit(slot) {
+                Some(meta) => {
+                    self.meta[i] = meta;
+                    self.filled += 1;
+                }
+                None => break,
+            }
+        }
+        self.filled > 0
+    }
+}
