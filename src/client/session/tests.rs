@@ -1,0 +1,486 @@
+//! The client session on a simulated clock: a scripted server answers (or
+//! does not), and minutes of retries, heartbeats and reopenings run in
+//! microseconds.
+
+use super::*;
+use crate::wire::{Datagram, Flags, Header, Kind, Message, TaskReport};
+use std::net::SocketAddr;
+
+/// The client's datagrams, decoded, with a scripted server's replies.
+struct Harness {
+    session: ClientSession,
+    now: Instant,
+    server_seq: u32,
+}
+
+/// A datagram the client sent.
+#[derive(Debug, Clone)]
+struct Sent {
+    header: Header,
+    kind: Kind,
+    request_id: Option<u32>,
+}
+
+fn config() -> ClientConfig {
+    let server: SocketAddr = "127.0.0.1:7900".parse().unwrap();
+    let mut config = ClientConfig::new(server, 42);
+    config.retry_after = Duration::from_millis(250);
+    config.tries = 4;
+    config
+}
+
+impl Harness {
+    fn new(config: ClientConfig) -> Harness {
+        let now = Instant::now();
+        Harness {
+            session: ClientSession::new(config, now, 1_000_000),
+            now,
+            server_seq: 0,
+        }
+    }
+
+    /// Everything the client has to send now.
+    fn sent(&mut self) -> Vec<Sent> {
+        std::iter::from_fn(|| self.session.poll_transmit())
+            .map(|bytes| {
+                let d = Datagram::decode(&bytes, None).expect("the client sent a valid datagram");
+                let request_id = match d.message {
+                    Message::Submit { request_id, .. } => Some(request_id),
+                    _ => None,
+                };
+                Sent {
+                    header: d.header,
+                    kind: d.message.kind(),
+                    request_id,
+                }
+            })
+            .collect()
+    }
+
+    /// Moves the clock to `until`, calling `handle_timeout` whenever the
+    /// session asks to be, and returns what it sent on the way, with when.
+    fn run(&mut self, until: Instant) -> Vec<(Duration, Sent)> {
+        let start = self.now;
+        let mut out = Vec::new();
+        while let Some(due) = self.session.poll_timeout() {
+            if due > until {
+                break;
+            }
+            self.now = self.now.max(due);
+            self.session.handle_timeout(self.now);
+            for s in self.sent() {
+                out.push((self.now - start, s));
+            }
+        }
+        self.now = until;
+        out
+    }
+
+    fn reply(&mut self, to: &Header, message: Message<'_>) {
+        self.server_seq += 1;
+        let header = Header {
+            flags: Flags::empty(),
+            seq: self.server_seq,
+            ..*to
+        };
+        self.deliver(header, message);
+    }
+
+    fn unknown_session(&mut self, to: &Header) {
+        let header = Header {
+            flags: Flags::empty(),
+            ..*to
+        };
+        self.deliver(header, Message::UnknownSession);
+    }
+
+    fn deliver(&mut self, header: Header, message: Message<'_>) {
+        let mut buf = [0u8; 1200];
+        let n = Datagram { header, message }.emit(None, &mut buf).unwrap();
+        self.session.handle_datagram(self.now, &buf[..n]);
+        self.session.handle_timeout(self.now);
+    }
+
+    /// Opens the session: the first HELLO, welcomed with `ttl_ms`.
+    fn open(&mut self, ttl_ms: u32) -> Header {
+        let hello = self.sent().pop().expect("a HELLO");
+        assert_eq!(hello.kind, Kind::Hello);
+        self.reply(
+            &hello.header,
+            Message::Welcome {
+                ttl_ms,
+                tick_ms: 10,
+            },
+        );
+        assert_eq!(self.session.opened(), Some(Ok(())));
+        hello.header
+    }
+}
+
+impl PartialEq for ClientError {
+    fn eq(&self, other: &ClientError) -> bool {
+        format!("{self:?}") == format!("{other:?}")
+    }
+}
+
+#[test]
+fn heartbeats_every_third_of_the_ttl_for_an_hour() {
+    let mut h = Harness::new(config());
+    let start = h.now;
+    h.open(3000);
+    let sent = h.run(start + Duration::from_secs(3600));
+    let beats: Vec<_> = sent
+        .iter()
+        .filter(|(_, s)| s.kind == Kind::Heartbeat)
+        .collect();
+    assert_eq!(beats.len(), 3600);
+    for pair in beats.windows(2) {
+        assert_eq!(pair[1].0 - pair[0].0, Duration::from_secs(1));
+    }
+    let seqs: Vec<u32> = beats.iter().map(|(_, s)| s.header.seq).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[1] == w[0] + 1),
+        "every datagram a new seq"
+    );
+}
+
+#[test]
+fn hello_retries_back_off_with_jitter_then_give_up() {
+    let mut h = Harness::new(config());
+    let start = h.now;
+    let first = h.sent();
+    assert_eq!(first.len(), 1);
+    let sent = h.run(start + Duration::from_secs(60));
+    let tries: Vec<Duration> = sent
+        .iter()
+        .filter(|(_, s)| s.kind == Kind::Hello)
+        .map(|(at, _)| *at)
+        .collect();
+    assert_eq!(tries.len(), 3, "4 tries in all: {tries:?}");
+    let mut previous = Duration::ZERO;
+    for (attempt, at) in tries.iter().enumerate() {
+        let gap = *at - previous;
+        let ceiling = Duration::from_millis(250 << attempt).min(Duration::from_secs(3));
+        assert!(
+            gap >= Duration::from_millis(62) && gap <= ceiling,
+            "try {} after {gap:?}, ceiling {ceiling:?}",
+            attempt + 1
+        );
+        previous = *at;
+    }
+    assert_eq!(h.session.opened(), Some(Err(ClientError::Timeout)));
+    assert_eq!(h.session.state(), State::Closed);
+}
+
+#[test]
+fn many_clients_reconnecting_at_once_spread_their_retries() {
+    // The same moment, the same server silence: the jitter puts the
+    // clients' second HELLOs at different times.
+    let mut seconds = std::collections::BTreeSet::new();
+    for client in 0..50u64 {
+        let mut c = config();
+        c.client_id = 1000 + client;
+        let now = Instant::now();
+        let mut s = ClientSession::new(c, now, 1_000_000 + client * 7919);
+        while s.poll_transmit().is_some() {}
+        let due = s.poll_timeout().unwrap();
+        seconds.insert((due - now).as_micros());
+    }
+    assert!(
+        seconds.len() > 40,
+        "retries bunched: {} distinct",
+        seconds.len()
+    );
+}
+
+#[test]
+fn a_lost_session_is_reopened_at_once_with_a_larger_incarnation() {
+    let mut h = Harness::new(config());
+    let start = h.now;
+    let hello = h.open(3000);
+    let beat = h
+        .run(start + Duration::from_millis(1000))
+        .pop()
+        .expect("a heartbeat")
+        .1;
+    assert_eq!(beat.kind, Kind::Heartbeat);
+    h.unknown_session(&beat.header);
+    let next = h.sent();
+    assert_eq!(next.len(), 1, "{next:?}");
+    assert_eq!(
+        next[0].kind,
+        Kind::Hello,
+        "no heartbeat for the lost session"
+    );
+    assert!(next[0].header.incarnation > hello.incarnation);
+    assert_eq!(next[0].header.seq, 1);
+    assert_eq!(h.session.state(), State::Lost);
+    assert_eq!(
+        h.session.poll_event(),
+        Some(ClientEvent::SessionLost {
+            incarnation: hello.incarnation
+        })
+    );
+    h.reply(
+        &next[0].header,
+        Message::Welcome {
+            ttl_ms: 3000,
+            tick_ms: 10,
+        },
+    );
+    assert_eq!(h.session.state(), State::Live);
+    assert!(matches!(
+        h.session.poll_event(),
+        Some(ClientEvent::SessionReopened { .. })
+    ));
+}
+
+#[test]
+fn while_the_server_is_down_reopening_backs_off_up_to_the_ttl() {
+    let mut h = Harness::new(config());
+    let start = h.now;
+    h.open(3000);
+    let beat = h.run(start + Duration::from_secs(1)).pop().unwrap().1;
+    h.unknown_session(&beat.header);
+    h.sent();
+    // The server stays silent for ten minutes.
+    let sent = h.run(start + Duration::from_secs(601));
+    let hellos: Vec<Duration> = sent
+        .iter()
+        .filter(|(_, s)| s.kind == Kind::Hello)
+        .map(|(at, _)| *at)
+        .collect();
+    assert!(
+        sent.iter().all(|(_, s)| s.kind == Kind::Hello),
+        "only HELLOs while lost"
+    );
+    let gaps: Vec<Duration> = hellos.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(
+        gaps.iter().all(|g| *g <= Duration::from_secs(3)),
+        "capped at the TTL: {gaps:?}"
+    );
+    // Fewer than one a second on average: it backs off, yet keeps trying.
+    assert!(
+        hellos.len() > 100 && hellos.len() < 600,
+        "{} HELLOs",
+        hellos.len()
+    );
+}
+
+#[test]
+fn a_retried_submit_keeps_its_request_id_and_gets_a_new_seq() {
+    let mut h = Harness::new(config());
+    let start = h.now;
+    h.open(3000);
+    let id = h.session.start(
+        h.now,
+        Request::Submit {
+            job: "echo".into(),
+            payload: b"x".to_vec(),
+            delay: Duration::ZERO,
+            deadline: Duration::ZERO,
+        },
+    );
+    let first = h.sent().pop().unwrap();
+    let retries: Vec<Sent> = h
+        .run(start + Duration::from_millis(600))
+        .into_iter()
+        .map(|(_, s)| s)
+        .filter(|s| s.kind == Kind::Submit)
+        .collect();
+    assert_eq!(retries.len(), 2);
+    for r in &retries {
+        assert_eq!(r.request_id, first.request_id);
+        assert!(r.header.seq > first.header.seq);
+    }
+    // The answer to the first try counts as well.
+    h.reply(
+        &first.header,
+        Message::Accepted {
+            request_id: first.request_id.unwrap(),
+            task_id: 77,
+        },
+    );
+    assert_eq!(
+        h.session.completion(id),
+        Some(Ok(Answer::Accepted(TaskId(77))))
+    );
+    assert!(h
+        .run(start + Duration::from_secs(10))
+        .iter()
+        .all(|(_, s)| s.kind == Kind::Heartbeat));
+}
+
+#[test]
+fn a_request_with_no_answer_times_out_after_its_tries() {
+    let mut h = Harness::new(config());
+    let start = h.now;
+    h.open(3000);
+    let id = h.session.start(h.now, Request::Status(TaskId(5)));
+    h.run(start + Duration::from_millis(999));
+    assert_eq!(h.session.completion(id), None);
+    h.run(start + Duration::from_millis(1000));
+    assert_eq!(h.session.completion(id), Some(Err(ClientError::Timeout)));
+}
+
+#[test]
+fn a_bye_retry_answered_unknown_session_means_the_bye_took_effect() {
+    let mut h = Harness::new(config());
+    let start = h.now;
+    h.open(3000);
+    let id = h.session.start(h.now, Request::Bye);
+    h.sent(); // the first BYE's ack is lost
+    let retry = h
+        .run(start + Duration::from_millis(260))
+        .into_iter()
+        .find(|(_, s)| s.kind == Kind::Bye)
+        .unwrap()
+        .1;
+    h.unknown_session(&retry.header);
+    assert_eq!(h.session.completion(id), Some(Ok(Answer::Bye)));
+    assert_eq!(h.session.state(), State::Closed);
+    // An UNKNOWN_SESSION to the first BYE is different: the session was
+    // gone before it.
+    let mut h = Harness::new(config());
+    h.open(3000);
+    let id = h.session.start(h.now, Request::Bye);
+    let first = h.sent().pop().unwrap();
+    h.unknown_session(&first.header);
+    assert_eq!(
+        h.session.completion(id),
+        Some(Err(ClientError::SessionLost))
+    );
+}
+
+#[test]
+fn an_unknown_session_answering_an_old_seq_is_matched_by_incarnation_too() {
+    // After a reopening, the new session's seqs start at 1 again: a late
+    // UNKNOWN_SESSION for seq 2 of the old incarnation must not fail a
+    // request sent as seq 2 of the new one.
+    let mut h = Harness::new(config());
+    let start = h.now;
+    h.open(3000);
+    let beat = h.run(start + Duration::from_secs(1)).pop().unwrap().1;
+    h.unknown_session(&beat.header);
+    let hello = h.sent().pop().unwrap();
+    h.reply(
+        &hello.header,
+        Message::Welcome {
+            ttl_ms: 3000,
+            tick_ms: 10,
+        },
+    );
+    let id = h.session.start(h.now, Request::Status(TaskId(9)));
+    let status = h.sent().pop().unwrap();
+    assert_eq!(
+        status.header.seq, beat.header.seq,
+        "the same seq, another session"
+    );
+    h.unknown_session(&beat.header);
+    assert_eq!(h.session.completion(id), None);
+    h.reply(
+        &status.header,
+        Message::TaskState {
+            task_id: 9,
+            report: TaskReport::Unknown,
+        },
+    );
+    assert_eq!(
+        h.session.completion(id),
+        Some(Ok(Answer::Status(TaskStatus::Unknown)))
+    );
+}
+
+#[test]
+fn requests_started_while_reopening_wait_for_the_welcome() {
+    let mut h = Harness::new(config());
+    let start = h.now;
+    h.open(3000);
+    let beat = h.run(start + Duration::from_secs(1)).pop().unwrap().1;
+    h.unknown_session(&beat.header);
+    let hello = h.sent().pop().unwrap();
+    let id = h.session.start(h.now, Request::Status(TaskId(1)));
+    assert!(
+        h.sent().is_empty(),
+        "not sent into a session the server has not opened"
+    );
+    h.reply(
+        &hello.header,
+        Message::Welcome {
+            ttl_ms: 3000,
+            tick_ms: 10,
+        },
+    );
+    let sent = h.sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].kind, Kind::Status);
+    assert_eq!(sent[0].header.incarnation, hello.header.incarnation);
+    assert_eq!(h.session.completion(id), None);
+}
+
+#[test]
+fn a_final_state_under_a_reused_task_id_is_forgotten_when_the_id_is_reused() {
+    let mut h = Harness::new(config());
+    let first = h.open(3000);
+    h.reply(
+        &first,
+        Message::TaskState {
+            task_id: 4_294_967_296,
+            report: TaskReport::Done(b"old"),
+        },
+    );
+    assert!(h.session.final_state(TaskId(4_294_967_296)).is_some());
+    // The server restarted; the new session's first task gets that id.
+    let beat = h.run(h.now + Duration::from_secs(1)).pop().unwrap().1;
+    h.unknown_session(&beat.header);
+    let hello = h.sent().pop().unwrap();
+    h.reply(
+        &hello.header,
+        Message::Welcome {
+            ttl_ms: 3000,
+            tick_ms: 10,
+        },
+    );
+    let id = h.session.start(
+        h.now,
+        Request::Submit {
+            job: "echo".into(),
+            payload: vec![],
+            delay: Duration::ZERO,
+            deadline: Duration::ZERO,
+        },
+    );
+    let submit = h.sent().pop().unwrap();
+    h.reply(
+        &submit.header,
+        Message::Accepted {
+            request_id: submit.request_id.unwrap(),
+            task_id: 4_294_967_296,
+        },
+    );
+    assert_eq!(
+        h.session.completion(id),
+        Some(Ok(Answer::Accepted(TaskId(4_294_967_296))))
+    );
+    assert_eq!(h.session.final_state(TaskId(4_294_967_296)), None);
+}
+
+#[test]
+fn a_resumed_session_the_server_no_longer_has_is_replaced_by_a_new_one() {
+    let mut c = config();
+    c.resume = Some(Resume {
+        incarnation: 500,
+        next_seq: 10,
+        next_request_id: 3,
+    });
+    let mut h = Harness::new(c);
+    let start = h.now;
+    let first = h.sent().pop().unwrap();
+    assert_eq!((first.header.incarnation, first.header.seq), (500, 10));
+    // The server drops a HELLO for a session it does not have (stale).
+    let sent = h.run(start + Duration::from_secs(2));
+    let hellos: Vec<&Sent> = sent.iter().map(|(_, s)| s).collect();
+    assert!(hellos.iter().any(|s| s.header.incarnation > 500));
+    let fresh = hellos.iter().find(|s| s.header.incarnation > 500).unwrap();
+    assert_eq!(fresh.header.seq, 1);
+}
