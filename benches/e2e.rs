@@ -7,23 +7,13 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 use tether::server::{Server, ServerConfig};
-use tether::wire::{Datagram, Flags, Header, Message, MAX_DATAGRAM};
+use tether::wire::{Datagram, Flags, Message};
 use tether::Registry;
 
 fn encode(seq: u32, flags: Flags, message: Message<'_>) -> Vec<u8> {
-    let d = Datagram {
-        header: Header {
-            flags,
-            client_id: 7,
-            incarnation: 1,
-            seq,
-        },
-        message,
-    };
-    let mut buf = vec![0u8; MAX_DATAGRAM];
-    let n = d.emit(None, &mut buf).unwrap();
-    buf.truncate(n);
-    buf
+    Datagram::new(flags, 7, 1, seq, message)
+        .to_vec(None)
+        .unwrap()
 }
 
 fn round_trip(c: &mut Criterion) {

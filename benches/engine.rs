@@ -12,7 +12,7 @@ use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criteri
 
 use tether::engine::{Config, Effect, Engine, JobOutcome, TaskEvent, TaskId, Timestamp};
 use tether::pool::{CancelFlag, Registry};
-use tether::wire::{Datagram, Flags, Header, Message, MAX_DATAGRAM};
+use tether::wire::{Datagram, Flags, Message, MAX_DATAGRAM};
 
 const INCARNATION: u64 = 1_700_000_000_000_000_000;
 
@@ -24,19 +24,9 @@ fn addr(i: u32) -> SocketAddr {
 }
 
 fn datagram(client_id: u64, seq: u32, message: Message<'_>) -> Vec<u8> {
-    let d = Datagram {
-        header: Header {
-            flags: Flags::empty(),
-            client_id,
-            incarnation: INCARNATION,
-            seq,
-        },
-        message,
-    };
-    let mut buf = vec![0u8; MAX_DATAGRAM];
-    let n = d.emit(None, &mut buf).unwrap();
-    buf.truncate(n);
-    buf
+    Datagram::new(Flags::empty(), client_id, INCARNATION, seq, message)
+        .to_vec(None)
+        .unwrap()
 }
 
 fn engine_with_sessions(n: u32, ttl_ms: u32) -> Engine {

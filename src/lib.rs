@@ -48,37 +48,67 @@
 //!
 //! # Layers
 //!
-//! The crate is layered so the rules live in code that does no I/O:
+//! The crate is layered so the rules live in code that does no I/O (see
+//! `ARCHITECTURE.md` at the top of the repository):
 //!
 //! | module | does | I/O |
 //! |---|---|---|
-//! | [`wire`] | encode / decode / MAC / replay window | none |
-//! | [`wheel`] | hashed timing wheel over slab indices | none |
-//! | [`engine`] | sessions and tasks: datagrams and time in, replies and task commands out | none |
-//! | [`pool`] | worker threads running named jobs with cancel flags | threads |
-//! | [`server`] | the mio loop: socket, clock, signals, pool | all of it |
-//! | [`client`] | a blocking client | socket, threads |
-//! | [`metrics`], [`observe`] | Prometheus metrics, logs, the event stream | HTTP, files |
-//! | `batch` | `recvmmsg` / `sendmmsg` behind a safe interface (Linux) | syscalls |
+//! | `wire` | encode / decode / MAC / replay window | none |
+//! | `wheel` | hashed timing wheel over slab indices | none |
+//! | `engine` | sessions and tasks: datagrams and time in, replies and task commands out | none |
+//! | [`client::ClientSession`] | the client's side of the protocol | none |
+//! | `pool` | worker threads running named jobs with cancel flags | threads |
+//! | `server` | the mio loop: socket, clock, signals, pool | all of it |
+//! | [`client::Client`] | a blocking client over the session | socket, a thread |
+//! | `metrics`, `observe` | Prometheus metrics, logs, the event stream | HTTP, files |
+//! | `batch` | `recvmmsg` / `sendmmsg` behind a safe interface | syscalls |
+//!
+//! What a program embedding tether or talking to it uses is exported here
+//! at the root (and the clients in [`client`]). The internal modules are
+//! public only so the benchmarks, fuzz targets and tools can reach them;
+//! they are hidden from these docs and may change in any release.
+//!
+//! tether runs on Linux: the server reads and writes in batches with
+//! `recvmmsg` / `sendmmsg`, which other systems do not have.
 #![deny(unsafe_code)]
 #![deny(missing_docs)]
 
-#[cfg(target_os = "linux")]
+#[cfg(not(target_os = "linux"))]
+compile_error!(
+    "tether needs Linux: its server reads and writes datagrams in batches with recvmmsg and \
+     sendmmsg (and steers them with SO_REUSEPORT). Build it on Linux, or in a Linux container."
+);
+
+#[doc(hidden)]
 pub mod batch;
 pub mod client;
+#[doc(hidden)]
 pub mod engine;
+#[doc(hidden)]
 pub mod keyfile;
+#[doc(hidden)]
 pub mod metrics;
+#[doc(hidden)]
 pub mod observe;
+#[doc(hidden)]
 pub mod pool;
+#[doc(hidden)]
 pub mod server;
+#[doc(hidden)]
 pub mod wheel;
+#[doc(hidden)]
 pub mod wire;
 
 pub use client::{
     Client, ClientConfig, ClientError, ClientEvent, Resume, SubmitOptions, TaskStatus,
 };
-pub use engine::{Engine, PayloadRule, TaskId, Timestamp};
-pub use pool::{Cancelled, JobError, JobResult, Registry, TaskContext};
-pub use server::{RunningServer, Server, ServerBuilder, ServerConfig, ServerError, ServerHandle};
-pub use wire::{CancelOutcome, CancelReason, MacKey, RejectCode};
+pub use engine::{ConfigError, PayloadRule, TaskId};
+pub use keyfile::{load as load_key_file, KeyFileError};
+pub use metrics::Metrics;
+pub use observe::EventsTarget;
+pub use pool::{Cancelled, JobError, JobResult, Registry, RegistryError, TaskContext};
+pub use server::{
+    Clock, RunningServer, Server, ServerBuilder, ServerConfig, ServerError, ServerHandle,
+    ShutdownReport, SystemClock,
+};
+pub use wire::{CancelOutcome, CancelReason, MacKey, MacKeyError, RejectCode};

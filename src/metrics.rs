@@ -26,6 +26,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 
 use crate::engine::Stats;
+use crate::wire::CancelReason;
 
 /// Counters of the server's own (outside the engine).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -294,48 +295,6 @@ const SERIES: &[Series] = &[
         |s, _| s.tasks_cancelled
     ),
     series!(
-        "tether_tasks_cancelled",
-        "Cancelled tasks, by reason.",
-        Counter,
-        "reason" = "expired",
-        |s, _| s.tasks_cancelled_by_reason[1]
-    ),
-    series!(
-        "tether_tasks_cancelled",
-        "Cancelled tasks, by reason.",
-        Counter,
-        "reason" = "left",
-        |s, _| s.tasks_cancelled_by_reason[2]
-    ),
-    series!(
-        "tether_tasks_cancelled",
-        "Cancelled tasks, by reason.",
-        Counter,
-        "reason" = "replaced",
-        |s, _| s.tasks_cancelled_by_reason[3]
-    ),
-    series!(
-        "tether_tasks_cancelled",
-        "Cancelled tasks, by reason.",
-        Counter,
-        "reason" = "cancelled",
-        |s, _| s.tasks_cancelled_by_reason[4]
-    ),
-    series!(
-        "tether_tasks_cancelled",
-        "Cancelled tasks, by reason.",
-        Counter,
-        "reason" = "deadline",
-        |s, _| s.tasks_cancelled_by_reason[5]
-    ),
-    series!(
-        "tether_tasks_cancelled",
-        "Cancelled tasks, by reason.",
-        Counter,
-        "reason" = "shutdown",
-        |s, _| s.tasks_cancelled_by_reason[6]
-    ),
-    series!(
         "tether_events_dropped",
         "Lifecycle events dropped because the event stream fell behind.",
         Counter,
@@ -436,6 +395,8 @@ const SHORT_US: &[u64] = &[
 /// writes, and the HTTP thread, which reads.
 pub struct Metrics {
     values: Box<[AtomicU64]>,
+    /// Tasks cancelled, by reason, in the order of [`CancelReason::ALL`].
+    cancelled: Box<[AtomicU64]>,
     /// Time tasks spent on a worker.
     pub task_run: Histogram,
     /// How long after its deadline tick each expiry was decided.
@@ -450,6 +411,10 @@ impl Default for Metrics {
     fn default() -> Metrics {
         Metrics {
             values: SERIES.iter().map(|_| AtomicU64::new(0)).collect(),
+            cancelled: CancelReason::ALL
+                .iter()
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             task_run: Histogram::new(RUN_TIME_US),
             expiry_lateness: Histogram::new(SHORT_US),
             loop_iteration: Histogram::new(SHORT_US),
@@ -470,6 +435,9 @@ impl Metrics {
     pub fn publish(&self, stats: &Stats, edge: &EdgeStats) {
         for (value, series) in self.values.iter().zip(SERIES) {
             value.store((series.read)(stats, edge), Ordering::Relaxed);
+        }
+        for (value, &reason) in self.cancelled.iter().zip(CancelReason::ALL) {
+            value.store(stats.cancelled(reason), Ordering::Relaxed);
         }
     }
 
@@ -515,6 +483,18 @@ impl Collector for Exporter {
                 }
                 i += 1;
             }
+        }
+        let mut family = encoder.encode_descriptor(
+            "tether_tasks_cancelled",
+            "Cancelled tasks, by reason.",
+            None,
+            MetricType::Counter,
+        )?;
+        for (value, &reason) in m.cancelled.iter().zip(CancelReason::ALL) {
+            let value = value.load(Ordering::Relaxed);
+            family
+                .encode_family(&[("reason", reason.name())])?
+                .encode_counter::<NoLabelSet, _, u64>(&value, None)?;
         }
         let seconds = Unit::Seconds;
         for (name, help, histogram) in [

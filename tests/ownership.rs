@@ -6,37 +6,14 @@ mod common;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::value;
+use common::{spawn_embedded, value, wait_for_metric};
 use tether::{Client, ClientConfig, PayloadRule, Server, TaskStatus};
-
-/// Waits (bounded) until the published metrics satisfy `done`.
-fn wait_for_metrics(
-    metrics: &Arc<tether::metrics::Metrics>,
-    done: impl Fn(&str) -> bool,
-) -> String {
-    let until = Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = metrics.render();
-        if done(&text) || Instant::now() > until {
-            return text;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 #[test]
 fn submit_and_cancel_loops_behind_busy_workers_leave_nothing_in_the_pool() {
-    let server = Server::builder()
-        .listen("127.0.0.1:0".parse().unwrap())
-        .workers(1)
-        .standard_jobs()
-        .unwrap()
-        .bind()
-        .unwrap();
-    let metrics = server.metrics();
-    let server = server.spawn().unwrap();
+    let (server, metrics) = spawn_embedded(Server::builder().workers(1).standard_jobs().unwrap());
     // The only worker sleeps for a minute: nothing queued will start.
     let holder = Client::connect(ClientConfig::new(server.local_addr(), 1)).unwrap();
     holder
@@ -57,9 +34,11 @@ fn submit_and_cancel_loops_behind_busy_workers_leave_nothing_in_the_pool() {
     }
     // 2,000 cancelled tasks of 1 KiB each came and went: the pool holds
     // only the running one, and agrees with the engine.
-    let text = wait_for_metrics(&metrics, |t| {
-        value(t, "tether_tasks_cancelled_total{reason=\"cancelled\"}") >= 2000.0
-    });
+    let text = wait_for_metric(
+        &metrics,
+        "tether_tasks_cancelled_total{reason=\"cancelled\"}",
+        2000.0,
+    );
     assert_eq!(value(&text, "tether_pool_tasks{state=\"queued\"}"), 0.0);
     assert_eq!(value(&text, "tether_pool_tasks{state=\"running\"}"), 1.0);
     assert_eq!(value(&text, "tether_tasks{state=\"queued\"}"), 0.0);

@@ -6,29 +6,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::value;
+use common::{spawn_embedded, value, wait_for_metric};
 use tether::{CancelOutcome, Client, ClientConfig, PayloadRule, Server, TaskStatus};
-
-/// Waits (bounded) until `name` reaches `at_least`: the loop publishes its
-/// counters every 50 ms, so a scrape can lag the events it counts.
-fn wait_for_metric(
-    metrics: &std::sync::Arc<tether::metrics::Metrics>,
-    name: &str,
-    at_least: f64,
-) -> String {
-    let until = Instant::now() + Duration::from_secs(5);
-    loop {
-        let text = metrics.render();
-        if value(&text, name) >= at_least {
-            return text;
-        }
-        assert!(
-            Instant::now() < until,
-            "{name} stayed below {at_least}:\n{text}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
 
 #[test]
 fn a_task_ignoring_its_flag_is_reported_and_counted() {
@@ -73,15 +52,12 @@ fn a_task_ignoring_its_flag_is_reported_and_counted() {
 #[test]
 fn slow_loop_iterations_are_counted() {
     // Every iteration is slower than zero: the mechanism, deterministically.
-    let server = Server::builder()
-        .listen("127.0.0.1:0".parse().unwrap())
-        .slow_loop(Duration::ZERO)
-        .standard_jobs()
-        .unwrap()
-        .bind()
-        .unwrap();
-    let metrics = server.metrics();
-    let server = server.spawn().unwrap();
+    let (server, metrics) = spawn_embedded(
+        Server::builder()
+            .slow_loop(Duration::ZERO)
+            .standard_jobs()
+            .unwrap(),
+    );
     let client = Client::connect(ClientConfig::new(server.local_addr(), 32)).unwrap();
     let task = client.submit("echo", b"x").unwrap();
     client.wait(task, Duration::from_secs(10)).unwrap();

@@ -50,8 +50,8 @@ pub struct Config {
     pub amplification_limit: bool,
     /// The jobs SUBMIT can name.
     pub jobs: JobTable,
-    /// Queue an [`Event`] for every session and task lifecycle step, for
-    /// [`Engine::poll_event`]. Off by default: a caller that sets it must
+    /// Queue an [`Event`](super::Event) for every session and task lifecycle step, for
+    /// [`Engine::poll_event`](super::Engine::poll_event). Off by default: a caller that sets it must
     /// drain the events.
     pub record_events: bool,
 }
@@ -81,7 +81,7 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Checks every rule the engine relies on. [`Engine::new`] calls it, and
+    /// Checks every rule the engine relies on. [`Engine::new`](super::Engine::new) calls it, and
     /// so do the server's builder and the command line, so a bad setting is
     /// one clear error wherever it comes from, never a panic later.
     pub fn validate(&self) -> Result<(), ConfigError> {

@@ -150,7 +150,7 @@ pub enum Ending {
 }
 
 /// A session or task lifecycle step, queued when
-/// [`Config::record_events`] is set (for logs, metrics and event streams).
+/// [`Config::record_events`](super::Config::record_events) is set (for logs, metrics and event streams).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
     /// A HELLO opened a session.
@@ -216,7 +216,7 @@ pub enum Event {
     },
 }
 
-/// Why [`Engine::handle_datagram`] dropped a datagram without any reply.
+/// Why [`Engine::handle_datagram`](super::Engine::handle_datagram) dropped a datagram without any reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Dropped {

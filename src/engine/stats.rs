@@ -1,6 +1,7 @@
 //! The engine's counters, and what it holds.
 
 use super::task::TaskState;
+use crate::wire::CancelReason;
 
 /// Counters, all monotonic except the `*_live`/`*_now` gauges.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -28,11 +29,11 @@ pub struct Stats {
     /// Replies dropped because the outbox was full.
     pub replies_dropped: u64,
     /// Replies not sent because their address had not sent as many bytes
-    /// ([`Config::amplification_limit`]).
+    /// ([`Config::amplification_limit`](super::Config::amplification_limit)).
     pub replies_unpaid: u64,
     /// Answers to strangers (UNKNOWN_SESSION, REJECTED to a HELLO, WELCOME
     /// of a new session) not sent while the caller's socket was backlogged
-    /// ([`Engine::set_backlogged`]).
+    /// ([`Engine::set_backlogged`](super::Engine::set_backlogged)).
     pub replies_shed: u64,
     /// Sessions opened.
     pub sessions_opened: u64,
@@ -68,10 +69,17 @@ pub struct Stats {
     pub sessions_at_shutdown: u64,
 }
 
+impl Stats {
+    /// Tasks ended cancelled for `reason`.
+    pub fn cancelled(&self, reason: CancelReason) -> u64 {
+        self.tasks_cancelled_by_reason[reason as usize]
+    }
+}
+
 /// What the engine holds, counted the way its memory bounds are stated
-/// (PROTOCOL.md, "Choices"). [`Engine::footprint`] reads it (in time linear
+/// (PROTOCOL.md, "Choices"). [`Engine::footprint`](super::Engine::footprint) reads it (in time linear
 /// in sessions and tasks: for tests, fuzzing and capacity checks, not the
-/// hot path); [`Config::client_bound`] gives what one client may hold.
+/// hot path); [`Config::client_bound`](super::Config::client_bound) gives what one client may hold.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Footprint {
     /// Live sessions.

@@ -104,19 +104,9 @@ impl Sim {
 
     fn encode(&self, c: &mut Client, flags: Flags, message: Message<'_>) -> Vec<u8> {
         c.seq += 1;
-        let d = Datagram {
-            header: Header {
-                flags,
-                client_id: c.id,
-                incarnation: c.incarnation,
-                seq: c.seq,
-            },
-            message,
-        };
-        let mut buf = vec![0; MAX_DATAGRAM];
-        let n = d.emit(self.key.as_ref(), &mut buf).unwrap();
-        buf.truncate(n);
-        buf
+        Datagram::new(flags, c.id, c.incarnation, c.seq, message)
+            .to_vec(self.key.as_ref())
+            .unwrap()
     }
 
     fn raw(&mut self, from: SocketAddr, bytes: &[u8]) -> Result<Vec<Reply>, Dropped> {

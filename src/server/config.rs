@@ -76,7 +76,7 @@ pub struct ServerConfig {
     /// Warn about a task still running this long after its flag was set.
     pub slow_cancel: Duration,
     /// Receive buffer to ask the kernel for, in bytes: what queues while
-    /// the server is stalled (see [`datagrams_held`]).
+    /// the server is stalled (see [`datagrams_held`](super::datagrams_held)).
     pub recv_buffer: usize,
     /// The clocks (see [`Clock`]).
     pub clock: Arc<dyn Clock>,
@@ -105,7 +105,7 @@ impl Default for ServerConfig {
 
 impl ServerConfig {
     /// Checks every setting, the engine's included: the one place the
-    /// rules live, used by [`Server::bind`] (and so by the builder and the
+    /// rules live, used by [`Server::bind`](super::Server::bind) (and so by the builder and the
     /// command line).
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.engine.validate()?;
@@ -125,8 +125,8 @@ impl ServerConfig {
 }
 
 /// Builds a server to embed in a program: its address, limits, key and
-/// jobs. Start from [`Server::builder`]; [`ServerBuilder::bind`] checks the
-/// configuration and binds, [`Server::spawn`] runs it on a thread.
+/// jobs. Start from [`Server::builder`](super::Server::builder); [`ServerBuilder::bind`] checks the
+/// configuration and binds, [`Server::spawn`](super::Server::spawn) runs it on a thread.
 #[derive(Debug, Clone)]
 pub struct ServerBuilder {
     config: ServerConfig,
@@ -135,7 +135,7 @@ pub struct ServerBuilder {
 
 impl ServerBuilder {
     /// The server's defaults, but no signal handling and no jobs yet: the
-    /// start of [`Server::builder`].
+    /// start of [`Server::builder`](super::Server::builder).
     pub(super) fn new() -> ServerBuilder {
         ServerBuilder {
             config: ServerConfig {
@@ -200,7 +200,7 @@ impl ServerBuilder {
         self
     }
     /// Stop gracefully on SIGINT/SIGTERM (default off for an embedded
-    /// server: the program decides; use [`ServerHandle::shutdown`]).
+    /// server: the program decides; use [`ServerHandle::shutdown`](super::ServerHandle::shutdown)).
     pub fn handle_signals(mut self, on: bool) -> Self {
         self.config.handle_signals = on;
         self

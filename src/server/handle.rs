@@ -24,7 +24,7 @@ impl ServerHandle {
     }
 }
 
-/// A server running on a thread of its own (see [`Server::spawn`]).
+/// A server running on a thread of its own (see [`Server::spawn`](super::Server::spawn)).
 #[derive(Debug)]
 pub struct RunningServer {
     pub(super) addr: SocketAddr,

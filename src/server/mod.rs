@@ -412,7 +412,7 @@ impl Server {
     fn finish(mut self) -> ShutdownReport {
         // Tasks still on a worker with their flag set ignored it; a task
         // that was still queued was withdrawn and never started.
-        self.watch.finish(&self.engine, &self.pool);
+        let ignored_cancel = self.watch.finish(&self.engine, &self.pool);
         let stats = *self.engine.stats();
         tracing::info!(
             sessions_opened = stats.sessions_opened,
@@ -422,9 +422,8 @@ impl Server {
             tasks_cancelled = stats.tasks_cancelled,
             "stopped"
         );
-        let ignored_cancel = self.pool.with_queue(|q| q.still_cancelling());
         ShutdownReport {
-            ignored_cancel: ignored_cancel.into_iter().map(|(t, _, _)| t).collect(),
+            ignored_cancel,
             stats,
         }
         // The pool is dropped without joining: a job that ignores its flag
@@ -566,22 +565,12 @@ impl Server {
 mod tests {
     use super::*;
     use crate::engine::{ConfigError, PayloadRule, TaskId};
-    use crate::wire::{Datagram, Flags, Header, Message, MAX_DATAGRAM};
+    use crate::wire::{Datagram, Flags, Message};
 
     fn datagram(seq: u32, message: Message<'_>) -> Vec<u8> {
-        let d = Datagram {
-            header: Header {
-                flags: Flags::empty(),
-                client_id: 5,
-                incarnation: 1,
-                seq,
-            },
-            message,
-        };
-        let mut buf = vec![0; MAX_DATAGRAM];
-        let n = d.emit(None, &mut buf).unwrap();
-        buf.truncate(n);
-        buf
+        Datagram::new(Flags::empty(), 5, 1, seq, message)
+            .to_vec(None)
+            .unwrap()
     }
 
     /// Turns the loop until `done` holds, for at most ten seconds.

@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::engine::{Engine, Event, JobTable};
+use crate::engine::{Engine, Event, JobTable, TaskId};
 use crate::metrics::{EdgeStats, Metrics};
 use crate::observe::{log_event, EventStream, WallClock};
 use crate::pool::Pool;
@@ -198,8 +198,9 @@ impl Watch {
     }
 
     /// At shutdown: the event stream's last lines, the last counters, and a
-    /// warning for each job that ignored its flag past the grace.
-    pub(super) fn finish(&mut self, engine: &Engine, pool: &Pool) {
+    /// warning for each job that ignored its flag past the grace. Returns
+    /// those tasks.
+    pub(super) fn finish(&mut self, engine: &Engine, pool: &Pool) -> Vec<TaskId> {
         let still_running = pool.with_queue(|q| q.still_cancelling());
         for &(task, client_id, job) in &still_running {
             tracing::warn!(
@@ -213,6 +214,7 @@ impl Watch {
             events.finish();
         }
         self.publish(engine, pool);
+        still_running.into_iter().map(|(task, _, _)| task).collect()
     }
 
     /// Warns, at most every `SHED_REPORT_EVERY`, that answers to strangers

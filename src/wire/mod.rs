@@ -104,88 +104,86 @@ impl Flags {
     }
 }
 
-/// Message kinds of both directions.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u8)]
-#[allow(missing_docs)]
-pub enum Kind {
-    Hello = 0x01,
-    Heartbeat = 0x02,
-    Submit = 0x03,
-    Cancel = 0x04,
-    Status = 0x05,
-    Bye = 0x06,
-    Welcome = 0x81,
-    HeartbeatAck = 0x82,
-    Accepted = 0x83,
-    Rejected = 0x84,
-    TaskState = 0x85,
-    CancelResult = 0x86,
-    UnknownSession = 0x87,
-    ByeAck = 0x88,
+/// Declares a wire enum once: its variants with their values, and the
+/// conversion back from the wire (`$from`), which refuses any other value;
+/// `ALL` lists the variants in wire order.
+macro_rules! wire_enum {
+    (
+        $(#[$meta:meta])*
+        pub enum $name:ident: $repr:ty, from $from:ident {
+            $($(#[$vmeta:meta])* $variant:ident = $value:literal,)+
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        #[repr($repr)]
+        pub enum $name {
+            $($(#[$vmeta])* $variant = $value,)+
+        }
+
+        impl $name {
+            /// Every value, in wire order.
+            pub const ALL: &'static [$name] = &[$($name::$variant,)+];
+
+            /// The value for this wire number, if it names one.
+            pub fn $from(value: $repr) -> Option<$name> {
+                match value {
+                    $($value => Some($name::$variant),)+
+                    _ => None,
+                }
+            }
+        }
+    };
+}
+
+wire_enum! {
+    /// Message kinds of both directions.
+    #[allow(missing_docs)]
+    pub enum Kind: u8, from from_byte {
+        Hello = 0x01,
+        Heartbeat = 0x02,
+        Submit = 0x03,
+        Cancel = 0x04,
+        Status = 0x05,
+        Bye = 0x06,
+        Welcome = 0x81,
+        HeartbeatAck = 0x82,
+        Accepted = 0x83,
+        Rejected = 0x84,
+        TaskState = 0x85,
+        CancelResult = 0x86,
+        UnknownSession = 0x87,
+        ByeAck = 0x88,
+    }
 }
 
 impl Kind {
-    /// The kind for a header byte, if it names one.
-    pub fn from_byte(byte: u8) -> Option<Kind> {
-        Some(match byte {
-            0x01 => Kind::Hello,
-            0x02 => Kind::Heartbeat,
-            0x03 => Kind::Submit,
-            0x04 => Kind::Cancel,
-            0x05 => Kind::Status,
-            0x06 => Kind::Bye,
-            0x81 => Kind::Welcome,
-            0x82 => Kind::HeartbeatAck,
-            0x83 => Kind::Accepted,
-            0x84 => Kind::Rejected,
-            0x85 => Kind::TaskState,
-            0x86 => Kind::CancelResult,
-            0x87 => Kind::UnknownSession,
-            0x88 => Kind::ByeAck,
-            _ => return None,
-        })
-    }
-
     /// Whether clients send this kind (servers send the others).
     pub fn is_from_client(self) -> bool {
         (self as u8) < 0x80
     }
 }
 
-/// Why a task was cancelled (`reason` of a cancelled TASK_STATE).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum CancelReason {
-    /// The session's heartbeats stopped and its TTL ran out.
-    Expired = 1,
-    /// The client said BYE.
-    Left = 2,
-    /// A HELLO with a larger incarnation replaced the session.
-    Replaced = 3,
-    /// The client sent CANCEL.
-    Cancelled = 4,
-    /// The task ran past its `deadline_ms`.
-    Deadline = 5,
-    /// The server shut down.
-    Shutdown = 6,
+wire_enum! {
+    /// Why a task was cancelled (`reason` of a cancelled TASK_STATE).
+    pub enum CancelReason: u8, from from_byte {
+        /// The session's heartbeats stopped and its TTL ran out.
+        Expired = 1,
+        /// The client said BYE.
+        Left = 2,
+        /// A HELLO with a larger incarnation replaced the session.
+        Replaced = 3,
+        /// The client sent CANCEL.
+        Cancelled = 4,
+        /// The task ran past its `deadline_ms`.
+        Deadline = 5,
+        /// The server shut down.
+        Shutdown = 6,
+    }
 }
 
 impl CancelReason {
-    /// The reason for a wire byte, if it names one.
-    pub fn from_byte(byte: u8) -> Option<CancelReason> {
-        Some(match byte {
-            1 => CancelReason::Expired,
-            2 => CancelReason::Left,
-            3 => CancelReason::Replaced,
-            4 => CancelReason::Cancelled,
-            5 => CancelReason::Deadline,
-            6 => CancelReason::Shutdown,
-            _ => return None,
-        })
-    }
-
-    /// The lowercase name used in logs and documentation.
+    /// The lowercase name used in logs, metrics and documentation.
     pub fn name(self) -> &'static str {
         match self {
             CancelReason::Expired => "expired",
@@ -204,60 +202,33 @@ impl fmt::Display for CancelReason {
     }
 }
 
-/// REJECTED `code`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u16)]
-pub enum RejectCode {
-    /// No job of that name is registered.
-    UnknownJob = 1,
-    /// The server's task queue is full.
-    QueueFull = 2,
-    /// The session has as many unfinished tasks as it may.
-    TooManyTasks = 3,
-    /// The request is well formed but its job refuses it (e.g. payload size).
-    BadRequest = 4,
-    /// The server is shutting down.
-    ShuttingDown = 5,
-    /// The server holds as many sessions as it may (reply to HELLO).
-    TooManySessions = 6,
-}
-
-impl RejectCode {
-    /// The code for a wire value, if it names one.
-    pub fn from_u16(value: u16) -> Option<RejectCode> {
-        Some(match value {
-            1 => RejectCode::UnknownJob,
-            2 => RejectCode::QueueFull,
-            3 => RejectCode::TooManyTasks,
-            4 => RejectCode::BadRequest,
-            5 => RejectCode::ShuttingDown,
-            6 => RejectCode::TooManySessions,
-            _ => return None,
-        })
+wire_enum! {
+    /// REJECTED `code`.
+    pub enum RejectCode: u16, from from_u16 {
+        /// No job of that name is registered.
+        UnknownJob = 1,
+        /// The server's task queue is full.
+        QueueFull = 2,
+        /// The session has as many unfinished tasks as it may.
+        TooManyTasks = 3,
+        /// The request is well formed but its job refuses it (e.g. payload size).
+        BadRequest = 4,
+        /// The server is shutting down.
+        ShuttingDown = 5,
+        /// The server holds as many sessions as it may (reply to HELLO).
+        TooManySessions = 6,
     }
 }
 
-/// CANCEL_RESULT `outcome`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[repr(u8)]
-pub enum CancelOutcome {
-    /// The task was scheduled, queued or running, and its flag is now set.
-    CancelledNow = 0,
-    /// The task had already reached a final state; nothing changed.
-    AlreadyFinished = 1,
-    /// No such task (or not this client's, or aged out).
-    UnknownTask = 2,
-}
-
-impl CancelOutcome {
-    /// The outcome for a wire byte, if it names one.
-    pub fn from_byte(byte: u8) -> Option<CancelOutcome> {
-        Some(match byte {
-            0 => CancelOutcome::CancelledNow,
-            1 => CancelOutcome::AlreadyFinished,
-            2 => CancelOutcome::UnknownTask,
-            _ => return None,
-        })
+wire_enum! {
+    /// CANCEL_RESULT `outcome`.
+    pub enum CancelOutcome: u8, from from_byte {
+        /// The task was scheduled, queued or running, and its flag is now set.
+        CancelledNow = 0,
+        /// The task had already reached a final state; nothing changed.
+        AlreadyFinished = 1,
+        /// No such task (or not this client's, or aged out).
+        UnknownTask = 2,
     }
 }
 
@@ -671,6 +642,36 @@ impl<'a> Datagram<'a> {
     /// Length of this datagram once encoded, with or without a MAC.
     pub fn encoded_len(&self, keyed: bool) -> usize {
         HEADER_LEN + self.message.body_len() + if keyed { MAC_LEN } else { 0 }
+    }
+
+    /// The datagram of `message` in the session `(client_id, incarnation)`
+    /// with number `seq` and `flags` (the `MAC` flag is set by encoding
+    /// with a key).
+    pub fn new(
+        flags: Flags,
+        client_id: u64,
+        incarnation: u64,
+        seq: u32,
+        message: Message<'a>,
+    ) -> Datagram<'a> {
+        Datagram {
+            header: Header {
+                flags,
+                client_id,
+                incarnation,
+                seq,
+            },
+            message,
+        }
+    }
+
+    /// Encodes into a new buffer of exactly the datagram's length (see
+    /// [`Datagram::emit`]).
+    pub fn to_vec(&self, key: Option<&MacKey>) -> Result<Vec<u8>, EmitError> {
+        let mut buf = vec![0; self.encoded_len(key.is_some())];
+        let n = self.emit(key, &mut buf)?;
+        buf.truncate(n);
+        Ok(buf)
     }
 
     /// Encodes into the front of `out` and returns the length written. With

@@ -8,7 +8,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use tether::wire::{Datagram, Flags, Header, MacKey, Message, MAX_DATAGRAM};
+use tether::wire::{Datagram, Flags, MacKey, Message};
 
 /// A running `tether serve`, killed when dropped.
 pub struct ServerProcess {
@@ -173,19 +173,9 @@ impl Raw {
     /// Encodes the next datagram (next seq) without sending it.
     pub fn encode(&mut self, flags: Flags, message: Message<'_>) -> Vec<u8> {
         self.seq += 1;
-        let d = Datagram {
-            header: Header {
-                flags,
-                client_id: self.client_id,
-                incarnation: self.incarnation,
-                seq: self.seq,
-            },
-            message,
-        };
-        let mut buf = vec![0u8; MAX_DATAGRAM];
-        let n = d.emit(self.key.as_ref(), &mut buf).unwrap();
-        buf.truncate(n);
-        buf
+        Datagram::new(flags, self.client_id, self.incarnation, self.seq, message)
+            .to_vec(self.key.as_ref())
+            .unwrap()
     }
 
     pub fn send(&mut self, message: Message<'_>) -> Vec<u8> {
@@ -276,4 +266,38 @@ pub fn metrics_addr(server: &ServerProcess) -> SocketAddr {
         .unwrap_or_else(|| panic!("unexpected line {line:?}"))
         .parse()
         .unwrap()
+}
+
+/// Waits (bounded) until `name` reaches `at_least`: the loop publishes its
+/// counters every 50 ms, so a scrape can lag the events it counts.
+pub fn wait_for_metric(
+    metrics: &std::sync::Arc<tether::metrics::Metrics>,
+    name: &str,
+    at_least: f64,
+) -> String {
+    let until = Instant::now() + Duration::from_secs(5);
+    loop {
+        let text = metrics.render();
+        if value(&text, name) >= at_least {
+            return text;
+        }
+        assert!(
+            Instant::now() < until,
+            "{name} stayed below {at_least}:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Binds `builder` on a free loopback port, runs it on a thread of its own,
+/// and returns it with its live metrics.
+pub fn spawn_embedded(
+    builder: tether::ServerBuilder,
+) -> (tether::RunningServer, std::sync::Arc<tether::Metrics>) {
+    let server = builder
+        .listen("127.0.0.1:0".parse().unwrap())
+        .bind()
+        .expect("bind an embedded server");
+    let metrics = server.metrics();
+    (server.spawn().expect("spawn the server thread"), metrics)
 }

@@ -101,6 +101,30 @@ impl Harness {
         self.session.handle_timeout(self.now);
     }
 
+    /// Runs a second of heartbeats, answers the last with UNKNOWN_SESSION,
+    /// and returns that heartbeat and the HELLO that reopens the session.
+    fn lose_session(&mut self) -> (Sent, Sent) {
+        let beat = self
+            .run(self.now + Duration::from_secs(1))
+            .pop()
+            .expect("a heartbeat")
+            .1;
+        assert_eq!(beat.kind, Kind::Heartbeat);
+        self.unknown_session(&beat.header);
+        let hello = self.sent().pop().expect("a HELLO");
+        (beat, hello)
+    }
+
+    fn welcome(&mut self, hello: &Header) {
+        self.reply(
+            hello,
+            Message::Welcome {
+                ttl_ms: 3000,
+                tick_ms: 10,
+            },
+        );
+    }
+
     /// Opens the session: the first HELLO, welcomed with `ttl_ms`.
     fn open(&mut self, ttl_ms: u32) -> Header {
         let hello = self.sent().pop().expect("a HELLO");
@@ -240,9 +264,7 @@ fn while_the_server_is_down_reopening_backs_off_up_to_the_ttl() {
     let mut h = Harness::new(config());
     let start = h.now;
     h.open(3000);
-    let beat = h.run(start + Duration::from_secs(1)).pop().unwrap().1;
-    h.unknown_session(&beat.header);
-    h.sent();
+    h.lose_session();
     // The server stays silent for ten minutes.
     let sent = h.run(start + Duration::from_secs(601));
     let hellos: Vec<Duration> = sent
@@ -358,18 +380,9 @@ fn an_unknown_session_answering_an_old_seq_is_matched_by_incarnation_too() {
     // UNKNOWN_SESSION for seq 2 of the old incarnation must not fail a
     // request sent as seq 2 of the new one.
     let mut h = Harness::new(config());
-    let start = h.now;
     h.open(3000);
-    let beat = h.run(start + Duration::from_secs(1)).pop().unwrap().1;
-    h.unknown_session(&beat.header);
-    let hello = h.sent().pop().unwrap();
-    h.reply(
-        &hello.header,
-        Message::Welcome {
-            ttl_ms: 3000,
-            tick_ms: 10,
-        },
-    );
+    let (beat, hello) = h.lose_session();
+    h.welcome(&hello.header);
     let id = h.session.start(h.now, Request::Status(TaskId(9)));
     let status = h.sent().pop().unwrap();
     assert_eq!(
@@ -394,23 +407,14 @@ fn an_unknown_session_answering_an_old_seq_is_matched_by_incarnation_too() {
 #[test]
 fn requests_started_while_reopening_wait_for_the_welcome() {
     let mut h = Harness::new(config());
-    let start = h.now;
     h.open(3000);
-    let beat = h.run(start + Duration::from_secs(1)).pop().unwrap().1;
-    h.unknown_session(&beat.header);
-    let hello = h.sent().pop().unwrap();
+    let (_, hello) = h.lose_session();
     let id = h.session.start(h.now, Request::Status(TaskId(1)));
     assert!(
         h.sent().is_empty(),
         "not sent into a session the server has not opened"
     );
-    h.reply(
-        &hello.header,
-        Message::Welcome {
-            ttl_ms: 3000,
-            tick_ms: 10,
-        },
-    );
+    h.welcome(&hello.header);
     let sent = h.sent();
     assert_eq!(sent.len(), 1);
     assert_eq!(sent[0].kind, Kind::Status);
@@ -431,16 +435,8 @@ fn a_final_state_under_a_reused_task_id_is_forgotten_when_the_id_is_reused() {
     );
     assert!(h.session.final_state(TaskId(4_294_967_296)).is_some());
     // The server restarted; the new session's first task gets that id.
-    let beat = h.run(h.now + Duration::from_secs(1)).pop().unwrap().1;
-    h.unknown_session(&beat.header);
-    let hello = h.sent().pop().unwrap();
-    h.reply(
-        &hello.header,
-        Message::Welcome {
-            ttl_ms: 3000,
-            tick_ms: 10,
-        },
-    );
+    let (_, hello) = h.lose_session();
+    h.welcome(&hello.header);
     let id = h.session.start(
         h.now,
         Request::Submit {

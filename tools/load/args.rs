@@ -1,0 +1,103 @@
+//! The command line: the flags, and which side a run measures.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+#[derive(Parser, Clone)]
+#[command(
+    name = "tether-load",
+    version,
+    about = "Load generator for tether: many heartbeating clients, with correctness accounting.",
+    after_help = "Example: tether-load --server 127.0.0.1:7900 --clients 100000 --duration 60s --silent 0.01 --ack 0.01 --pid $(pgrep -n tether)"
+)]
+pub struct Args {
+    /// Server address (UDP).
+    #[arg(long, default_value = "127.0.0.1:7900", value_name = "ADDR")]
+    pub server: SocketAddr,
+    /// Simulated clients, 1 to 1,000,000.
+    #[arg(long, default_value_t = 10_000, value_name = "N")]
+    pub clients: usize,
+    /// Each client heartbeats once per interval.
+    #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "D")]
+    pub interval: Duration,
+    /// TTL the clients ask for in HELLO.
+    #[arg(long, default_value = "3s", value_parser = parse_duration, value_name = "D")]
+    pub ttl: Duration,
+    /// How long the heartbeat phase lasts.
+    #[arg(long, default_value = "30s", value_parser = parse_duration, value_name = "D")]
+    pub duration: Duration,
+    /// Fraction of clients that submit a long `sleep` task and then, at a
+    /// random moment, stop sending.
+    #[arg(long, default_value_t = 0.0, value_name = "F")]
+    pub silent: f64,
+    /// Fraction of heartbeats that ask for HEARTBEAT_ACK (round-trip times).
+    #[arg(long, default_value_t = 0.0, value_name = "F")]
+    pub ack: f64,
+    /// Shared secret of a keyed server.
+    #[arg(long, value_name = "PATH")]
+    pub key_file: Option<PathBuf>,
+    /// The server's pid, to read its CPU time and memory from /proc.
+    #[arg(long, value_name = "PID")]
+    pub pid: Option<u32>,
+    /// Local UDP sockets the clients are spread over.
+    #[arg(long, default_value_t = 64, value_name = "N")]
+    pub sockets: usize,
+    /// Print one JSON line on stdout (the table goes to stderr).
+    #[arg(long)]
+    pub json: bool,
+    /// Write an SVG histogram of detection lateness and round-trip time.
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<PathBuf>,
+    /// First send the same traffic to a bare batched-receive sink inside
+    /// this tool, then to the server, and compare their CPU per datagram.
+    #[arg(long)]
+    pub compare_raw: bool,
+    /// Only measure the raw sink.
+    #[arg(long, conflicts_with = "compare_raw")]
+    pub raw_only: bool,
+    /// Instead of a load run: count the server's wake-ups (voluntary context
+    /// switches, all threads) over this long while idle. Needs --pid.
+    #[arg(long, value_parser = parse_duration, value_name = "D")]
+    pub idle: Option<Duration>,
+    /// During the measured phase, also send this many junk datagrams as
+    /// fast as possible from another socket: random bytes, broken headers,
+    /// bad MACs, replays of the clients' own datagrams, HEARTBEATs for
+    /// unknown sessions. Checked against the server's counters with
+    /// --metrics.
+    #[arg(long, value_name = "N")]
+    pub junk: Option<u64>,
+    /// During the measured phase, also send HELLOs for this many new client
+    /// ids as fast as possible (against --max-sessions).
+    #[arg(long, value_name = "N")]
+    pub hello_flood: Option<u64>,
+    /// Datagrams a second for --junk and --hello-flood (default: as fast as
+    /// the socket takes them).
+    #[arg(long, value_name = "N")]
+    pub flood_rate: Option<u64>,
+    /// The server's metrics endpoint (ADDR of `tether serve --metrics ADDR`),
+    /// to check its drop counters against what was sent.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+    /// Stop the server (SIGSTOP, needs --pid) this long, a third of the way
+    /// into the measured phase, while the clients keep sending; then
+    /// SIGCONT. Heartbeats queued in its socket meanwhile must count.
+    #[arg(long, value_parser = parse_duration, value_name = "D")]
+    pub stall: Option<Duration>,
+    /// Allow a target outside the loopback range.
+    #[arg(long)]
+    pub allow_remote: bool,
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text).map_err(|_| "write durations like 250ms, 3s or 1h".to_owned())
+}
+
+/// The side a run sends its clients to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Server,
+    Sink,
+}

@@ -1,0 +1,143 @@
+//! The receiving side of the simulated clients: one thread reading every
+//! reply in batches and accounting for it per client (sessions opened,
+//! round trips, silent clients detected, false expiries).
+
+use std::net::UdpSocket;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use mio::{Events, Interest, Poll, Token};
+
+use tether::batch::RecvBatch;
+use tether::wire::{CancelReason, Datagram, MacKey, Message, RejectCode, TaskReport, MAX_DATAGRAM};
+
+use crate::shared::{Shared, ACCEPTED, DETECTED, FALSE_EXPIRY, REFUSED, SILENT, WELCOMED};
+
+/// What the receiver saw.
+#[derive(Default)]
+pub struct Received {
+    pub datagrams: u64,
+    pub bytes: u64,
+    pub early: u64,
+    pub unknown_session: u64,
+    pub lateness_ms: Vec<f64>,
+    pub rtt_us: Vec<f64>,
+}
+
+/// Starts the receiver thread on clones of the clients' `sockets`; it runs
+/// until `shared.stop` and returns what it saw.
+pub fn spawn(
+    sockets: &[UdpSocket],
+    shared: &Arc<Shared>,
+    key: Option<MacKey>,
+) -> Result<JoinHandle<Received>, String> {
+    let sockets: Vec<UdpSocket> = sockets
+        .iter()
+        .map(|s| s.try_clone().map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()?;
+    let shared = Arc::clone(shared);
+    std::thread::Builder::new()
+        .name("load-rx".into())
+        .spawn(move || receive(sockets, &shared, key.as_ref()))
+        .map_err(|e| e.to_string())
+}
+
+fn receive(sockets: Vec<UdpSocket>, shared: &Shared, key: Option<&MacKey>) -> Received {
+    let mut out = Received::default();
+    let Ok(mut poll) = Poll::new() else {
+        return out;
+    };
+    let mut sockets: Vec<mio::net::UdpSocket> = sockets
+        .into_iter()
+        .map(mio::net::UdpSocket::from_std)
+        .collect();
+    for (i, s) in sockets.iter_mut().enumerate() {
+        let _ = poll.registry().register(s, Token(i), Interest::READABLE);
+    }
+    let mut events = Events::with_capacity(256);
+    let mut batch = RecvBatch::new(64, MAX_DATAGRAM + 1);
+    // Edge-triggered: a socket that signalled is read until empty.
+    let mut ready: Vec<usize> = (0..sockets.len()).collect();
+    while !shared.stop.load(Ordering::Acquire) {
+        while let Some(s) = ready.pop() {
+            loop {
+                let n = match batch.recv(&sockets[s], false) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => break,
+                };
+                let now_us = shared.now_us();
+                for d in 0..n {
+                    let (bytes, _) = batch.get(d);
+                    out.datagrams += 1;
+                    out.bytes += bytes.len() as u64;
+                    if let Ok(datagram) = Datagram::decode(bytes, key) {
+                        account(shared, &datagram, now_us, &mut out);
+                    }
+                }
+            }
+        }
+        if poll
+            .poll(&mut events, Some(Duration::from_millis(50)))
+            .is_ok()
+        {
+            ready.extend(events.iter().map(|e| e.token().0));
+        }
+    }
+    out
+}
+
+fn account(shared: &Shared, d: &Datagram<'_>, now_us: u64, out: &mut Received) {
+    let Some(i) = shared.index(d.header.client_id) else {
+        return;
+    };
+    let counting = shared.counting.load(Ordering::Acquire);
+    let count_once = |bit: u8, counter: &AtomicUsize| {
+        if shared.set(i, bit) {
+            counter.fetch_add(1, Ordering::AcqRel);
+        }
+    };
+    match d.message {
+        Message::Welcome { .. } => count_once(WELCOMED, &shared.welcomed),
+        Message::Rejected {
+            request_id: 0,
+            code: RejectCode::TooManySessions | RejectCode::ShuttingDown,
+            ..
+        } => count_once(REFUSED, &shared.refused),
+        Message::Accepted { .. } => count_once(ACCEPTED, &shared.accepted),
+        Message::HeartbeatAck { acked_seq }
+            if shared.ack_seq[i].load(Ordering::Acquire) == acked_seq =>
+        {
+            let sent = shared.ack_sent_us[i].load(Ordering::Acquire);
+            out.rtt_us.push(now_us.saturating_sub(sent) as f64);
+        }
+        Message::TaskState {
+            report: TaskReport::Cancelled(CancelReason::Expired),
+            ..
+        } => {
+            if shared.flag(i) & SILENT != 0 {
+                if shared.set(i, DETECTED) {
+                    shared.detected.fetch_add(1, Ordering::AcqRel);
+                    let last = shared.last_sent_us[i].load(Ordering::Acquire);
+                    let lateness_us = now_us as i64 - last as i64 - shared.ttl_us as i64;
+                    if lateness_us < 0 {
+                        out.early += 1;
+                    }
+                    out.lateness_ms.push(lateness_us as f64 / 1000.0);
+                }
+            } else if counting && shared.set(i, FALSE_EXPIRY) {
+                shared.false_expiries.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        Message::UnknownSession => {
+            out.unknown_session += 1;
+            let silent = shared.flag(i) & SILENT != 0;
+            if counting && !silent && shared.set(i, FALSE_EXPIRY) {
+                shared.false_expiries.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+        _ => {}
+    }
+}

@@ -1,0 +1,74 @@
+//! The per-client state the sender and the receiver threads share, and the
+//! flags that record how far each client got.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+// Per-client flags, set by the sender (SILENT) and the receiver (others).
+pub const WELCOMED: u8 = 1;
+pub const REFUSED: u8 = 2;
+pub const ACCEPTED: u8 = 4;
+pub const SILENT: u8 = 8;
+pub const DETECTED: u8 = 16;
+pub const FALSE_EXPIRY: u8 = 32;
+
+/// State the sender and the receiver share, one slot per client.
+pub struct Shared {
+    pub base_id: u64,
+    pub incarnation: u64,
+    pub ttl_us: u64,
+    pub start: Instant,
+    pub last_sent_us: Vec<AtomicU64>,
+    pub flags: Vec<AtomicU8>,
+    pub ack_seq: Vec<AtomicU32>,
+    pub ack_sent_us: Vec<AtomicU64>,
+    pub welcomed: AtomicUsize,
+    pub refused: AtomicUsize,
+    pub accepted: AtomicUsize,
+    pub detected: AtomicUsize,
+    pub false_expiries: AtomicUsize,
+    pub counting: AtomicBool,
+    pub stop: AtomicBool,
+}
+
+impl Shared {
+    /// Fresh state for `n` clients asking for `ttl`, its clock starting now.
+    pub fn new(n: usize, ttl: Duration) -> Shared {
+        let now_ns = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64);
+        Shared {
+            // Distinct ids per run, so a rerun never meets an earlier run's
+            // sessions (or stale-HELLO records) on the server.
+            base_id: (now_ns & 0x0000_ffff_ffff_ffff) << 16,
+            incarnation: now_ns,
+            ttl_us: ttl.as_micros() as u64,
+            start: Instant::now(),
+            last_sent_us: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            flags: (0..n).map(|_| AtomicU8::new(0)).collect(),
+            ack_seq: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            ack_sent_us: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            welcomed: AtomicUsize::new(0),
+            refused: AtomicUsize::new(0),
+            accepted: AtomicUsize::new(0),
+            detected: AtomicUsize::new(0),
+            false_expiries: AtomicUsize::new(0),
+            counting: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+        }
+    }
+    pub fn now_us(&self) -> u64 {
+        self.start.elapsed().as_micros() as u64
+    }
+    pub fn index(&self, client_id: u64) -> Option<usize> {
+        let i = client_id.checked_sub(self.base_id + 1)? as usize;
+        (i < self.flags.len()).then_some(i)
+    }
+    pub fn flag(&self, i: usize) -> u8 {
+        self.flags[i].load(Ordering::Acquire)
+    }
+    /// Sets `bit`; returns whether it was newly set.
+    pub fn set(&self, i: usize, bit: u8) -> bool {
+        self.flags[i].fetch_or(bit, Ordering::AcqRel) & bit == 0
+    }
+}
