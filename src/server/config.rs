@@ -259,8 +259,8 @@ impl ServerBuilder {
         Ok(self)
     }
     /// Adds a job clients can SUBMIT by `name`. The closure runs on a worker
-    /// thread; it should poll [`TaskContext::is_cancelled`](crate::TaskContext::is_cancelled)
-    /// or sleep through [`TaskContext::sleep`](crate::TaskContext::sleep) so
+    /// thread; it should poll [`TaskContext::is_cancelled`](crate::pool::TaskContext::is_cancelled)
+    /// or sleep through [`TaskContext::sleep`](crate::pool::TaskContext::sleep) so
     /// that cancellation can stop it.
     pub fn job<F>(
         mut self,
@@ -269,7 +269,7 @@ impl ServerBuilder {
         body: F,
     ) -> Result<Self, crate::pool::RegistryError>
     where
-        F: Fn(&crate::TaskContext<'_>) -> crate::JobResult + Send + Sync + 'static,
+        F: Fn(&crate::pool::TaskContext<'_>) -> crate::pool::JobResult + Send + Sync + 'static,
     {
         self.registry.register(name, payload, body)?;
         Ok(self)
