@@ -102,7 +102,7 @@ pub mod wire;
 pub use client::{
     Client, ClientConfig, ClientError, ClientEvent, Resume, SubmitOptions, TaskStatus,
 };
-pub use engine::{ConfigError, PayloadRule, TaskId};
+pub use engine::{Config as EngineConfig, ConfigError, PayloadRule, Stats, TaskId};
 pub use keyfile::{load as load_key_file, KeyFileError};
 pub use metrics::Metrics;
 pub use observe::EventsTarget;

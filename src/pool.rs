@@ -408,6 +408,30 @@ pub enum CancelOutcome {
     NotHeld,
 }
 
+/// What [`WorkQueue::apply`] did with an engine effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The task is queued for a worker.
+    Queued,
+    /// The task was cancelled, with this outcome.
+    Cancel(TaskId, CancelOutcome),
+}
+
+impl Applied {
+    /// What the engine must be told now, if anything: a withdrawn task will
+    /// never run; a task whose job had already returned when the cancel
+    /// came ends as its job said, not cancelled (its report is on the way).
+    pub fn report(self) -> Option<(TaskId, TaskEvent)> {
+        match self {
+            Applied::Cancel(task, CancelOutcome::Withdrawn) => Some((task, TaskEvent::Withdrawn)),
+            Applied::Cancel(task, CancelOutcome::NotHeld) => {
+                Some((task, TaskEvent::AlreadyReturned))
+            }
+            Applied::Queued | Applied::Cancel(_, CancelOutcome::Signalled) => None,
+        }
+    }
+}
+
 /// A task a worker took from the queue.
 #[derive(Debug)]
 pub struct Claim {
@@ -538,9 +562,8 @@ impl WorkQueue {
     }
 
     /// Carries out an engine [`Effect`]: queues a task to run, or cancels
-    /// one. Returns the task the engine must now be told was
-    /// [`TaskEvent::Withdrawn`], if any.
-    pub fn apply(&mut self, effect: Effect, now: Instant) -> Option<TaskId> {
+    /// one (see [`Applied::report`] for what the engine must hear of it).
+    pub fn apply(&mut self, effect: Effect, now: Instant) -> Applied {
         match effect {
             Effect::Run {
                 task,
@@ -549,10 +572,10 @@ impl WorkQueue {
                 payload,
             } => {
                 self.push(task, client_id, job, payload);
-                None
+                Applied::Queued
             }
             Effect::Cancel { task, reason } => {
-                (self.cancel(task, reason, now) == CancelOutcome::Withdrawn).then_some(task)
+                Applied::Cancel(task, self.cancel(task, reason, now))
             }
         }
     }
@@ -708,13 +731,12 @@ impl Pool {
     }
 
     /// Carries out an engine [`Effect`] (see [`WorkQueue::apply`]).
-    pub fn apply(&self, effect: Effect, now: Instant) -> Option<TaskId> {
-        let queued = matches!(effect, Effect::Run { .. });
-        let withdrawn = self.shared.queue.lock().apply(effect, now);
-        if queued {
+    pub fn apply(&self, effect: Effect, now: Instant) -> Applied {
+        let applied = self.shared.queue.lock().apply(effect, now);
+        if applied == Applied::Queued {
             self.shared.ready.notify_one();
         }
-        withdrawn
+        applied
     }
 
     /// Runs `f` on the queue, under the pool's lock: for counts and reports,

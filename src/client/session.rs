@@ -484,7 +484,11 @@ impl ClientSession {
             self.on_unknown_session(now, &h);
             return;
         }
-        if h.incarnation == self.incarnation {
+        // A REJECTED to a HELLO copies the HELLO's header, as UNKNOWN_SESSION
+        // does: it is outside the server's numbering, and taking its seq
+        // into the window would drop the server's own datagrams later.
+        let copies_our_header = matches!(d.message, Message::Rejected { request_id: 0, .. });
+        if h.incarnation == self.incarnation && !copies_our_header {
             match self.server_window.as_mut() {
                 Some(w) => {
                     if w.accept(h.seq).is_err() {
@@ -493,7 +497,9 @@ impl ClientSession {
                 }
                 None => self.server_window = Some(ReplayWindow::new(h.seq)),
             }
-        } else if !matches!(d.message, Message::TaskState { report, .. } if report.is_final()) {
+        } else if h.incarnation != self.incarnation
+            && !matches!(d.message, Message::TaskState { report, .. } if report.is_final())
+        {
             // Only final states of an earlier session's tasks are still of use.
             return;
         }
@@ -583,11 +589,18 @@ impl ClientSession {
             .position(|p| p.sent.contains(&answered))
         {
             let p = self.requests.remove(i);
-            let answer = if p.wanted == Wanted::ByeAck && p.sent[0] != answered {
-                // A retried BYE finding no session: the first took effect
-                // and its BYE_ACK was lost.
+            let answer = if p.wanted == Wanted::ByeAck {
+                // The session is over either way: a client that is leaving
+                // does not open another.
                 self.state = State::Closed;
-                Ok(Answer::Bye)
+                if p.sent[0] == answered {
+                    // The first BYE found no session: it had already ended.
+                    Err(ClientError::SessionLost)
+                } else {
+                    // A retried BYE finding no session: the first took
+                    // effect and its BYE_ACK was lost.
+                    Ok(Answer::Bye)
+                }
             } else {
                 Err(ClientError::SessionLost)
             };
@@ -697,6 +710,14 @@ impl ClientSession {
             }
             return;
         }
+        if self.state == State::Lost && hello.attempts % self.config.tries.max(1) == 0 {
+            // Reopening, and a whole round of tries went unanswered: the
+            // server may have opened this incarnation and lost its WELCOME,
+            // and that session may have expired since, which would make
+            // every further HELLO of it stale. A new incarnation each round
+            // cannot get stuck.
+            self.new_incarnation(now);
+        }
         self.try_hello(now, &mut hello);
         self.hello = Some(hello);
     }
@@ -724,12 +745,13 @@ impl ClientSession {
     /// the base, so a reply can arrive before the next try.
     fn hello_backoff(&mut self, attempt: u32) -> Duration {
         let base = self.config.retry_after;
-        let cap = if self.ttl_ms > 0 {
-            self.ttl()
-        } else {
-            Duration::from_secs(3)
-        }
-        .max(base);
+        // The TTL asked for, or else the one granted last (a restarted
+        // server may grant less, but not less than asked), or 3 s.
+        let cap = [self.config.ttl, self.ttl(), Duration::from_secs(3)]
+            .into_iter()
+            .find(|ttl| !ttl.is_zero())
+            .unwrap_or_default()
+            .max(base);
         let ceiling = base.saturating_mul(1 << attempt.min(20)).min(cap);
         let nanos = ceiling.as_nanos().min(u128::from(u64::MAX)) as u64;
         let jitter = Duration::from_nanos(self.random() % nanos.max(1));

@@ -117,7 +117,21 @@ impl Config {
             return Err(ConfigError::ZeroLimit(limit));
         }
         if self.max_tasks_per_session > u32::MAX as usize / 4 {
-            return Err(ConfigError::ZeroLimit("max tasks per session (too large)"));
+            return Err(ConfigError::TooLarge("max tasks per session"));
+        }
+        // The protocol's promises: final states kept 60 s, incarnations of
+        // ended sessions remembered 10 minutes.
+        if self.finished_retention_ms < 60_000 {
+            return Err(ConfigError::BelowProtocol {
+                what: "final-state retention",
+                min_ms: 60_000,
+            });
+        }
+        if self.client_memory_ms < 600_000 {
+            return Err(ConfigError::BelowProtocol {
+                what: "memory of ended clients",
+                min_ms: 600_000,
+            });
         }
         if self.max_outbox_bytes < wire::MAX_DATAGRAM {
             return Err(ConfigError::OutboxTooSmall(self.max_outbox_bytes));
@@ -152,6 +166,15 @@ pub enum ConfigError {
     MaxSessions(usize),
     /// A limit that must be at least 1 is 0 (the name says which).
     ZeroLimit(&'static str),
+    /// A limit is too large to be honoured (the name says which).
+    TooLarge(&'static str),
+    /// A retention shorter than the protocol promises.
+    BelowProtocol {
+        /// Which.
+        what: &'static str,
+        /// The protocol's minimum, in ms.
+        min_ms: u64,
+    },
     /// The reply queue cannot hold even one datagram.
     OutboxTooSmall(usize),
     /// The server needs at least one worker thread.
@@ -184,6 +207,12 @@ impl fmt::Display for ConfigError {
                 "max sessions must be between 1 and {MAX_SESSIONS_LIMIT} (got {n})"
             ),
             ConfigError::ZeroLimit(what) => write!(f, "{what} must be at least 1"),
+            ConfigError::TooLarge(what) => write!(f, "{what} is too large"),
+            ConfigError::BelowProtocol { what, min_ms } => write!(
+                f,
+                "{what} must be at least {} s: the protocol promises it",
+                min_ms / 1000
+            ),
             ConfigError::OutboxTooSmall(n) => write!(
                 f,
                 "the reply queue must hold at least one datagram ({} bytes; got {n})",
@@ -205,8 +234,11 @@ impl std::error::Error for ConfigError {}
 impl Config {
     /// The most one client (one `client_id`, whatever datagrams it sends,
     /// however many sessions it opens one after another) can make the engine
-    /// hold, with `workers` worker threads and replies sent after each
-    /// datagram is handled, as the server does:
+    /// hold, with `workers` worker threads, replies sent after each
+    /// datagram is handled and worker reports applied as they come, as the
+    /// server does (it applies up to 4,096 reports a turn, so under a burst
+    /// of reports the count of ended sessions held can run ahead of
+    /// `workers` for a turn or two):
     ///
     /// | held | at most |
     /// |---|---|
@@ -214,7 +246,7 @@ impl Config {
     /// | ended sessions still held | `workers` (one per task still running) |
     /// | unfinished tasks | `max_tasks_per_session + workers` |
     /// | final states | `max_finished_per_client` |
-    /// | remembered request ids | `max(2 × max_tasks_per_session, 64)` |
+    /// | remembered request ids | `max(4 × max_tasks_per_session, 64)` |
     /// | client records | 1 |
     /// | task bytes | 1024 per unfinished task + 1147 per final state |
     /// | reply bytes queued | 1200 × (2 + unfinished tasks) |
@@ -239,9 +271,21 @@ impl Config {
     }
 }
 
-/// How many answered request ids a session remembers: enough to cover every
-/// unfinished task twice over, so a retry within any sane window is
-/// recognised, while a client cannot grow the table without bound.
+/// How many answered request ids a session remembers: every unfinished task
+/// and three times as many recent answers, so a session can start that many
+/// tasks per retry window, while a client cannot grow the table without
+/// bound (24 bytes an entry).
 pub(crate) fn request_memory(max_tasks_per_session: usize) -> usize {
-    (2 * max_tasks_per_session).max(64)
+    (4 * max_tasks_per_session).max(64)
+}
+
+/// Shortest retry window, in ms: longer than the standard clients retry a
+/// request (8 tries, 250 ms apart), with room for the network's delays.
+pub(crate) const MIN_RETRY_WINDOW_MS: u64 = 5_000;
+
+/// How long after an answer became final (a rejection sent, an accepted
+/// task ended) a retry of its SUBMIT may still arrive, and must get the same
+/// answer: the session's TTL, or `MIN_RETRY_WINDOW_MS` if that is longer.
+pub(crate) fn retry_window_ms(ttl_ms: u32) -> u64 {
+    u64::from(ttl_ms).max(MIN_RETRY_WINDOW_MS)
 }

@@ -47,6 +47,10 @@ pub enum TaskEvent {
     /// The task was taken out of the queue, after an [`Effect::Cancel`],
     /// before any worker took it: it never ran and never will.
     Withdrawn,
+    /// An [`Effect::Cancel`] came after the task's job had returned: the
+    /// task ends as its job said (its `Finished` report is on the way),
+    /// not cancelled.
+    AlreadyReturned,
 }
 
 /// How a job ended, from the job's side.

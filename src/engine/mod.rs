@@ -15,7 +15,7 @@
 //!
 //! Time is a [`Timestamp`] in microseconds from an origin the caller picks
 //! (the server uses its start). It is converted to wheel [`Tick`]s in one
-//! place, `Engine::tick_at_or_after`, which rounds deadlines *up*: a
+//! place, `types::Ticks`, which rounds deadlines *up*: a
 //! session whose last datagram arrived at `t` expires at the first tick
 //! boundary at or after `t + ttl`, so never early and at most one tick late
 //! if the caller calls [`Engine::handle_timeout`] when
@@ -399,6 +399,11 @@ impl Engine {
                 if deadline_ms > 0 {
                     let due = self.ticks.deadline(self.now, u64::from(deadline_ms));
                     schedule(&mut self.task_wheel, task.wheel_key(), due);
+                }
+            }
+            TaskEvent::AlreadyReturned => {
+                if !t.state.is_final() {
+                    t.cancelling = None;
                 }
             }
             TaskEvent::Withdrawn => {
@@ -796,8 +801,11 @@ impl Engine {
         session.live = false;
         let (client_id, incarnation) = (session.client_id, session.incarnation);
         let mut ids = std::mem::take(&mut self.task_scratch);
-        if let Some(work) = session.work.as_ref() {
+        if let Some(work) = session.work.as_mut() {
             ids.extend_from_slice(&work.unfinished);
+            // No SUBMIT can reach an ended session: its answers are of no
+            // use, and a slot held for a running task must not keep them.
+            work.requests = std::collections::VecDeque::new();
         }
         let sessions = &self.sessions;
         self.live_by_client

@@ -52,9 +52,11 @@ impl Outbox {
     pub(crate) fn pop(&mut self, buf: &mut [u8]) -> Option<(SocketAddr, usize)> {
         let q = self.queue.pop_front()?;
         let len = usize::from(q.len);
-        for (out, byte) in buf[..len].iter_mut().zip(self.bytes.drain(..len)) {
-            *out = byte;
-        }
+        let (front, back) = self.bytes.as_slices();
+        let from_front = len.min(front.len());
+        buf[..from_front].copy_from_slice(&front[..from_front]);
+        buf[from_front..len].copy_from_slice(&back[..len - from_front]);
+        self.bytes.drain(..len);
         Some((q.to.into(), len))
     }
 

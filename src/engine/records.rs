@@ -11,11 +11,11 @@
 //!   the count that bounds them is the map's size. A client that ends its own
 //!   sessions a million times updates one record; it cannot push other
 //!   clients' records out.
-//! - **Age by the session's end.** A queue in end order holds
-//!   `(client_id, stamp)`; an entry whose stamp no longer matches its
-//!   client's record is stale (the client ended a later session since) and is
-//!   skipped. The queue is compacted when stale entries outnumber live ones,
-//!   so it stays within twice the number of records.
+//! - **Age by the session's end.** The records are threaded, oldest first,
+//!   on a doubly linked list through the map (each record names the client
+//!   ids before and after it), so ending another session of a client moves
+//!   its record to the back, and ageing or the count bound takes from the
+//!   front: every step O(1), with nothing stale to compact.
 //! - **Pinned while a slot is held.** An ended session whose tasks are still
 //!   running keeps its slab slot (so their final states can still be pushed).
 //!   Each such session pins its client's record: neither age nor count
@@ -26,33 +26,40 @@
 //!   the tasks still on workers.
 //!
 //! ```text
-//!   retire(c, inc) ──► records[c] = max(inc), pins + 1, new stamp ──► order.push_back
+//!   retire(c, inc) ──► records[c] = max(inc), pins + 1 ──► to the back of the list
 //!   release(c)     ──► pins - 1; a lapsed record with no pin left goes now
-//!   age(now)       ──► pop order while 10 min old: stale → skip, pinned → lapsed, else forget
+//!   age(now)       ──► from the front while 10 min old: pinned → lapsed (off the list), else forget
 //! ```
 
-use std::collections::VecDeque;
-
 use super::{FastMap, Timestamp};
+
+/// "No client": client ids are never 0 on the wire.
+const NONE: u64 = 0;
 
 #[derive(Debug, Clone, Copy)]
 struct Record {
     /// Largest incarnation of an ended session of this client.
     incarnation: u64,
-    /// Identifies the order entry that stands for this record.
-    stamp: u64,
+    /// When its last session ended.
+    ended: Timestamp,
     /// Ended sessions of this client that still hold a slab slot.
     pins: u32,
     /// Its time (or its turn under the count bound) came while it was
-    /// pinned: forget it when the last pin goes.
+    /// pinned: it is off the list, and goes when the last pin goes.
     lapsed: bool,
+    /// Its neighbours on the list, older and newer.
+    prev: u64,
+    next: u64,
 }
 
 #[derive(Debug)]
 pub(crate) struct ClientRecords {
     records: FastMap<u64, Record>,
-    order: VecDeque<(u64, u64, Timestamp)>,
-    next_stamp: u64,
+    /// The oldest and newest record on the list.
+    head: u64,
+    tail: u64,
+    /// Records on the list (not lapsed).
+    listed: usize,
     /// Records with at least one pin; they do not count against `max`.
     pinned: usize,
     max: usize,
@@ -63,8 +70,9 @@ impl ClientRecords {
     pub(crate) fn new(max: usize, memory_ms: u64) -> ClientRecords {
         ClientRecords {
             records: FastMap::default(),
-            order: VecDeque::new(),
-            next_stamp: 0,
+            head: NONE,
+            tail: NONE,
+            listed: 0,
             pinned: 0,
             max,
             memory_us: memory_ms.saturating_mul(1000),
@@ -76,10 +84,10 @@ impl ClientRecords {
         self.records.len()
     }
 
-    /// Entries in the ageing queue, stale ones included.
+    /// Records on the ageing list.
     #[cfg(test)]
-    pub(crate) fn queued(&self) -> usize {
-        self.order.len()
+    pub(crate) fn listed(&self) -> usize {
+        self.listed
     }
 
     /// The largest incarnation of an ended session of `client_id`, if the
@@ -91,24 +99,38 @@ impl ClientRecords {
     /// A session of `client_id` with `incarnation` ended at `now`. It pins
     /// the record until [`ClientRecords::release`] says its slot is free.
     pub(crate) fn retire(&mut self, client_id: u64, incarnation: u64, now: Timestamp) {
-        let stamp = self.next_stamp;
-        self.next_stamp += 1;
-        let record = self.records.entry(client_id).or_insert(Record {
-            incarnation,
-            stamp,
-            pins: 0,
-            lapsed: false,
-        });
-        record.incarnation = record.incarnation.max(incarnation);
-        record.stamp = stamp;
-        record.lapsed = false;
-        record.pins += 1;
-        if record.pins == 1 {
-            self.pinned += 1;
+        debug_assert_ne!(client_id, NONE);
+        match self.records.get(&client_id).copied() {
+            Some(r) => {
+                if !r.lapsed {
+                    self.unlink(client_id);
+                }
+                let record = self.records.get_mut(&client_id).expect("present");
+                record.incarnation = r.incarnation.max(incarnation);
+                record.ended = now;
+                record.lapsed = false;
+                record.pins += 1;
+                if record.pins == 1 {
+                    self.pinned += 1;
+                }
+            }
+            None => {
+                self.records.insert(
+                    client_id,
+                    Record {
+                        incarnation,
+                        ended: now,
+                        pins: 1,
+                        lapsed: false,
+                        prev: NONE,
+                        next: NONE,
+                    },
+                );
+                self.pinned += 1;
+            }
         }
-        self.order.push_back((client_id, stamp, now));
+        self.push_back(client_id);
         self.evict_over_count();
-        self.compact();
     }
 
     /// An ended session of `client_id` gave up its slab slot.
@@ -136,40 +158,34 @@ impl ClientRecords {
     /// largest incarnation itself, so an unpinned record can go.
     pub(crate) fn opened(&mut self, client_id: u64) {
         if self.records.get(&client_id).is_some_and(|r| r.pins == 0) {
+            self.unlink(client_id);
             self.records.remove(&client_id);
         }
     }
 
     /// Forgets the records whose session ended `memory` ago or more.
     pub(crate) fn age(&mut self, now: Timestamp) {
-        while let Some(&(client_id, stamp, ended)) = self.order.front() {
+        while self.head != NONE {
+            let ended = self.records[&self.head].ended;
             if now.0.saturating_sub(ended.0) < self.memory_us {
                 break;
             }
-            self.order.pop_front();
-            self.lapse(client_id, stamp);
+            self.lapse(self.head);
         }
     }
 
     /// Past the bound, the oldest unpinned records go first.
     fn evict_over_count(&mut self) {
-        while self.records.len() - self.pinned > self.max {
-            let Some((client_id, stamp, _)) = self.order.pop_front() else {
-                break;
-            };
-            self.lapse(client_id, stamp);
+        while self.records.len() - self.pinned > self.max && self.head != NONE {
+            self.lapse(self.head);
         }
     }
 
-    /// The order entry `(client_id, stamp)` came due: forget the record it
-    /// stands for, or mark it to go with its last pin.
-    fn lapse(&mut self, client_id: u64, stamp: u64) {
-        let Some(record) = self.records.get_mut(&client_id) else {
-            return;
-        };
-        if record.stamp != stamp {
-            return;
-        }
+    /// Takes `client_id` off the list: forgotten now, or, while pinned,
+    /// when its last pin goes.
+    fn lapse(&mut self, client_id: u64) {
+        self.unlink(client_id);
+        let record = self.records.get_mut(&client_id).expect("listed");
         if record.pins > 0 {
             record.lapsed = true;
         } else {
@@ -177,16 +193,35 @@ impl ClientRecords {
         }
     }
 
-    /// Drops stale order entries once they outnumber the live ones, so a
-    /// client churning sessions cannot grow the queue.
-    fn compact(&mut self) {
-        if self.order.len() <= 2 * self.records.len() + 64 {
-            return;
+    fn push_back(&mut self, client_id: u64) {
+        let tail = self.tail;
+        {
+            let record = self.records.get_mut(&client_id).expect("present");
+            record.prev = tail;
+            record.next = NONE;
         }
-        let records = &self.records;
-        self.order.retain(|(client_id, stamp, _)| {
-            records.get(client_id).is_some_and(|r| r.stamp == *stamp)
-        });
+        if tail == NONE {
+            self.head = client_id;
+        } else {
+            self.records.get_mut(&tail).expect("listed").next = client_id;
+        }
+        self.tail = client_id;
+        self.listed += 1;
+    }
+
+    fn unlink(&mut self, client_id: u64) {
+        let Record { prev, next, .. } = self.records[&client_id];
+        if prev == NONE {
+            self.head = next;
+        } else {
+            self.records.get_mut(&prev).expect("listed").next = next;
+        }
+        if next == NONE {
+            self.tail = prev;
+        } else {
+            self.records.get_mut(&next).expect("listed").prev = prev;
+        }
+        self.listed -= 1;
     }
 }
 
@@ -213,7 +248,7 @@ mod tests {
         }
         assert_eq!(r.largest_ended(99), Some(100_000));
         assert_eq!(r.len(), 6);
-        assert!(r.queued() <= 2 * 6 + 65, "queue {}", r.queued());
+        assert_eq!(r.listed(), 6);
     }
 
     #[test]
@@ -275,7 +310,7 @@ mod tests {
         /// holds for unpinned records, and the queue stays bounded.
         #[test]
         fn bounded_and_never_forgets_a_pinned_client(
-            ops in proptest::collection::vec((0u8..3, 0u64..6, 0u64..4), 1..400)
+            ops in proptest::collection::vec((0u8..3, 1u64..7, 0u64..4), 1..400)
         ) {
             let max = 3;
             let mut r = ClientRecords::new(max, 1);
@@ -309,7 +344,7 @@ mod tests {
                 }
                 let pinned = pins.values().filter(|&&n| n > 0).count();
                 prop_assert!(r.len() <= max + pinned);
-                prop_assert!(r.queued() <= 2 * r.len() + 65);
+                prop_assert!(r.listed() <= r.len());
             }
         }
     }

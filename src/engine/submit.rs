@@ -1,7 +1,7 @@
 //! SUBMIT: admission against the limits, idempotence by request id, and
 //! the rule for which answers a session may forget.
 
-use super::config::request_memory;
+use super::config::{request_memory, retry_window_ms};
 use super::session::{reject_text, Request, RequestReply};
 use super::stats::move_task_gauge;
 use super::task::{Task, TaskState};
@@ -35,6 +35,9 @@ impl Engine {
             }
             None => {
                 let reply = self.admit(index, delay_ms, deadline_ms, job, payload);
+                // A rejection is final when it is sent; an acceptance when
+                // its task ends (`finish` dates it).
+                let ended = matches!(reply, RequestReply::Rejected(_)).then_some(self.now);
                 self.sessions[index.slot()]
                     .work
                     .get_or_insert_with(Box::default)
@@ -42,7 +45,7 @@ impl Engine {
                     .push_back(Request {
                         id: request_id,
                         reply,
-                        ended: None,
+                        ended,
                     });
                 reply
             }
@@ -67,34 +70,28 @@ impl Engine {
     }
 
     /// Makes room for one more answered request id, if the session's memory
-    /// is full, by forgetting one that can no longer be retried: the oldest
-    /// rejection (a retry of it is judged afresh, which cannot start a task
-    /// twice), else the oldest task that ended more than one TTL ago (the
-    /// client's retry window: a client that has heard nothing for its TTL
-    /// has lost its session anyway). An unfinished task's id, or one that
-    /// ended within the TTL, is never forgotten; if that is all there is,
-    /// there is no room.
+    /// is full, by forgetting the oldest answer no retry can still ask for:
+    /// a rejection, or a task's acceptance once the task has ended, older
+    /// than the retry window (`retry_window_ms`). An unfinished task's id is
+    /// never forgotten, nor any answer younger than the window, so a late
+    /// retry always gets the answer the first try got; if that is all there
+    /// is, there is no room.
     fn make_request_room(&mut self, index: SessionIndex) -> bool {
         let limit = request_memory(self.config.max_tasks_per_session);
         let now = self.now;
         let session = &mut self.sessions[index.slot()];
-        let window_us = u64::from(session.ttl_ms) * 1000;
+        let window_us = retry_window_ms(session.ttl_ms) * 1000;
         let Some(work) = session.work.as_mut() else {
             return true;
         };
         if work.requests.len() < limit {
             return true;
         }
-        let forgettable = work
-            .requests
-            .iter()
-            .position(|r| matches!(r.reply, RequestReply::Rejected(_)))
-            .or_else(|| {
-                work.requests.iter().position(|r| {
-                    r.ended
-                        .is_some_and(|ended| now.0.saturating_sub(ended.0) >= window_us)
-                })
-            });
+        let past_retries = |r: &Request| {
+            r.ended
+                .is_some_and(|ended| now.0.saturating_sub(ended.0) >= window_us)
+        };
+        let forgettable = work.requests.iter().position(past_retries);
         match forgettable {
             Some(i) => {
                 work.requests.remove(i);

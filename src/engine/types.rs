@@ -57,6 +57,7 @@ pub struct JobId(pub u16);
 
 /// What a job accepts as payload; a SUBMIT outside it gets REJECTED 4.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum PayloadRule {
     /// Any payload.
     Any,

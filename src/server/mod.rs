@@ -80,10 +80,10 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
-use crate::engine::{Effect, Engine, TaskEvent, Timestamp};
+use crate::engine::{Engine, Timestamp};
 use crate::metrics::Metrics;
 use crate::observe::{EventStream, WallClock};
-use crate::pool::{Pool, Registry, Report};
+use crate::pool::{Applied, CancelOutcome, Pool, Registry, Report};
 use socket::{udp_socket, Incoming, Outgoing};
 use watch::{Thresholds, Watch};
 
@@ -546,15 +546,13 @@ impl Server {
     fn apply_effects(&mut self) {
         while let Some(effect) = self.engine.poll_effect() {
             self.watch.iteration.effects += 1;
-            let cancelled = matches!(effect, Effect::Cancel { .. });
             let now = self.clock.now();
-            if let Some(task) = self.pool.apply(effect, now) {
+            let applied = self.pool.apply(effect, now);
+            if let Some((task, event)) = applied.report() {
                 let at = self.timestamp(now);
-                self.engine
-                    .handle_task_event(at, task, TaskEvent::Withdrawn);
-            } else if cancelled {
-                // Its flag was set (or it already finished): watch for a job
-                // slow to notice.
+                self.engine.handle_task_event(at, task, event);
+            } else if let Applied::Cancel(_, CancelOutcome::Signalled) = applied {
+                // Its flag is set: watch for a job slow to notice.
                 self.watch.cancel_signalled(now);
             }
         }
@@ -564,7 +562,7 @@ impl Server {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::{ConfigError, PayloadRule, TaskId};
+    use crate::engine::{ConfigError, PayloadRule, TaskEvent, TaskId};
     use crate::wire::{Datagram, Flags, Message};
 
     fn datagram(seq: u32, message: Message<'_>) -> Vec<u8> {

@@ -712,7 +712,7 @@ class AsyncSession(_SessionView):
             del self._finals[fields[1]]
             del self._final_incarnation[fields[1]]
         if kind == TASK_STATE and fields.final:
-            future = self._finals.setdefault(fields.task_id, asyncio.get_running_loop().create_future())
+            future = self._final_future(fields.task_id)
             if not future.done():
                 future.set_result(fields)
                 self._final_incarnation[fields.task_id] = incarnation
@@ -749,15 +749,35 @@ class AsyncSession(_SessionView):
         return outcome
 
     async def wait(self, task_id: int) -> TaskResult:
-        """The task's final state, from the push or, if it was lost, STATUS."""
-        future = self._finals.setdefault(task_id, asyncio.get_running_loop().create_future())
-        while True:
-            done, _ = await asyncio.wait({future}, timeout=1.0)
-            if done:
-                return future.result()
-            state = await self.status(task_id)
-            if state.final or state.state == "unknown":
-                return state
+        """The task's final state, from the push or, if it was lost, STATUS.
+        Once returned, the session forgets it (ask ``status`` again if
+        needed)."""
+        future = self._final_future(task_id)
+        try:
+            while True:
+                done, _ = await asyncio.wait({future}, timeout=1.0)
+                if done:
+                    return future.result()
+                state = await self.status(task_id)
+                if state.final or state.state == "unknown":
+                    return state
+        finally:
+            self._finals.pop(task_id, None)
+            self._final_incarnation.pop(task_id, None)
+
+    def _final_future(self, task_id: int) -> asyncio.Future:
+        """The future of ``task_id``'s final state, made if need be. Final
+        states nobody waits for are kept for late waiters, the oldest
+        dropped first past ``MAX_EVENTS``."""
+        future = self._finals.get(task_id)
+        if future is None:
+            while len(self._finals) >= MAX_EVENTS:
+                oldest = next(iter(self._finals))
+                del self._finals[oldest]
+                self._final_incarnation.pop(oldest, None)
+            future = asyncio.get_running_loop().create_future()
+            self._finals[task_id] = future
+        return future
 
     async def submit(self, job: str, payload: bytes = b"", delay: float = 0.0, deadline: float = 0.0) -> TaskResult:
         """Submits ``job`` and returns its final state. If the coroutine is

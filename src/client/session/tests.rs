@@ -480,3 +480,85 @@ fn a_resumed_session_the_server_no_longer_has_is_replaced_by_a_new_one() {
     let fresh = hellos.iter().find(|s| s.header.incarnation > 500).unwrap();
     assert_eq!(fresh.header.seq, 1);
 }
+
+#[test]
+fn refusals_while_reopening_do_not_shadow_the_servers_numbering() {
+    // Each REJECTED to a HELLO copies the HELLO's seq; were those taken into
+    // the window of the server's own numbering, the WELCOME (the server's
+    // seq 1) would then look like a replay and be dropped.
+    let mut h = Harness::new(config());
+    h.open(3000);
+    let (_, mut hello) = h.lose_session();
+    for _ in 0..3 {
+        h.deliver(
+            Header {
+                flags: Flags::empty(),
+                ..hello.header
+            },
+            Message::Rejected {
+                request_id: 0,
+                code: crate::wire::RejectCode::TooManySessions,
+                message: "",
+            },
+        );
+        assert_eq!(h.session.state(), State::Lost);
+        let due = h.session.poll_timeout().unwrap();
+        hello = h
+            .run(due)
+            .into_iter()
+            .map(|(_, s)| s)
+            .find(|s| s.kind == Kind::Hello)
+            .expect("another HELLO after the backoff");
+    }
+    h.server_seq = 0; // the server's first datagram in this session
+    h.welcome(&hello.header);
+    assert_eq!(h.session.state(), State::Live);
+}
+
+#[test]
+fn a_reopening_that_goes_unanswered_moves_to_a_new_incarnation_each_round() {
+    let mut h = Harness::new(config());
+    let start = h.now;
+    h.open(3000);
+    let (_, first) = h.lose_session();
+    let hellos: Vec<Sent> = h
+        .run(start + Duration::from_secs(120))
+        .into_iter()
+        .map(|(_, s)| s)
+        .filter(|s| s.kind == Kind::Hello)
+        .collect();
+    let incarnations: std::collections::BTreeSet<u64> =
+        hellos.iter().map(|s| s.header.incarnation).collect();
+    assert!(
+        incarnations.len() > 3,
+        "{} incarnations over {} HELLOs",
+        incarnations.len(),
+        hellos.len()
+    );
+    assert!(incarnations.iter().all(|&i| i >= first.header.incarnation));
+    // A round is the configured tries (4): the first 3 retries keep the
+    // incarnation of the first HELLO.
+    assert!(hellos[..3]
+        .iter()
+        .all(|s| s.header.incarnation == first.header.incarnation));
+    assert!(hellos[3].header.incarnation > first.header.incarnation);
+}
+
+#[test]
+fn a_bye_that_finds_the_session_gone_does_not_open_another() {
+    let mut h = Harness::new(config());
+    h.open(3000);
+    let id = h.session.start(h.now, Request::Bye);
+    let bye = h.sent().pop().unwrap();
+    h.unknown_session(&bye.header);
+    assert_eq!(
+        h.session.completion(id),
+        Some(Err(ClientError::SessionLost))
+    );
+    assert_eq!(h.session.state(), State::Closed);
+    assert!(
+        h.sent().is_empty(),
+        "no HELLO from a client that is leaving"
+    );
+    assert_eq!(h.session.poll_timeout(), None);
+}

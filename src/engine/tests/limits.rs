@@ -157,18 +157,18 @@ fn a_finished_tasks_request_id_is_kept_through_its_retry_window() {
 #[test]
 fn a_session_whose_request_memory_holds_only_retryable_ids_refuses_more() {
     let mut cfg = config();
-    cfg.max_tasks_per_session = 32; // request memory: 64
+    cfg.max_tasks_per_session = 16; // request memory: 64
     let mut sim = Sim::new(cfg);
     let mut c = Client::new(3);
     sim.hello(&mut c, TTL);
     let mut finished = Vec::new();
-    for r in 1..=32 {
+    for r in 1..=48 {
         let t = accepted_task(&sim.submit(&mut c, r, "echo", b""));
         sim.event(t, TaskEvent::Started);
         sim.event(t, TaskEvent::Finished(JobOutcome::Done(vec![])));
         finished.push(t);
     }
-    let sleeps: Vec<TaskId> = (33..=64)
+    let sleeps: Vec<TaskId> = (49..=64)
         .map(|r| accepted_task(&sim.submit(&mut c, r, "sleep", &[0; 4])))
         .collect();
     sim.effects();
@@ -176,23 +176,44 @@ fn a_session_whose_request_memory_holds_only_retryable_ids_refuses_more() {
         sim.event(t, TaskEvent::Started);
     }
     sim.event(sleeps[0], TaskEvent::Finished(JobOutcome::Done(vec![])));
-    // 32 tasks that ended within the TTL and 31 unfinished ones, plus the
-    // one just ended: every answer may still be retried, so there is no
-    // room to remember a new one, and it is refused (not remembered).
+    // 48 tasks that ended within the retry window and 15 unfinished ones,
+    // plus the one just ended: every answer may still be retried, so there
+    // is no room to remember a new one, and it is refused (not remembered).
     let reply = sim.submit(&mut c, 65, "echo", b"");
     assert_eq!(rejected_code(&reply), RejectCode::TooManyTasks);
     assert_eq!(
         accepted_task(&sim.submit(&mut c, 1, "echo", b"")),
         finished[0]
     );
-    // One TTL later (the session kept alive), the old answers may go.
-    for _ in 0..4 {
+    // Past the window (5 s, the TTL being shorter), with the session kept
+    // alive, the old answers may go.
+    for _ in 0..6 {
         sim.run_ms(1_000);
         sim.send(&mut c, Message::Heartbeat).unwrap();
     }
     let fresh = accepted_task(&sim.submit(&mut c, 66, "echo", b""));
     assert!(!finished.contains(&fresh));
-    assert!(sim.engine.footprint().remembered_requests <= request_memory(32));
+    assert!(sim.engine.footprint().remembered_requests <= request_memory(16));
+}
+
+#[test]
+fn a_rejection_is_repeated_to_a_retry_within_the_window_however_many_follow() {
+    let mut cfg = config();
+    cfg.max_tasks_per_session = 16; // request memory: 64
+    let mut sim = Sim::new(cfg);
+    let mut c = Client::new(6);
+    sim.hello(&mut c, TTL);
+    let first = sim.submit(&mut c, 1, "no-such-job", b"");
+    assert_eq!(rejected_code(&first), RejectCode::UnknownJob);
+    for r in 2..200 {
+        sim.submit(&mut c, r, "echo", b"");
+    }
+    // A retry of request 1, still within its window, however many SUBMITs
+    // came since: the same REJECTED, not a fresh look.
+    assert_eq!(
+        rejected_code(&sim.submit(&mut c, 1, "echo", b"")),
+        RejectCode::UnknownJob
+    );
 }
 
 #[test]
@@ -486,8 +507,9 @@ mod memory {
                             tasks.remove(0);
                         }
                     }
-                    if let Some(task) = queue.apply(effect, std::time::Instant::now()) {
-                        sim.engine.handle_task_event(sim.now, task, TaskEvent::Withdrawn);
+                    let applied = queue.apply(effect, std::time::Instant::now());
+                    if let Some((task, event)) = applied.report() {
+                        sim.engine.handle_task_event(sim.now, task, event);
                     }
                 }
                 let held = sim.engine.footprint();
@@ -505,4 +527,33 @@ mod memory {
             }
         }
     }
+}
+
+#[test]
+fn an_ended_session_held_for_its_running_task_keeps_no_request_ids() {
+    let mut cfg = config();
+    cfg.max_tasks_per_session = 16; // request memory: 64
+    let bound = cfg.client_bound(8).remembered_requests;
+    let mut sim = Sim::new(cfg);
+    let mut c = Client::new(4);
+    for _ in 0..8 {
+        sim.hello(&mut c, TTL);
+        // One long task on a worker, then the memory filled with answers.
+        let long = accepted_task(&sim.submit(&mut c, 1, "sleep", &[0; 4]));
+        sim.effects();
+        sim.event(long, TaskEvent::Started);
+        for r in 2..200 {
+            sim.submit(&mut c, r, "no-such-job", b"");
+        }
+        // A new incarnation replaces the session; the task keeps its slot.
+        c = c.next_incarnation();
+    }
+    sim.hello(&mut c, TTL);
+    let held = sim.engine.footprint();
+    assert_eq!(held.ended_sessions_held, 8);
+    assert!(
+        held.remembered_requests <= bound,
+        "{} remembered, bound {bound}",
+        held.remembered_requests
+    );
 }

@@ -557,8 +557,7 @@ fn task_state_gauges_follow_every_move() {
 #[test]
 fn a_finished_tasks_deadline_timer_dies_with_it() {
     let mut cfg = config();
-    cfg.max_finished_tasks = 1;
-    cfg.finished_retention_ms = 0;
+    cfg.max_finished_per_client = 1;
     let mut sim = Sim::new(cfg);
     let mut c = Client::new(1);
     sim.hello(&mut c, 60_000);
@@ -566,8 +565,13 @@ fn a_finished_tasks_deadline_timer_dies_with_it() {
     sim.effects();
     sim.event(first, TaskEvent::Started);
     sim.event(first, TaskEvent::Finished(JobOutcome::Done(vec![])));
-    // Age the record out so its slab slot is free, then reuse the slot for
-    // a task held back by a delay longer than the old deadline.
+    // Another final state pushes the first out (one kept per client here),
+    // so its slab slot is free; then reuse the slot for a task held back by
+    // a delay longer than the old deadline.
+    let filler = accepted_task(&sim.submit(&mut c, 3, "echo", b""));
+    sim.effects();
+    sim.event(filler, TaskEvent::Started);
+    sim.event(filler, TaskEvent::Finished(JobOutcome::Done(vec![])));
     sim.run_ms(10);
     let second = accepted_task(&sim.submit_timed(&mut c, 2, 2_000, 0, "echo", b""));
     assert_eq!(second.0 & 0xffff_ffff, first.0 & 0xffff_ffff, "slot reused");
@@ -582,4 +586,22 @@ fn a_finished_tasks_deadline_timer_dies_with_it() {
     );
     sim.run_ms(1_500);
     assert!(matches!(sim.effects()[..], [Effect::Run { task, .. }] if task == second));
+}
+
+#[test]
+fn a_cancel_that_comes_after_the_job_returned_leaves_the_outcome_as_it_was() {
+    // The job returned Done, but its report is still on the way when the
+    // client's CANCEL is handled: the pool finds no such task on a worker
+    // (AlreadyReturned), and the final state is the job's, not "cancelled".
+    let mut sim = Sim::new(config());
+    let mut c = Client::new(9);
+    sim.hello(&mut c, TTL);
+    let task = accepted_task(&sim.submit(&mut c, 1, "echo", b"x"));
+    sim.effects();
+    sim.event(task, TaskEvent::Started);
+    sim.ask(&mut c, Message::Cancel { task_id: task.0 });
+    assert!(sim.event(task, TaskEvent::AlreadyReturned).is_empty());
+    let last = sim.event(task, TaskEvent::Finished(JobOutcome::Done(b"x".to_vec())));
+    assert_eq!(task_report(&last[0]), (task.0, "Done([120])".to_string()));
+    assert_eq!(sim.engine.stats().tasks_cancelled, 0);
 }
