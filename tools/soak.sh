@@ -4,7 +4,7 @@
 # scenario is bounded in time and count. Takes about eight minutes on two
 # cores. Run from the repository root:
 #
-#   tools/soak.sh            # all: junk junk_keyed hello_flood amplification stall correct
+#   tools/soak.sh            # all: junk junk_keyed hello_flood amplification stall submit_cancel correct
 #   tools/soak.sh junk stall # some of them
 #
 # The stall scenario asks for a 768 MiB receive buffer (to hold 6 s of
@@ -131,6 +131,52 @@ scenario_stall() {
     "100K clients, server stopped 6 s (2 x TTL): $fe false expiries, $missed silent clients missed"
 }
 
+scenario_submit_cancel() {
+  # The review's reproduction: every worker busy with a long sleep, then
+  # SUBMIT (echo, 1 KiB) and CANCEL in a loop. 100,000 cycles from 400
+  # clients (one client alone is held to 256 answers per retry window);
+  # the server's RSS, read from /proc, must stay flat, and the pool's queue
+  # must hold nothing once the loop ends.
+  start_server --workers 1
+  local rss_after queued verdict
+  verdict=$(PYTHONPATH=tools/python python3 - "$ADDR" <<'PY'
+import struct, sys, threading
+import tether_client as tc
+host, port = sys.argv[1].rsplit(":", 1)
+addr = (host, int(port))
+holder = tc.Client(addr, client_id=1)
+holder.submit("sleep", struct.pack(">I", 600_000))
+payload = b"x" * 1024
+cycles = [0]
+lock = threading.Lock()
+def churn(first):
+    for cid in range(first, first + 100):
+        with tc.Client(addr, client_id=cid) as c:
+            for _ in range(250):
+                task = c.submit("echo", payload)
+                c.cancel(task)
+                with lock:
+                    cycles[0] += 1
+threads = [threading.Thread(target=churn, args=(1000 + 100 * t,)) for t in range(4)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(cycles[0])
+holder.close()
+PY
+)
+  sleep 0.2
+  rss_after=$(awk '/VmRSS/ {print $2}' "/proc/$SERVER_PID/status")
+  queued=$(python3 - "$METRICS" <<'PY'
+import sys, urllib.request
+text = urllib.request.urlopen(f"http://{sys.argv[1]}/metrics").read().decode()
+print(next(l.split()[1] for l in text.splitlines() if l.startswith('tether_pool_tasks{state="queued"}')))
+PY
+)
+  stop_server
+  report submit-cancel "$([ "$verdict" = 100000 ] && [ "$queued" = 0 ] && [ "$rss_after" -lt 65536 ] && echo 1 || echo 0)" \
+    "$verdict SUBMIT+CANCEL cycles of 1 KiB behind a busy worker: server RSS $rss_after kB afterwards (bound 64 MB; the review measured 133 MB and growing before the fix), pool queue $queued"
+}
+
 scenario_correct() {
   start_server
   load --clients 100000 --duration 30s --silent 0.01 --ack 0.01
@@ -142,7 +188,7 @@ scenario_correct() {
     "100K clients x 1 Hz, 1% silent: $fe false, $early early, $missed missed, lateness p99 $p99 ms"
 }
 
-scenarios=${*:-"junk junk_keyed hello_flood amplification stall correct"}
+scenarios=${*:-"junk junk_keyed hello_flood amplification stall submit_cancel correct"}
 for s in $scenarios; do
   "scenario_$s"
 done
