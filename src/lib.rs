@@ -95,6 +95,8 @@ pub mod pool;
 #[doc(hidden)]
 pub mod server;
 #[doc(hidden)]
+pub mod steer;
+#[doc(hidden)]
 pub mod wheel;
 #[doc(hidden)]
 pub mod wire;

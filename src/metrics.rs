@@ -45,6 +45,11 @@ pub struct EdgeStats {
     pub slow_cancels: u64,
     /// Loop iterations that took longer than the slow-loop threshold.
     pub slow_loops: u64,
+    /// Datagrams read from the members' socket (every kind but HELLO, or
+    /// every datagram when HELLOs are not steered).
+    pub read_members: u64,
+    /// Datagrams read from the strangers' socket (HELLO).
+    pub read_strangers: u64,
     /// Tasks the worker pool holds in its queue now.
     pub pool_queued: u64,
     /// Tasks on the pool's workers now.
@@ -248,6 +253,20 @@ const SERIES: &[Series] = &[
         |s, _| s.tasks_running_now
     ),
     series!(
+        "tether_datagrams_read",
+        "Datagrams read, by listening socket (members: every kind but HELLO; strangers: HELLO, steered there by the kernel).",
+        Counter,
+        "socket" = "members",
+        |_, e| e.read_members
+    ),
+    series!(
+        "tether_datagrams_read",
+        "Datagrams read, by listening socket (members: every kind but HELLO; strangers: HELLO, steered there by the kernel).",
+        Counter,
+        "socket" = "strangers",
+        |_, e| e.read_strangers
+    ),
+    series!(
         "tether_pool_tasks",
         "Tasks the worker pool holds, by state (what the engine counts as queued or running, as the pool sees it).",
         Gauge,
@@ -403,8 +422,9 @@ pub struct Metrics {
     pub expiry_lateness: Histogram,
     /// Duration of each event loop iteration (from wake-up to sleep).
     pub loop_iteration: Histogram,
-    /// The socket whose kernel drop count is exported, as bound.
-    socket: std::sync::OnceLock<SocketAddr>,
+    /// The listening sockets whose kernel drop counts are exported: their
+    /// address, and each one's role and inode.
+    sockets: std::sync::OnceLock<(SocketAddr, Vec<(&'static str, u64)>)>,
 }
 
 impl Default for Metrics {
@@ -418,7 +438,7 @@ impl Default for Metrics {
             task_run: Histogram::new(RUN_TIME_US),
             expiry_lateness: Histogram::new(SHORT_US),
             loop_iteration: Histogram::new(SHORT_US),
-            socket: std::sync::OnceLock::new(),
+            sockets: std::sync::OnceLock::new(),
         }
     }
 }
@@ -441,9 +461,10 @@ impl Metrics {
         }
     }
 
-    /// Names the server's socket, so its kernel drop count can be exported.
-    pub fn set_socket(&self, addr: SocketAddr) {
-        let _ = self.socket.set(addr);
+    /// Names the server's listening sockets (`addr` they share, and for
+    /// each its role and inode), so their kernel drop counts are exported.
+    pub fn set_sockets(&self, addr: SocketAddr, sockets: Vec<(&'static str, u64)>) {
+        let _ = self.sockets.set((addr, sockets));
     }
 
     /// The Prometheus text exposition of every metric.
@@ -509,42 +530,75 @@ impl Collector for Exporter {
             let metric = encoder.encode_descriptor(name, help, Some(&seconds), MetricType::Histogram)?;
             histogram.encode(metric)?;
         }
-        if let Some(drops) = m.socket.get().and_then(kernel_drops) {
-            let metric = encoder.encode_descriptor(
+        if let Some((addr, sockets)) = m.sockets.get() {
+            let table = udp_sockets(addr);
+            let mut family = encoder.encode_descriptor(
                 "tether_receive_buffer_drops",
-                "Datagrams the kernel dropped because the server's receive buffer was full.",
+                "Datagrams the kernel dropped because a listening socket's receive buffer was full, by socket (members: every kind but HELLO; strangers: HELLO).",
                 None,
                 MetricType::Counter,
             )?;
-            let mut metric = metric;
-            metric.encode_counter::<NoLabelSet, _, u64>(&drops, None)?;
+            for (role, inode) in sockets {
+                if let Some(line) = table.iter().find(|l| l.inode == *inode) {
+                    family
+                        .encode_family(&[("socket", *role)])?
+                        .encode_counter::<NoLabelSet, _, u64>(&line.drops, None)?;
+                }
+            }
         }
         Ok(())
     }
 }
 
-/// The kernel's drop count for the UDP socket bound to `addr`, from
-/// /proc/net/udp (or udp6): the last column of the socket's line.
-fn kernel_drops(addr: &SocketAddr) -> Option<u64> {
-    let table = if addr.is_ipv4() {
-        "/proc/net/udp"
-    } else {
-        "/proc/net/udp6"
-    };
-    let text = std::fs::read_to_string(table).ok()?;
-    let port = format!(":{:04X}", addr.port());
-    text.lines().skip(1).find_map(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let local = fields.get(1)?;
-        if local.ends_with(&port) {
-            fields.last()?.parse().ok()
-        } else {
-            None
-        }
-    })
+/// One line of `/proc/net/udp` (or `udp6`): a UDP socket of this machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpSocketLine {
+    /// The socket's inode (as `fstat` reports it).
+    pub inode: u64,
+    /// Datagrams the kernel dropped for it, its receive buffer being full.
+    pub drops: u64,
 }
 
-/// Serves `GET /metrics` on `addr` from a thread of its own.
+/// The UDP sockets bound to exactly `addr` (address and port), from
+/// `/proc/net/udp` or `/proc/net/udp6`. Empty if the table cannot be read.
+pub fn udp_sockets(addr: &SocketAddr) -> Vec<UdpSocketLine> {
+    let (table, local) = match addr {
+        SocketAddr::V4(a) => (
+            "/proc/net/udp",
+            format!(
+                "{:08X}:{:04X}",
+                u32::from_ne_bytes(a.ip().octets()),
+                a.port()
+            ),
+        ),
+        SocketAddr::V6(a) => {
+            let o = a.ip().octets();
+            let words: String = o
+                .chunks(4)
+                .map(|w| format!("{:08X}", u32::from_ne_bytes([w[0], w[1], w[2], w[3]])))
+                .collect();
+            ("/proc/net/udp6", format!("{words}:{:04X}", a.port()))
+        }
+    };
+    let Ok(text) = std::fs::read_to_string(table) else {
+        return Vec::new();
+    };
+    // sl local rem st tx:rx tr:when retrnsmt uid timeout inode ref pointer drops
+    text.lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if *fields.get(1)? != local {
+                return None;
+            }
+            Some(UdpSocketLine {
+                inode: fields.get(9)?.parse().ok()?,
+                drops: fields.last()?.parse().ok()?,
+            })
+        })
+        .collect()
+}
+
 pub fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> io::Result<(SocketAddr, JoinHandle<()>)> {
     let server = tiny_http::Server::http(addr).map_err(io::Error::other)?;
     let bound = server

@@ -84,12 +84,13 @@ use crate::engine::{Engine, Timestamp};
 use crate::metrics::Metrics;
 use crate::observe::{EventStream, WallClock};
 use crate::pool::{Applied, CancelOutcome, Pool, Registry, Report};
-use socket::{udp_socket, Incoming, Outgoing};
+use socket::{Incoming, Inlet, Outgoing, STRANGERS_PER_TURN};
 use watch::{Thresholds, Watch};
 
 const SOCKET: Token = Token(0);
 const WAKER: Token = Token(1);
 const SIGNALS: Token = Token(2);
+const STRANGERS: Token = Token(3);
 
 /// Worker reports applied per turn at most.
 const REPORTS_PER_TURN: usize = 4096;
@@ -97,7 +98,6 @@ const REPORTS_PER_TURN: usize = 4096;
 /// A bound server, ready to [`run`](Server::run).
 pub struct Server {
     poll: Poll,
-    socket: UdpSocket,
     local_addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
     waker: Arc<Waker>,
@@ -119,8 +119,6 @@ pub struct Server {
 struct LoopState {
     events: Events,
     outgoing: Outgoing,
-    /// The socket may hold datagrams not read yet.
-    socket_backlog: bool,
     /// The last send would have blocked; wait for writability.
     send_blocked: bool,
     /// Worker reports left for the next turn by the per-turn budget.
@@ -135,7 +133,6 @@ impl LoopState {
         LoopState {
             events: Events::with_capacity(64),
             outgoing: Outgoing::new(),
-            socket_backlog: true,
             send_blocked: false,
             reports_pending: false,
             grace_deadline: None,
@@ -150,6 +147,50 @@ enum Turn {
     Again,
     /// A graceful shutdown completed or ran out of grace.
     Stopped,
+}
+
+/// Each listening socket's role and inode, for the kernel's drop counts.
+type SocketRoles = Vec<(&'static str, u64)>;
+
+/// Registers the listening sockets with the poller; returns the read side
+/// and each socket's role and inode (for the kernel's drop counts).
+fn register(
+    poll: &Poll,
+    listeners: socket::Listeners,
+) -> Result<(Incoming, SocketRoles), ServerError> {
+    let mut inodes = Vec::new();
+    let mut inlet = |(std_socket, granted): (std::net::UdpSocket, usize),
+                     token,
+                     interest,
+                     role|
+     -> Result<Inlet, ServerError> {
+        if let Ok(inode) = crate::steer::inode(&std_socket) {
+            inodes.push((role, inode));
+        }
+        let mut socket = UdpSocket::from_std(std_socket);
+        poll.registry()
+            .register(&mut socket, token, interest)
+            .map_err(|e| ServerError::Io("registering a socket", e))?;
+        Ok(Inlet::new(socket, granted))
+    };
+    let members = inlet(
+        listeners.members,
+        SOCKET,
+        Interest::READABLE | Interest::WRITABLE,
+        "members",
+    )?;
+    let strangers = match listeners.strangers {
+        Some(s) => Some(inlet(s, STRANGERS, Interest::READABLE, "strangers")?),
+        None => None,
+    };
+    match &listeners.unsteered {
+        None => tracing::info!("HELLOs steered to a socket of their own: a herd of new clients cannot crowd out live sessions"),
+        Some(why) => tracing::warn!(
+            error = %why,
+            "the kernel refused the steering program: HELLOs and live sessions share one socket, so under a herd of new clients the kernel may drop heartbeats with HELLOs"
+        ),
+    }
+    Ok((Incoming::new(members, strangers), inodes))
 }
 
 impl Server {
@@ -181,16 +222,15 @@ impl Server {
             return Err(ServerError::InsecureBind(listen));
         }
         config.validate().map_err(ServerError::InvalidConfig)?;
-        let (std_socket, granted) =
-            udp_socket(listen, config.recv_buffer).map_err(|e| ServerError::Bind(listen, e))?;
-        let mut socket = UdpSocket::from_std(std_socket);
-        let local_addr = socket
+        let listeners =
+            socket::listen(listen, config.recv_buffer).map_err(|e| ServerError::Bind(listen, e))?;
+        let local_addr = listeners
+            .members
+            .0
             .local_addr()
             .map_err(|e| ServerError::Bind(listen, e))?;
         let poll = Poll::new().map_err(|e| ServerError::Io("creating the poller", e))?;
-        poll.registry()
-            .register(&mut socket, SOCKET, Interest::READABLE | Interest::WRITABLE)
-            .map_err(|e| ServerError::Io("registering the socket", e))?;
+        let (incoming, inodes) = register(&poll, listeners)?;
         let waker = Arc::new(
             Waker::new(poll.registry(), WAKER)
                 .map_err(|e| ServerError::Io("creating the waker", e))?,
@@ -219,7 +259,7 @@ impl Server {
         }
         let jobs = registry.table();
         let metrics = Arc::new(Metrics::default());
-        metrics.set_socket(local_addr);
+        metrics.set_sockets(local_addr, inodes);
         let metrics_addr = match config.metrics {
             Some(addr) => {
                 let (bound, _thread) = crate::metrics::serve(addr, Arc::clone(&metrics))
@@ -260,7 +300,6 @@ impl Server {
         );
         Ok(Server {
             poll,
-            socket,
             local_addr,
             metrics_addr,
             waker,
@@ -269,7 +308,7 @@ impl Server {
             engine: Engine::new(config.engine, Timestamp(0)).map_err(ServerError::InvalidConfig)?,
             pool,
             reports,
-            incoming: Incoming::new(granted),
+            incoming,
             watch,
             grace: config.grace,
             coalesce: config.coalesce,
@@ -293,9 +332,16 @@ impl Server {
         Arc::clone(&self.watch.metrics)
     }
 
-    /// The receive buffer the kernel granted, in bytes.
+    /// The receive buffer the kernel granted, in bytes (each listening
+    /// socket has one).
     pub fn recv_buffer_granted(&self) -> usize {
-        self.incoming.granted
+        self.incoming.members.granted
+    }
+
+    /// Whether the kernel steers HELLOs to a socket of their own, so a herd
+    /// of new clients cannot crowd out live sessions' heartbeats.
+    pub fn steering(&self) -> bool {
+        self.incoming.strangers.is_some()
     }
 
     /// A handle that stops the server gracefully from another thread.
@@ -320,13 +366,14 @@ impl Server {
 
     /// One iteration of the loop (see the module documentation).
     fn turn(&mut self, state: &mut LoopState) -> Result<Turn, ServerError> {
-        if state.last_read >= 2 && !state.socket_backlog && !state.reports_pending {
+        let pending = self.incoming.pending();
+        if state.last_read >= 2 && !pending && !state.reports_pending {
             self.gather(state.grace_deadline);
         }
         let timeout = if state.reports_pending {
             Some(Duration::ZERO)
         } else {
-            self.poll_timeout(state.socket_backlog, state.grace_deadline)
+            self.poll_timeout(pending, state.grace_deadline)
         };
         if let Err(e) = self.poll.poll(&mut state.events, timeout) {
             if e.kind() == io::ErrorKind::Interrupted {
@@ -361,9 +408,10 @@ impl Server {
         }
         let expired_before = self.engine.stats().sessions_expired;
         let read_before = self.watch.iteration.datagrams;
-        if state.socket_backlog {
-            state.socket_backlog = self.drain_socket(state);
-        }
+        // Read every turn, readable or not: what arrived between the poll
+        // and now must be read before any expiry is decided.
+        self.drain_members(state);
+        self.admit_strangers(state);
         state.last_read = (self.watch.iteration.datagrams - read_before) as usize;
         state.reports_pending = self.apply_reports(&mut report_budget);
         self.engine.handle_timeout(decided_at);
@@ -392,8 +440,13 @@ impl Server {
         for event in state.events.iter() {
             match event.token() {
                 SOCKET => {
-                    state.socket_backlog |= event.is_readable();
+                    self.incoming.members.pending |= event.is_readable();
                     state.send_blocked &= !event.is_writable();
+                }
+                STRANGERS => {
+                    if let Some(strangers) = self.incoming.strangers.as_mut() {
+                        strangers.pending |= event.is_readable();
+                    }
                 }
                 SIGNALS => {
                     if let Some(signals) = self.signals.as_mut() {
@@ -464,8 +517,8 @@ impl Server {
         }
     }
 
-    fn poll_timeout(&self, socket_backlog: bool, grace: Option<Instant>) -> Option<Duration> {
-        if socket_backlog {
+    fn poll_timeout(&self, pending: bool, grace: Option<Instant>) -> Option<Duration> {
+        if pending {
             return Some(Duration::ZERO);
         }
         let wake_at = [self.engine_due(), grace, self.watch.wake_at()]
@@ -477,42 +530,90 @@ impl Server {
         Some(wake_at.saturating_duration_since(self.clock.now()))
     }
 
-    /// Reads at most one receive buffer's worth of datagrams, a batch per
-    /// system call, sending replies as it goes. Returns whether the budget
-    /// ran out before the socket was empty.
-    fn drain_socket(&mut self, state: &mut LoopState) -> bool {
+    /// Reads the members' socket: at most one receive buffer's worth of
+    /// datagrams, a batch per system call, sending replies as it goes.
+    /// What the budget left is read next turn, at once.
+    fn drain_members(&mut self, state: &mut LoopState) {
         let mut read = 0;
-        while read < self.incoming.budget {
-            match self.incoming.batch.recv(&self.socket, false) {
-                Ok(n) => {
-                    // One clock read per batch, after the call returned: every
-                    // datagram in it had arrived by then, so none is stamped
-                    // before its arrival.
-                    let now = self.now();
-                    let behind = self.incoming.read(n);
-                    self.engine.set_backlogged(behind);
-                    self.engine
-                        .handle_datagrams(now, self.incoming.batch.iter());
-                    self.watch.iteration.datagrams += n as u64;
-                    read += n.max(1);
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.incoming.emptied();
-                    self.engine.set_backlogged(false);
-                    return false;
-                }
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => {
-                    self.watch.edge.receive_errors += 1;
-                    read += 1;
-                }
-            }
-            // Replies go out as we read, so the outbox stays small.
-            if self.engine.has_transmits() {
-                self.flush(state);
+        while read < self.incoming.members.budget {
+            match self.read_batch(state, false) {
+                Some(n) => read += n.max(1),
+                None => return,
             }
         }
-        true
+        self.incoming.members.pending = true;
+    }
+
+    /// Reads up to `STRANGERS_PER_TURN` HELLOs from the strangers' socket,
+    /// once the members' is empty; the rest wait for the next turn.
+    fn admit_strangers(&mut self, state: &mut LoopState) {
+        let Some(strangers) = self.incoming.strangers.as_ref() else {
+            return;
+        };
+        if !strangers.pending || self.incoming.members.pending {
+            return;
+        }
+        let mut read = 0;
+        while read < STRANGERS_PER_TURN {
+            match self.read_batch(state, true) {
+                Some(n) => read += n.max(1),
+                None => return,
+            }
+        }
+    }
+
+    /// Reads one batch from the members' or the strangers' socket into the
+    /// engine. `None` when the socket is empty.
+    fn read_batch(&mut self, state: &mut LoopState, strangers: bool) -> Option<usize> {
+        let inlet = if strangers {
+            self.incoming.strangers.as_mut()?
+        } else {
+            &mut self.incoming.members
+        };
+        let batch = &mut self.incoming.batch;
+        let read = match batch.recv(&inlet.socket, false) {
+            Ok(n) => {
+                let behind = inlet.read(n);
+                // One clock read per batch, after the call returned: every
+                // datagram in it had arrived by then, so none is stamped
+                // before its arrival.
+                let now = Timestamp(
+                    self.clock
+                        .now()
+                        .saturating_duration_since(self.start)
+                        .as_micros() as u64,
+                );
+                if !strangers {
+                    self.engine.set_backlogged(behind);
+                }
+                self.engine.handle_datagrams(now, batch.iter());
+                self.watch.iteration.datagrams += n as u64;
+                let edge = &mut self.watch.edge;
+                *if strangers {
+                    &mut edge.read_strangers
+                } else {
+                    &mut edge.read_members
+                } += n as u64;
+                Some(n)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                inlet.emptied();
+                if !strangers {
+                    self.engine.set_backlogged(false);
+                }
+                None
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Some(0),
+            Err(_) => {
+                self.watch.edge.receive_errors += 1;
+                Some(1)
+            }
+        };
+        // Replies go out as we read, so the outbox stays small.
+        if self.engine.has_transmits() {
+            self.flush(state);
+        }
+        read
     }
 
     /// Sends what is queued, unless the socket is known to be full.
@@ -520,7 +621,9 @@ impl Server {
         if state.send_blocked {
             return;
         }
-        let done = state.outgoing.flush(&self.socket, &mut self.engine);
+        let done = state
+            .outgoing
+            .flush(&self.incoming.members.socket, &mut self.engine);
         self.watch.iteration.replies += done.sent;
         self.watch.edge.send_errors += done.errors;
         state.send_blocked = done.blocked;
@@ -571,13 +674,27 @@ mod tests {
             .unwrap()
     }
 
-    /// Turns the loop until `done` holds, for at most ten seconds.
+    /// Turns the loop until `done` holds, for at most ten seconds (a
+    /// ticker's wake-ups keep an idle loop's poll short).
     fn turn_until(server: &mut Server, state: &mut LoopState, done: impl Fn(&Server) -> bool) {
         let until = Instant::now() + Duration::from_secs(10);
+        let waker = Arc::clone(&server.waker);
+        let stop = Arc::new(AtomicBool::new(false));
+        let ticker = {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Acquire) {
+                    let _ = waker.wake();
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            })
+        };
         while !done(server) {
             assert!(Instant::now() < until, "the loop never got there");
             assert_eq!(server.turn(state).unwrap(), Turn::Again);
         }
+        stop.store(true, Ordering::Release);
+        ticker.join().unwrap();
     }
 
     #[test]
@@ -601,6 +718,11 @@ mod tests {
                 },
             ))
             .unwrap();
+        // As a client does, wait for the session before using it: HELLO and
+        // the rest arrive on different sockets, read in turn.
+        turn_until(&mut server, &mut state, |s| {
+            s.engine.stats().sessions_opened == 1
+        });
         let submit = Message::Submit {
             request_id: 1,
             delay_ms: 0,

@@ -2,7 +2,8 @@
 //! replies leave in batches.
 //!
 //! ```text
-//!   kernel receive buffer ──recvmmsg, 64 a call──► Incoming ──► engine
+//!   kernel ─BPF─► members' buffer   ──recvmmsg, 64 a call, all of it──┐
+//!          └───► strangers' buffer ──recvmmsg, 512 a turn at most ───┴─► engine
 //!   engine ──poll_transmit──► Outgoing slots ──sendmmsg, 64 a call──► kernel
 //!                              (kept, in order, while the socket would block)
 //! ```
@@ -42,56 +43,107 @@ pub fn datagrams_held(granted: usize) -> usize {
     granted / QUEUED_DATAGRAM_COST
 }
 
-/// A non-blocking UDP socket with a large receive buffer. Returns it with
-/// the buffer size the kernel reports.
-pub(super) fn udp_socket(
-    listen: SocketAddr,
-    recv_buffer: usize,
-) -> io::Result<(std::net::UdpSocket, usize)> {
-    let socket = Socket::new(
-        Domain::for_address(listen),
-        Type::DGRAM,
-        Some(Protocol::UDP),
-    )?;
+/// One socket of the listening group: non-blocking, `SO_REUSEPORT`, with a
+/// large receive buffer. Returns it with the buffer size the kernel reports.
+fn group_socket(addr: SocketAddr, recv_buffer: usize) -> io::Result<(std::net::UdpSocket, usize)> {
+    let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     socket.set_nonblocking(true)?;
+    socket.set_reuse_port(true)?;
     // Best effort: unless privileged, the kernel caps it at
     // net.core.rmem_max (and the send buffer at wmem_max).
     let granted = crate::batch::set_recv_buffer(&socket, recv_buffer)?;
     let _ = socket.set_send_buffer_size(RECV_BUFFER_BYTES);
-    socket.bind(&listen.into())?;
+    socket.bind(&addr.into())?;
     Ok((socket.into(), granted))
 }
 
-/// The read side's state across turns.
-pub(super) struct Incoming {
-    /// One byte over the limit per slot, so an oversized datagram shows as
-    /// such.
-    pub(super) batch: RecvBatch,
+/// The sockets the server listens on, one address for both.
+pub(super) struct Listeners {
+    /// Every kind but HELLO; also sends every reply.
+    pub(super) members: (std::net::UdpSocket, usize),
+    /// HELLO, when the kernel steers it here.
+    pub(super) strangers: Option<(std::net::UdpSocket, usize)>,
+    /// Why HELLOs share the members' socket, when they do.
+    pub(super) unsteered: Option<io::Error>,
+}
+
+/// Binds the group on `listen`: the members' socket, then the strangers'
+/// on the same address with the steering program attached (see
+/// `crate::steer`). Where that fails (an old kernel, a sandbox refusing
+/// BPF), the strangers' socket is closed again and one socket takes every
+/// datagram, as before. Refuses an address another process already
+/// listens on with `SO_REUSEPORT`, which would otherwise silently share
+/// the traffic.
+pub(super) fn listen(listen: SocketAddr, recv_buffer: usize) -> io::Result<Listeners> {
+    let members = group_socket(listen, recv_buffer)?;
+    let bound = members.0.local_addr()?;
+    let strangers = group_socket(bound, recv_buffer).and_then(|strangers| {
+        crate::steer::attach(&members.0)?;
+        Ok(strangers)
+    });
+    let (strangers, unsteered) = match strangers {
+        Ok(s) => (Some(s), None),
+        Err(e) => (None, Some(e)),
+    };
+    let ours: Vec<u64> = std::iter::once(&members)
+        .chain(strangers.as_ref())
+        .filter_map(|(s, _)| crate::steer::inode(s).ok())
+        .collect();
+    let others = crate::metrics::udp_sockets(&bound)
+        .iter()
+        .filter(|line| !ours.contains(&line.inode))
+        .count();
+    if others > 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::AddrInUse,
+            format!("{others} other socket(s) already listen on {bound} with SO_REUSEPORT (another tether?); they would share its traffic"),
+        ));
+    }
+    Ok(Listeners {
+        members,
+        strangers,
+        unsteered,
+    })
+}
+
+/// Strangers' datagrams (HELLOs) read per turn at most, once the members'
+/// socket is empty: new sessions are admitted at the rate the loop
+/// sustains, and a herd waits in the strangers' buffer (or is dropped
+/// there by the kernel, costing the loop nothing) instead of delaying the
+/// members' heartbeats. About a millisecond of work.
+pub(super) const STRANGERS_PER_TURN: usize = 512;
+
+/// One listening socket and its read state across turns.
+pub(super) struct Inlet {
+    pub(super) socket: UdpSocket,
     /// The receive buffer the kernel granted, in bytes.
     pub(super) granted: usize,
     /// Datagrams read per turn at most: everything the receive buffer can
     /// hold, so a turn reads what was queued when it began (and a flood
     /// cannot starve expiry).
     pub(super) budget: usize,
+    /// It may hold datagrams not read yet.
+    pub(super) pending: bool,
     /// Full batches in a row, across turns.
     full_batches: usize,
-    /// Full batches in a row that mean the loop is behind its socket.
+    /// Full batches in a row that mean the loop is behind this socket.
     backlog_batches: usize,
 }
 
-impl Incoming {
-    pub(super) fn new(granted: usize) -> Incoming {
-        Incoming {
-            batch: RecvBatch::new(RECV_BATCH, MAX_DATAGRAM + 1),
+impl Inlet {
+    pub(super) fn new(socket: UdpSocket, granted: usize) -> Inlet {
+        Inlet {
+            socket,
             granted,
             budget: granted / MIN_DATAGRAM_TRUESIZE + 1024,
+            pending: true,
             full_batches: 0,
             backlog_batches: backlog_batches(granted),
         }
     }
 
     /// Notes a read of `n` datagrams; returns whether the loop is now
-    /// behind its socket.
+    /// behind this socket.
     pub(super) fn read(&mut self, n: usize) -> bool {
         self.full_batches = if n == RECV_BATCH {
             self.full_batches + 1
@@ -104,6 +156,31 @@ impl Incoming {
     /// Notes that the socket was found empty.
     pub(super) fn emptied(&mut self) {
         self.full_batches = 0;
+        self.pending = false;
+    }
+}
+
+/// The read side: the listening sockets and the batch they are read into.
+pub(super) struct Incoming {
+    /// One byte over the limit per slot, so an oversized datagram shows as
+    /// such.
+    pub(super) batch: RecvBatch,
+    pub(super) members: Inlet,
+    pub(super) strangers: Option<Inlet>,
+}
+
+impl Incoming {
+    pub(super) fn new(members: Inlet, strangers: Option<Inlet>) -> Incoming {
+        Incoming {
+            batch: RecvBatch::new(RECV_BATCH, MAX_DATAGRAM + 1),
+            members,
+            strangers,
+        }
+    }
+
+    /// Whether a socket may hold datagrams not read yet.
+    pub(super) fn pending(&self) -> bool {
+        self.members.pending || self.strangers.as_ref().is_some_and(|s| s.pending)
     }
 }
 

@@ -65,8 +65,17 @@ const CAUSES: [&str; 5] = [
 ];
 
 /// How much a server counter grew between two scrapes.
+/// How much `series` grew between two scrapes, summed over its labels (the
+/// drop counter has one per listening socket).
 fn counter_delta(before: &HashMap<String, f64>, after: &HashMap<String, f64>, series: &str) -> u64 {
-    let value = |scrape: &HashMap<String, f64>| scrape.get(series).copied().unwrap_or(0.0);
+    let labelled = format!("{series}{{");
+    let value = |scrape: &HashMap<String, f64>| -> f64 {
+        scrape
+            .iter()
+            .filter(|(name, _)| *name == series || name.starts_with(&labelled))
+            .map(|(_, v)| v)
+            .sum()
+    };
     (value(after) - value(before)).max(0.0) as u64
 }
 
