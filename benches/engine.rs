@@ -107,7 +107,7 @@ fn heartbeat_path(c: &mut Criterion) {
                     *from = addr(i as u32);
                 }
                 now.0 += 1;
-                engine.handle_datagrams(now, batch.iter().map(|(a, b)| (*a, b.as_slice())));
+                engine.handle_datagrams(now, batch.iter().map(|(a, b)| (*a, b.as_slice(), None)));
             })
         });
         assert_eq!(engine.stats().dropped_replay, 0);

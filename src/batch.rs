@@ -57,12 +57,43 @@ pub fn set_recv_buffer(socket: &impl AsRawFd, bytes: usize) -> io::Result<usize>
     Ok(granted.max(0) as usize)
 }
 
+/// Asks the kernel to stamp every datagram `socket` receives with the
+/// wall-clock time it arrived (`SO_TIMESTAMPNS`), which
+/// [`RecvBatch::arrival_ns`] reads back.
+pub fn enable_arrival_stamps(socket: &impl AsRawFd) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: `on` is a live c_int and its exact size is passed; the kernel
+    // only reads it.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Room for the control messages of one datagram: a `SCM_TIMESTAMPNS`
+/// (a `cmsghdr` and a `timespec`, 32 bytes on 64-bit Linux) with margin,
+/// aligned as `cmsghdr` must be.
+#[derive(Clone, Copy)]
+#[repr(C, align(8))]
+struct Control([u8; 64]);
+
 /// A reusable batch of receive buffers.
 pub struct RecvBatch {
     slot_len: usize,
     data: Box<[u8]>,
     iovecs: Box<[libc::iovec]>,
     addrs: Box<[libc::sockaddr_storage]>,
+    controls: Box<[Control]>,
     headers: Box<[libc::mmsghdr]>,
     received: usize,
 }
@@ -91,6 +122,7 @@ impl RecvBatch {
             addrs: (0..capacity)
                 .map(|_| unsafe { std::mem::zeroed() })
                 .collect(),
+            controls: vec![Control([0; 64]); capacity].into_boxed_slice(),
             // SAFETY: mmsghdr is plain old data; all-zero (null pointers,
             // zero lengths) is valid and is overwritten before each call.
             headers: (0..capacity)
@@ -121,8 +153,8 @@ impl RecvBatch {
             header.msg_hdr.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as _;
             header.msg_hdr.msg_iov = &mut self.iovecs[i];
             header.msg_hdr.msg_iovlen = 1;
-            header.msg_hdr.msg_control = std::ptr::null_mut();
-            header.msg_hdr.msg_controllen = 0;
+            header.msg_hdr.msg_control = self.controls[i].0.as_mut_ptr().cast();
+            header.msg_hdr.msg_controllen = std::mem::size_of::<Control>() as _;
             header.msg_hdr.msg_flags = 0;
             header.msg_len = 0;
         }
@@ -168,6 +200,45 @@ impl RecvBatch {
         (0..self.received).filter_map(|i| {
             let (bytes, from) = self.get(i);
             Some((from?, bytes))
+        })
+    }
+
+    /// The wall-clock time the `i`-th datagram of the last call arrived, in
+    /// nanoseconds since the Unix epoch, if the socket stamps its datagrams
+    /// ([`enable_arrival_stamps`]).
+    pub fn arrival_ns(&self, i: usize) -> Option<u64> {
+        assert!(i < self.received, "datagram {i} of {}", self.received);
+        let header = &self.headers[i].msg_hdr;
+        // SAFETY: `header` was filled by the kernel's recvmmsg: its control
+        // pointer and length describe `controls[i]`, which is alive and
+        // aligned for cmsghdr; CMSG_FIRSTHDR/CMSG_NXTHDR stay within
+        // msg_controllen and return null at the end.
+        unsafe {
+            let mut cmsg = libc::CMSG_FIRSTHDR(header);
+            while !cmsg.is_null() {
+                let c = &*cmsg;
+                if c.cmsg_level == libc::SOL_SOCKET && c.cmsg_type == libc::SCM_TIMESTAMPNS {
+                    // The data may be unaligned for timespec: read it so.
+                    let ts =
+                        std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::timespec>());
+                    let ns = u64::try_from(ts.tv_sec).ok()? * 1_000_000_000
+                        + u64::try_from(ts.tv_nsec).ok()?;
+                    return Some(ns);
+                }
+                cmsg = libc::CMSG_NXTHDR(header, cmsg);
+            }
+        }
+        None
+    }
+
+    /// The datagrams of the last call with their IP source addresses and
+    /// arrival stamps (see [`RecvBatch::arrival_ns`]), in order.
+    pub fn iter_stamped(
+        &self,
+    ) -> impl Iterator<Item = (SocketAddr, &[u8], Option<u64>)> + Clone + '_ {
+        (0..self.received).filter_map(|i| {
+            let (bytes, from) = self.get(i);
+            Some((from?, bytes, self.arrival_ns(i)))
         })
     }
 

@@ -223,7 +223,41 @@ impl Engine {
         from: SocketAddr,
         data: &[u8],
     ) -> Result<(), Dropped> {
+        self.receive(now, None, from, data)
+    }
+
+    /// As [`Engine::handle_datagram`], for a datagram read at `now` that
+    /// arrived at `arrived` (the kernel's stamp, converted by the caller to
+    /// the engine's clock; at or before `now`). Liveness is judged by
+    /// arrival: a datagram that arrived after its session's deadline finds
+    /// the session expired (it expires now, reason `expired`, and the
+    /// datagram is answered as for an unknown session), and one that
+    /// arrived in time refreshes the session from its arrival, however late
+    /// it is read.
+    pub fn handle_arrival(
+        &mut self,
+        now: Timestamp,
+        arrived: Timestamp,
+        from: SocketAddr,
+        data: &[u8],
+    ) -> Result<(), Dropped> {
+        self.receive(now, Some(arrived), from, data)
+    }
+
+    /// A datagram read at `now`, with its arrival if known. Without one it
+    /// may have arrived any time since the last read: it is taken as
+    /// arriving in time, refreshing from `now`, so an unknown arrival can
+    /// never cost a session (the rule before arrival stamps).
+    fn receive(
+        &mut self,
+        now: Timestamp,
+        arrived: Option<Timestamp>,
+        from: SocketAddr,
+        data: &[u8],
+    ) -> Result<(), Dropped> {
         self.advance_clock(now);
+        let stamped = arrived.is_some();
+        let arrived = arrived.map_or(now, |a| a.min(now));
         self.stats.datagrams += 1;
         let from = PeerAddr::from(from);
         self.replies.earn(&from, data.len());
@@ -235,11 +269,16 @@ impl Engine {
             return Err(self.count_drop(Dropped::WrongDirection));
         }
         if let Message::Hello { ttl_ms, .. } = datagram.message {
-            return self.on_hello(&datagram.header, ttl_ms, from);
+            return self.on_hello(&datagram.header, ttl_ms, from, arrived, stamped);
         }
         let h = datagram.header;
         let index = match self.live_session(h.client_id) {
-            Some(i) if self.sessions[i.slot()].incarnation == h.incarnation => i,
+            Some(i)
+                if self.sessions[i.slot()].incarnation == h.incarnation
+                    && !(stamped && self.expired_before(i, arrived)) =>
+            {
+                i
+            }
             _ => {
                 // No state to protect, and the reply is never larger than the
                 // datagram: both are bare headers (plus a MAC when keyed, and
@@ -252,7 +291,7 @@ impl Engine {
                 return Ok(());
             }
         };
-        self.accept_member(index, &h, from)?;
+        self.accept_member(index, &h, from, arrived)?;
         match datagram.message {
             Message::Heartbeat => {
                 self.stats.heartbeats += 1;
@@ -296,25 +335,27 @@ impl Engine {
     /// another. Here a first pass reads every datagram's index slot and a
     /// second every session, both passes of independent loads that the CPU
     /// overlaps, so the third pass, the real work, finds them in cache.
+    /// Each datagram comes with its arrival, if known (see
+    /// [`Engine::handle_arrival`]).
     pub fn handle_datagrams<'a, I>(&mut self, now: Timestamp, batch: I)
     where
-        I: Iterator<Item = (SocketAddr, &'a [u8])> + Clone,
+        I: Iterator<Item = (SocketAddr, &'a [u8], Option<Timestamp>)> + Clone,
     {
         let mut touched = 0u64;
-        for (_, bytes) in batch.clone() {
+        for (_, bytes, _) in batch.clone() {
             if let Some(id) = wire::peek_client_id(bytes) {
                 touched ^= u64::from(self.live_by_client.touch(id));
             }
         }
-        for (_, bytes) in batch.clone() {
+        for (_, bytes, _) in batch.clone() {
             if let Some(index) = wire::peek_client_id(bytes).and_then(|id| self.live_session(id)) {
                 let session = &self.sessions[index.slot()];
                 touched ^= session.incarnation ^ u64::from(session.ttl_ms);
             }
         }
         std::hint::black_box(touched);
-        for (from, bytes) in batch {
-            let _ = self.handle_datagram(now, from, bytes);
+        for (from, bytes, arrived) in batch {
+            let _ = self.receive(now, arrived, from, bytes);
         }
     }
 
@@ -546,10 +587,39 @@ impl Engine {
     /// Pushes a live session's expiry to `ttl_ms` after now. The engine's
     /// clock never goes back and a session's TTL never changes, so the new
     /// deadline is never earlier than the last: a plain store in the wheel.
+    ///
+    /// The deadline counts from the datagram's arrival; datagrams of one
+    /// batch may be handled out of arrival order, so it only ever moves
+    /// later.
     #[inline]
-    fn refresh(&mut self, index: SessionIndex, ttl_ms: u32) {
-        let due = self.ticks.deadline(self.now, u64::from(ttl_ms));
-        self.session_wheel.extend(index.wheel_key(), due);
+    fn refresh(&mut self, index: SessionIndex, ttl_ms: u32, arrived: Timestamp) {
+        let due = self.ticks.deadline(arrived, u64::from(ttl_ms));
+        let key = index.wheel_key();
+        if self.session_wheel.deadline(key).is_some_and(|d| due > d) {
+            self.session_wheel.extend(key, due);
+        }
+    }
+
+    /// Whether live session `index` had run out its TTL before `arrived`:
+    /// its deadline tick had begun. If so it expires now, reason
+    /// `expired`, as it would have had the datagram been read in time.
+    fn expired_before(&mut self, index: SessionIndex, arrived: Timestamp) -> bool {
+        let Some(deadline) = self.session_wheel.deadline(index.wheel_key()) else {
+            return false;
+        };
+        let starts = self.ticks.start(deadline);
+        if arrived < starts {
+            return false;
+        }
+        self.stats.sessions_expired += 1;
+        let incarnation = self.sessions[index.slot()].incarnation;
+        let cause = Cause::Expired {
+            incarnation,
+            at: self.now,
+        };
+        let lateness_us = self.now.0.saturating_sub(starts.0);
+        self.end_session(index, cause, Some(lateness_us));
+        true
     }
 
     /// Takes a datagram of a live session's own incarnation as the session's
@@ -560,6 +630,7 @@ impl Engine {
         index: SessionIndex,
         h: &Header,
         from: PeerAddr,
+        arrived: Timestamp,
     ) -> Result<(), Dropped> {
         let session = &mut self.sessions[index.slot()];
         if let Err(e) = session.replay.check(h.seq) {
@@ -569,7 +640,7 @@ impl Engine {
         session.peer = from;
         let ttl_ms = session.ttl_ms;
         self.stats.accepted += 1;
-        self.refresh(index, ttl_ms);
+        self.refresh(index, ttl_ms, arrived);
         Ok(())
     }
 
@@ -578,6 +649,8 @@ impl Engine {
         h: &Header,
         requested_ttl_ms: u32,
         from: PeerAddr,
+        arrived: Timestamp,
+        stamped: bool,
     ) -> Result<(), Dropped> {
         if let Some(index) = self.live_session(h.client_id) {
             let incarnation = self.sessions[index.slot()].incarnation;
@@ -585,7 +658,12 @@ impl Engine {
                 return Err(self.count_drop(Dropped::StaleHello));
             }
             if h.incarnation == incarnation {
-                self.accept_member(index, h, from)?;
+                if stamped && self.expired_before(index, arrived) {
+                    // It arrived too late to keep the session; now the
+                    // session has ended, its HELLO is stale.
+                    return Err(self.count_drop(Dropped::StaleHello));
+                }
+                self.accept_member(index, h, from, arrived)?;
                 self.welcome(index);
                 return Ok(());
             }

@@ -84,7 +84,7 @@ use crate::engine::{Engine, Timestamp};
 use crate::metrics::Metrics;
 use crate::observe::{EventStream, WallClock};
 use crate::pool::{Applied, CancelOutcome, Pool, Registry, Report};
-use socket::{Incoming, Inlet, Outgoing, STRANGERS_PER_TURN};
+use socket::{Arrivals, Incoming, Inlet, Outgoing, STRANGERS_PER_TURN};
 use watch::{Thresholds, Watch};
 
 const SOCKET: Token = Token(0);
@@ -171,7 +171,7 @@ fn register(
         poll.registry()
             .register(&mut socket, token, interest)
             .map_err(|e| ServerError::Io("registering a socket", e))?;
-        Ok(Inlet::new(socket, granted))
+        Ok(Inlet::new(socket, granted, Instant::now()))
     };
     let members = inlet(
         listeners.members,
@@ -574,19 +574,22 @@ impl Server {
         let read = match batch.recv(&inlet.socket, false) {
             Ok(n) => {
                 let behind = inlet.read(n);
-                // One clock read per batch, after the call returned: every
-                // datagram in it had arrived by then, so none is stamped
-                // before its arrival.
-                let now = Timestamp(
-                    self.clock
-                        .now()
-                        .saturating_duration_since(self.start)
-                        .as_micros() as u64,
-                );
+                // The clocks are read once per batch, after the call returned:
+                // every datagram in it had arrived by then.
+                let read_at = self.clock.now();
+                let arrivals = Arrivals::new(self.clock.wall(), read_at, inlet.emptied_at);
+                let now = read_at.saturating_duration_since(self.start).as_micros() as u64;
                 if !strangers {
                     self.engine.set_backlogged(behind);
                 }
-                self.engine.handle_datagrams(now, batch.iter());
+                let stamped = batch.iter_stamped().map(move |(from, bytes, stamp)| {
+                    let arrived = stamp.map(|ns| {
+                        let waited = arrivals.waited(Some(ns)).as_micros() as u64;
+                        Timestamp(now.saturating_sub(waited))
+                    });
+                    (from, bytes, arrived)
+                });
+                self.engine.handle_datagrams(Timestamp(now), stamped);
                 self.watch.iteration.datagrams += n as u64;
                 let edge = &mut self.watch.edge;
                 *if strangers {
@@ -597,7 +600,7 @@ impl Server {
                 Some(n)
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                inlet.emptied();
+                inlet.emptied(self.clock.now());
                 if !strangers {
                     self.engine.set_backlogged(false);
                 }

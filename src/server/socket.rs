@@ -10,6 +10,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime};
 
 use mio::net::UdpSocket;
 use socket2::{Domain, Protocol, Socket, Type};
@@ -53,6 +54,10 @@ fn group_socket(addr: SocketAddr, recv_buffer: usize) -> io::Result<(std::net::U
     // net.core.rmem_max (and the send buffer at wmem_max).
     let granted = crate::batch::set_recv_buffer(&socket, recv_buffer)?;
     let _ = socket.set_send_buffer_size(RECV_BUFFER_BYTES);
+    // Without stamps, a datagram counts as arriving when it is read (the
+    // loop's older rule): the server works, judging liveness a little
+    // later than it could.
+    let _ = crate::batch::enable_arrival_stamps(&socket);
     socket.bind(&addr.into())?;
     Ok((socket.into(), granted))
 }
@@ -124,6 +129,9 @@ pub(super) struct Inlet {
     pub(super) budget: usize,
     /// It may hold datagrams not read yet.
     pub(super) pending: bool,
+    /// When a read last found it empty: everything read since arrived
+    /// after that.
+    pub(super) emptied_at: Instant,
     /// Full batches in a row, across turns.
     full_batches: usize,
     /// Full batches in a row that mean the loop is behind this socket.
@@ -131,12 +139,13 @@ pub(super) struct Inlet {
 }
 
 impl Inlet {
-    pub(super) fn new(socket: UdpSocket, granted: usize) -> Inlet {
+    pub(super) fn new(socket: UdpSocket, granted: usize, now: Instant) -> Inlet {
         Inlet {
             socket,
             granted,
             budget: granted / MIN_DATAGRAM_TRUESIZE + 1024,
             pending: true,
+            emptied_at: now,
             full_batches: 0,
             backlog_batches: backlog_batches(granted),
         }
@@ -153,10 +162,11 @@ impl Inlet {
         self.full_batches >= self.backlog_batches
     }
 
-    /// Notes that the socket was found empty.
-    pub(super) fn emptied(&mut self) {
+    /// Notes that the socket was found empty at `now`.
+    pub(super) fn emptied(&mut self, now: Instant) {
         self.full_batches = 0;
         self.pending = false;
+        self.emptied_at = now;
     }
 }
 
@@ -281,5 +291,67 @@ impl Outgoing {
             }
         }
         self.filled > 0
+    }
+}
+
+/// When each datagram of a batch arrived, on the loop's monotonic clock.
+///
+/// The kernel stamps a datagram with the wall clock (`CLOCK_REALTIME`) as it
+/// arrives; the loop reads both clocks after the read. The time a datagram
+/// waited is the wall-clock difference, clamped to `[0, since the socket
+/// was last found empty]`: nothing read now can have arrived before that
+/// read, so a wall-clock step, either way, can never make a datagram look
+/// earlier than it was possible, and a step back makes it look read at
+/// once.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Arrivals {
+    read_wall_ns: u64,
+    longest_wait: Duration,
+}
+
+impl Arrivals {
+    pub(super) fn new(read_wall: SystemTime, read_at: Instant, emptied_at: Instant) -> Arrivals {
+        Arrivals {
+            read_wall_ns: read_wall
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos() as u64),
+            longest_wait: read_at.saturating_duration_since(emptied_at),
+        }
+    }
+
+    /// How long a datagram stamped `stamp_ns` waited before the read (zero
+    /// when it has no stamp).
+    pub(super) fn waited(&self, stamp_ns: Option<u64>) -> Duration {
+        stamp_ns.map_or(Duration::ZERO, |stamp| {
+            Duration::from_nanos(self.read_wall_ns.saturating_sub(stamp)).min(self.longest_wait)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_datagram_waited_the_wall_clock_difference_within_what_is_possible() {
+        let read_at = Instant::now();
+        let emptied_at = read_at - Duration::from_millis(100);
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let wall_ns = 1_000_000 * 1_000_000_000u64;
+        let a = Arrivals::new(wall, read_at, emptied_at);
+        assert_eq!(
+            a.waited(Some(wall_ns - 30_000_000)),
+            Duration::from_millis(30)
+        );
+        assert_eq!(a.waited(None), Duration::ZERO);
+        // The wall clock stepped forward a minute since the datagram was
+        // stamped: it cannot have waited longer than since the last empty
+        // read.
+        assert_eq!(
+            a.waited(Some(wall_ns - 60_000_000_000)),
+            Duration::from_millis(100)
+        );
+        // It stepped back: the stamp is "later" than now; read at once.
+        assert_eq!(a.waited(Some(wall_ns + 5_000_000_000)), Duration::ZERO);
     }
 }

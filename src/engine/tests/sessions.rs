@@ -543,7 +543,7 @@ fn a_batch_is_handled_exactly_as_one_datagram_at_a_time() {
     for chunk in traffic.chunks(64) {
         let now = many.now;
         many.engine
-            .handle_datagrams(now, chunk.iter().map(|(a, b)| (*a, b.as_slice())));
+            .handle_datagrams(now, chunk.iter().map(|(a, b)| (*a, b.as_slice(), None)));
     }
     let replies = |sim: &mut Sim| -> Vec<(SocketAddr, Vec<u8>)> {
         sim.replies().into_iter().map(|r| (r.to, r.bytes)).collect()
@@ -552,4 +552,123 @@ fn a_batch_is_handled_exactly_as_one_datagram_at_a_time() {
     assert_eq!(one.effects(), many.effects());
     assert_eq!(one.engine.stats(), many.engine.stats());
     assert!(one.engine.stats().dropped_replay > 0);
+}
+
+/// Sends `message` from `c`, arrived at `arrived` but read now.
+fn arrive_late(
+    sim: &mut Sim,
+    c: &mut Client,
+    arrived: Timestamp,
+    message: Message<'_>,
+) -> Vec<Reply> {
+    let bytes = sim.encode(c, Flags::empty(), message);
+    sim.engine
+        .handle_arrival(sim.now, arrived, c.addr, &bytes)
+        .expect("not dropped");
+    sim.replies()
+}
+
+#[test]
+fn a_datagram_that_arrived_after_the_ttl_ran_out_finds_the_session_expired() {
+    // The server was stopped: the client's TTL ran out at 1 s, its next
+    // heartbeat arrived at 2 s, and the server reads it at 3 s, before it
+    // has decided any expiry. It must not revive the session.
+    let mut sim = Sim::new(config());
+    let mut c = Client::new(1);
+    sim.hello(&mut c, 1000);
+    let task = accepted_task(&sim.submit(&mut c, 1, "sleep", &[0; 4]));
+    sim.effects();
+    sim.event(task, TaskEvent::Started);
+    sim.now = Timestamp::from_millis(3000);
+    let replies = arrive_late(
+        &mut sim,
+        &mut c,
+        Timestamp::from_millis(2000),
+        Message::Heartbeat,
+    );
+    assert_eq!(replies.len(), 1);
+    assert_eq!(replies[0].message(), Message::UnknownSession);
+    assert_eq!(sim.engine.stats().sessions_expired, 1);
+    assert_eq!(sim.engine.live_sessions(), 0);
+    assert_eq!(
+        sim.effects(),
+        vec![Effect::Cancel {
+            task,
+            reason: CancelReason::Expired
+        }]
+    );
+    // And a HELLO of that session, arriving as late, is stale now.
+    let mut again = c.clone();
+    let hello = sim.encode(
+        &mut again,
+        Flags::empty(),
+        Message::Hello {
+            ttl_ms: 1000,
+            name: "t",
+        },
+    );
+    assert_eq!(
+        sim.engine
+            .handle_arrival(sim.now, Timestamp::from_millis(2500), again.addr, &hello),
+        Err(Dropped::StaleHello)
+    );
+}
+
+#[test]
+fn datagrams_that_arrived_in_time_keep_the_session_however_late_they_are_read() {
+    let mut sim = Sim::new(config());
+    let mut c = Client::new(2);
+    sim.hello(&mut c, 1000);
+    // Heartbeats every 300 ms while the server is stopped for 2 s; it then
+    // reads them all at 2.1 s, before deciding expiry.
+    sim.now = Timestamp::from_millis(2100);
+    for at in [300, 600, 900, 1200, 1500, 1800, 2100] {
+        let replies = arrive_late(
+            &mut sim,
+            &mut c,
+            Timestamp::from_millis(at),
+            Message::Heartbeat,
+        );
+        assert!(
+            replies.is_empty(),
+            "heartbeat of {at} ms answered {replies:?}"
+        );
+    }
+    sim.engine.handle_timeout(sim.now);
+    assert_eq!(sim.engine.live_sessions(), 1);
+    assert_eq!(sim.engine.stats().sessions_expired, 0);
+    // The deadline counts from the last arrival (2.1 s), not the read.
+    sim.run_until(Timestamp::from_millis(3090));
+    assert_eq!(sim.engine.live_sessions(), 1);
+    sim.run_until(Timestamp::from_millis(3110));
+    assert_eq!(sim.engine.live_sessions(), 0);
+}
+
+#[test]
+fn a_batch_handled_out_of_arrival_order_never_moves_a_deadline_back() {
+    let mut sim = Sim::new(config());
+    let mut c = Client::new(3);
+    sim.hello(&mut c, 1000);
+    sim.now = Timestamp::from_millis(900);
+    arrive_late(
+        &mut sim,
+        &mut c,
+        Timestamp::from_millis(800),
+        Message::Heartbeat,
+    );
+    // An older datagram of the same batch, read after it.
+    arrive_late(
+        &mut sim,
+        &mut c,
+        Timestamp::from_millis(100),
+        Message::Heartbeat,
+    );
+    sim.run_until(Timestamp::from_millis(1790));
+    assert_eq!(
+        sim.engine.live_sessions(),
+        1,
+        "expired by the older arrival"
+    );
+    sim.run_until(Timestamp::from_millis(1810));
+    assert_eq!(sim.engine.live_sessions(), 0);
 }
