@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Hostile-input and flood scenarios against a freshly built server, one line
 # per scenario and a final "N passed, M failed". Loopback only; every
-# scenario is bounded in time and count. Takes about eight minutes on two
+# scenario is bounded in time and count. Takes about nine minutes on two
 # cores. Run from the repository root:
 #
-#   tools/soak.sh            # all: junk junk_keyed hello_flood amplification stall submit_cancel correct
+#   tools/soak.sh            # all: junk junk_keyed hello_flood amplification stall submit_cancel correct herd
 #   tools/soak.sh junk stall # some of them
 #
 # The stall scenario asks for a 768 MiB receive buffer (to hold 6 s of
@@ -188,7 +188,26 @@ scenario_correct() {
     "100K clients x 1 Hz, 1% silent: $fe false, $early early, $missed missed, lateness p99 $p99 ms"
 }
 
-scenarios=${*:-"junk junk_keyed hello_flood amplification stall submit_cancel correct"}
+scenario_herd() {
+  # A server restart's reconnect: 500,000 clients say HELLO within one
+  # second (retrying with backoff) while the welcomed ones heartbeat every
+  # second with a 3 s TTL. Members must never be crowded out: no false
+  # expiries, every session opened, none lost without a word, and no
+  # drop at the members' socket.
+  start_server
+  load --clients 500000 --duration 20s --silent 0.01 --herd
+  local fe early missed never by live alive members
+  fe=$(json "['server']['false_expiries']"); early=$(json "['server']['early_expiries']")
+  missed=$(json "['server']['silent_missed']"); never=$(json "['server']['never_welcomed']")
+  by=$(json "['server']['welcomed_by_s']")
+  live=$(json "['server']['server_live_sessions']"); alive=$(json "['server']['clients_alive']")
+  members=$(json "['server']['timeline'][-1]['server_drops'].get('members', 'none')")
+  stop_server
+  report herd "$([ "$fe" = 0 ] && [ "$early" = 0 ] && [ "$missed" = 0 ] && [ "$never" = 0 ] && [ "$live" = "$alive" ] && [ "$members" = 0 ] && echo 1 || echo 0)" \
+    "500K clients opened at once: $fe false, $early early, $missed missed, $never never welcomed (last after $by s), server live $live = alive $alive, members' socket drops $members"
+}
+
+scenarios=${*:-"junk junk_keyed hello_flood amplification stall submit_cancel correct herd"}
 for s in $scenarios; do
   "scenario_$s"
 done

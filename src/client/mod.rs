@@ -15,7 +15,7 @@
 
 mod session;
 
-pub use session::{Answer, ClientSession, Request, RequestId, State};
+pub use session::{hello_backoff, Answer, ClientSession, Request, RequestId, State};
 
 use std::fmt;
 use std::io;

@@ -738,11 +738,9 @@ impl ClientSession {
         self.next_heartbeat = None;
     }
 
-    /// How long to wait after HELLO try `attempt` (0 is the first): full
-    /// jitter over an exponential backoff, `uniform(0, min(cap, base ×
-    /// 2^attempt))` (AWS, "Exponential Backoff And Jitter"), with base the
-    /// configured retry time and cap the TTL, but never under a quarter of
-    /// the base, so a reply can arrive before the next try.
+    /// How long to wait after HELLO try `attempt` (0 is the first): see
+    /// [`hello_backoff`], with base the configured retry time and cap the
+    /// TTL.
     fn hello_backoff(&mut self, attempt: u32) -> Duration {
         let base = self.config.retry_after;
         // The TTL asked for, or else the one granted last (a restarted
@@ -750,12 +748,9 @@ impl ClientSession {
         let cap = [self.config.ttl, self.ttl(), Duration::from_secs(3)]
             .into_iter()
             .find(|ttl| !ttl.is_zero())
-            .unwrap_or_default()
-            .max(base);
-        let ceiling = base.saturating_mul(1 << attempt.min(20)).min(cap);
-        let nanos = ceiling.as_nanos().min(u128::from(u64::MAX)) as u64;
-        let jitter = Duration::from_nanos(self.random() % nanos.max(1));
-        jitter.max(base / 4)
+            .unwrap_or_default();
+        let random = self.random();
+        hello_backoff(base, cap, attempt, random)
     }
 
     /// xorshift64*: the backoff's jitter need not be unpredictable, only
@@ -834,6 +829,20 @@ fn push_bounded(events: &mut VecDeque<ClientEvent>, event: ClientEvent) {
 
 fn millis(d: Duration) -> u32 {
     u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}
+
+/// How long a client waits after HELLO try `attempt` (0 is the first) before
+/// the next: full jitter over an exponential backoff, `uniform(0, min(cap,
+/// base × 2^attempt))` (AWS, "Exponential Backoff And Jitter"), drawn from
+/// `random`, but never under a quarter of `base`, so a reply can arrive
+/// before the next try. A fleet that reconnects together spreads out this
+/// way instead of retrying in lockstep; the cap (the TTL) keeps a client
+/// from waiting longer than its own session would live.
+pub fn hello_backoff(base: Duration, cap: Duration, attempt: u32, random: u64) -> Duration {
+    let cap = cap.max(base);
+    let ceiling = base.saturating_mul(1 << attempt.min(20)).min(cap);
+    let nanos = ceiling.as_nanos().min(u128::from(u64::MAX)) as u64;
+    Duration::from_nanos(random % nanos.max(1)).max(base / 4)
 }
 
 #[cfg(test)]

@@ -86,6 +86,27 @@ pub struct Args {
     /// SIGCONT. Heartbeats queued in its socket meanwhile must count.
     #[arg(long, value_parser = parse_duration, value_name = "D")]
     pub stall: Option<Duration>,
+    /// Open every session at once, as a fleet does when its server comes
+    /// back: each client says HELLO once within the first interval, then
+    /// retries with exponential backoff and full jitter (capped at the
+    /// TTL) until welcomed, while the welcomed ones heartbeat. Measured
+    /// from the first HELLO, with a line a second: sessions welcomed, false
+    /// expiries, kernel drops at each of the server's sockets.
+    #[arg(long)]
+    pub herd: bool,
+    /// The first HELLO retry's backoff ceiling, doubled each try (the Rust
+    /// client's `retry_after`).
+    #[arg(long, default_value = "250ms", value_parser = parse_duration, value_name = "D")]
+    pub hello_retry: Duration,
+    /// Fraction of heartbeats lost on the way (dropped before sending). An
+    /// expiry of a client that had sent nothing for a TTL is counted as
+    /// explained by the loss, apart from false ones.
+    #[arg(long, default_value_t = 0.0, value_name = "P")]
+    pub loss: f64,
+    /// Send one datagram per sendmmsg entry instead of UDP GSO runs of up
+    /// to 64 (to compare the two).
+    #[arg(long)]
+    pub no_gso: bool,
     /// Allow a target outside the loopback range.
     #[arg(long)]
     pub allow_remote: bool,

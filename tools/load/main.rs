@@ -20,6 +20,7 @@
 
 mod args;
 mod junk;
+mod outbox;
 mod procfs;
 mod progress;
 mod receiver;
@@ -28,6 +29,7 @@ mod sender;
 mod shared;
 mod sink;
 mod summary;
+mod timeline;
 
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -45,7 +47,7 @@ use junk::JunkReport;
 use progress::Progress;
 use report::Json;
 use sender::Sender;
-use shared::{Shared, WELCOMED};
+use shared::{Shared, ACCEPTED, DETECTED, FALSE_EXPIRY, SILENT, WELCOMED};
 use sink::Sink;
 use summary::{summarize, Hostile, RunResult};
 
@@ -75,6 +77,12 @@ fn run(args: &Args) -> Result<(), String> {
     }
     if !(0.0..=1.0).contains(&args.silent) || !(0.0..=1.0).contains(&args.ack) {
         return Err("--silent and --ack are fractions from 0 to 1".into());
+    }
+    if !(0.0..1.0).contains(&args.loss) {
+        return Err("--loss is a fraction from 0 up to (not including) 1".into());
+    }
+    if args.herd && (args.compare_raw || args.raw_only) {
+        return Err("--herd measures a server's opening; drop --compare-raw/--raw-only".into());
     }
     if args.silent > 0.0 && args.duration < args.ttl + Duration::from_secs(3) {
         return Err("with --silent, --duration must exceed --ttl by at least 3s".into());
@@ -123,8 +131,16 @@ fn run_once(args: &Args, target: Target, key: Option<MacKey>) -> Result<RunResul
         pid: args.pid.map(|p| p.to_string()),
         progress: Progress::new(target),
     };
-    let mut sender = Sender::new(sockets, Arc::clone(&shared), key, args.ack);
+    let mut sender = Sender::new(sockets, Arc::clone(&shared), key, args);
     let opened = open_sessions(&run, &mut sender)?;
+    let timeline = opened.herd.then(|| {
+        timeline::spawn(
+            Arc::clone(&shared),
+            args.server,
+            args.metrics,
+            opened.schedule_start,
+        )
+    });
 
     let meter = Meter {
         sink: sink.as_ref(),
@@ -134,7 +150,7 @@ fn run_once(args: &Args, target: Target, key: Option<MacKey>) -> Result<RunResul
     let counters_before = args.metrics.and_then(|m| junk::scrape(m).ok());
     let floods = spawn_floods(&run, &sender);
     let staller = spawn_staller(&run)?;
-    let (heartbeats, phase) = beat(&run, &mut sender, opened.schedule_start);
+    let (heartbeats, phase) = beat(&run, &mut sender, &opened)?;
     let usage = meter.end().since(&start);
     let peak_rss = match target {
         Target::Server => run
@@ -143,8 +159,22 @@ fn run_once(args: &Args, target: Target, key: Option<MacKey>) -> Result<RunResul
             .and_then(|p| procfs::status_field(p, "VmHWM")),
         Target::Sink => None,
     };
-
-    drain_silent(&run, &mut sender, &opened);
+    let silent = match target {
+        Target::Server => shared.accepted.load(Ordering::Acquire),
+        Target::Sink => 0,
+    };
+    drain_silent(&run, &mut sender, &opened, silent);
+    let live_check = live_check(&run);
+    // Silent clients whose SUBMIT was accepted while draining count too.
+    let silent = shared.accepted.load(Ordering::Acquire).max(silent);
+    let timeline = timeline.map(timeline::Timeline::finish);
+    let welcomed_by = opened.herd.then(|| {
+        let last_us = shared.last_welcome_us.load(Ordering::Acquire);
+        let offset = opened
+            .schedule_start
+            .saturating_duration_since(shared.start);
+        Duration::from_micros(last_us).saturating_sub(offset)
+    });
     join_staller(staller)?;
     let hostile = match floods {
         Some(thread) => Some(collect_floods(args, thread, counters_before)?),
@@ -164,7 +194,18 @@ fn run_once(args: &Args, target: Target, key: Option<MacKey>) -> Result<RunResul
         send_errors: sender.send_errors,
         bytes_sent: sender.bytes_sent,
         target_rate: args.clients as f64 / args.interval.as_secs_f64(),
-        silent: opened.silent,
+        silent,
+        silent_missed: (0..args.clients)
+            .filter(|&i| shared.flag(i) & (ACCEPTED | DETECTED | FALSE_EXPIRY) == ACCEPTED)
+            .count(),
+        herd: opened.herd,
+        welcomed_by,
+        timeline: timeline.unwrap_or_default(),
+        hellos: sender.hellos,
+        lost: sender.lost,
+        gso: sender.mode == outbox::Mode::Segmented,
+        explained: shared.explained_expiries.load(Ordering::Acquire),
+        live_check,
         welcomed: shared.welcomed.load(Ordering::Acquire),
         refused: shared.refused.load(Ordering::Acquire),
         detected: shared.detected.load(Ordering::Acquire),
@@ -181,21 +222,24 @@ fn run_once(args: &Args, target: Target, key: Option<MacKey>) -> Result<RunResul
     })
 }
 
-/// Where the clients stand once the warm-up is over.
+/// Where the clients stand once the warm-up is over (or, in a herd, at
+/// the start).
 struct Opened {
     schedule_start: Instant,
-    /// Silent clients whose sleep task the server accepted.
-    silent: usize,
     bytes_per_session: Option<f64>,
+    /// The sessions open during the measured phase (`--herd`).
+    herd: bool,
 }
 
 /// Warm-up: the same schedule as the measured phase, in which a client
 /// not yet welcomed sends HELLO and a silent client not yet accepted
 /// sends its SUBMIT instead of a heartbeat. Opening sessions at the
-/// heartbeat rate keeps every open session beating from the start.
+/// heartbeat rate keeps every open session beating from the start. In a
+/// herd there is none: the measured phase opens them.
 fn open_sessions(run: &Run, sender: &mut Sender) -> Result<Opened, String> {
     let (args, shared) = (run.args, run.shared);
     let mut bytes_per_session = None;
+    let herd = args.herd && run.target == Target::Server;
     let silent = match run.target {
         Target::Server => sender.choose_silent(args),
         Target::Sink => {
@@ -206,7 +250,7 @@ fn open_sessions(run: &Run, sender: &mut Sender) -> Result<Opened, String> {
         }
     };
     let schedule_start = Instant::now();
-    if run.target == Target::Server {
+    if run.target == Target::Server && !herd {
         let rss = || {
             run.pid
                 .as_deref()
@@ -222,8 +266,8 @@ fn open_sessions(run: &Run, sender: &mut Sender) -> Result<Opened, String> {
     }
     Ok(Opened {
         schedule_start,
-        silent: silent.min(shared.accepted.load(Ordering::Acquire)),
         bytes_per_session,
+        herd,
     })
 }
 
@@ -365,36 +409,71 @@ fn spawn_staller(run: &Run) -> Result<Option<JoinHandle<bool>>, String> {
 
 /// The measured phase: every client on schedule for `--duration`, false
 /// expiries counted. Returns the datagrams sent and how long it took.
-fn beat(run: &Run, sender: &mut Sender, schedule_start: Instant) -> (u64, Duration) {
+/// In a herd, an answer must come within ten intervals of the first HELLO
+/// or the run stops with an error.
+fn beat(run: &Run, sender: &mut Sender, opened: &Opened) -> Result<(u64, Duration), String> {
     run.shared.counting.store(true, Ordering::Release);
-    let phase_start = Instant::now();
+    let schedule_start = opened.schedule_start;
+    let phase_start = if opened.herd {
+        schedule_start
+    } else {
+        Instant::now()
+    };
     let measure_from = phase_start - schedule_start;
+    let until = measure_from + run.args.duration;
     sender.start_silences(measure_from);
-    let heartbeats = sender.run_schedule(
-        run.args,
-        schedule_start,
-        measure_from + run.args.duration,
-        Some(&run.progress),
-    );
-    (heartbeats, phase_start.elapsed())
+    let mut heartbeats = 0;
+    if opened.herd {
+        let first = until.min(run.args.interval * 10);
+        heartbeats += sender.run_schedule(run.args, schedule_start, first, Some(&run.progress));
+        let answered = run.shared.welcomed.load(Ordering::Acquire)
+            + run.shared.refused.load(Ordering::Acquire);
+        if answered == 0 {
+            return Err(format!(
+                "no WELCOME from {} in ten intervals of HELLO: is `tether serve` running there (and is the key right)?",
+                run.args.server
+            ));
+        }
+    }
+    heartbeats += sender.run_schedule(run.args, schedule_start, until, Some(&run.progress));
+    Ok((heartbeats, phase_start.elapsed()))
 }
 
 /// Keep the live clients beating while the last silent ones are
 /// detected, so the end of the run is not mistaken for silence.
-fn drain_silent(run: &Run, sender: &mut Sender, opened: &Opened) {
-    if opened.silent == 0 {
+fn drain_silent(run: &Run, sender: &mut Sender, opened: &Opened, silent: usize) {
+    if silent == 0 {
         return;
     }
     let (args, schedule_start) = (run.args, opened.schedule_start);
     let drain = args.ttl + Duration::from_secs(2);
     let drain_start = Instant::now();
     let until = drain_start + drain;
-    while Instant::now() < until && run.shared.detected.load(Ordering::Acquire) < opened.silent {
+    while Instant::now() < until && run.shared.detected.load(Ordering::Acquire) < silent {
         let left = until
             .saturating_duration_since(Instant::now())
             .min(Duration::from_millis(200));
         sender.run_schedule(args, schedule_start, schedule_start.elapsed() + left, None);
     }
+}
+
+/// The server's count of live sessions against the clients this run
+/// believes alive (welcomed, never silent, never expired), read right after
+/// the last heartbeats: a session lost without a word shows as a
+/// difference. Needs `--metrics`; skipped with a HELLO flood, whose
+/// sessions the server counts too.
+fn live_check(run: &Run) -> Option<(u64, u64)> {
+    let metrics = run.args.metrics?;
+    if run.target != Target::Server || run.args.hello_flood.is_some() {
+        return None;
+    }
+    let scrape = junk::scrape(metrics).ok()?;
+    let server = *scrape.get("tether_sessions_live")? as u64;
+    let shared = run.shared;
+    let alive = (0..shared.flags.len())
+        .filter(|&i| shared.flag(i) & (WELCOMED | FALSE_EXPIRY | SILENT) == WELCOMED)
+        .count() as u64;
+    Some((server, alive))
 }
 
 fn join_staller(staller: Option<JoinHandle<bool>>) -> Result<(), String> {

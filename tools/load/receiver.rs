@@ -13,7 +13,10 @@ use mio::{Events, Interest, Poll, Token};
 use tether::batch::RecvBatch;
 use tether::wire::{CancelReason, Datagram, MacKey, Message, RejectCode, TaskReport, MAX_DATAGRAM};
 
-use crate::shared::{Shared, ACCEPTED, DETECTED, FALSE_EXPIRY, REFUSED, SILENT, WELCOMED};
+use crate::outbox::GAP_TOLERANCE_US;
+use crate::shared::{
+    Shared, ACCEPTED, DETECTED, FALSE_EXPIRY, LOSS_GAP, REFUSED, SILENT, WELCOMED,
+};
 
 /// What the receiver saw.
 #[derive(Default)]
@@ -99,8 +102,30 @@ fn account(shared: &Shared, d: &Datagram<'_>, now_us: u64, out: &mut Received) {
             counter.fetch_add(1, Ordering::AcqRel);
         }
     };
+    // Counted once per client: false unless the client had left a TTL
+    // between two datagrams it really sent, or has sent nothing for a TTL
+    // now (the expiry of a client with a task is pushed at once).
+    let lost = || {
+        if shared.set(i, FALSE_EXPIRY) {
+            let quiet_us = now_us.saturating_sub(shared.last_sent_us[i].load(Ordering::Acquire));
+            if shared.flag(i) & LOSS_GAP != 0 || quiet_us + GAP_TOLERANCE_US >= shared.ttl_us {
+                shared.explained_expiries.fetch_add(1, Ordering::AcqRel);
+            } else {
+                shared.false_expiries.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+    };
     match d.message {
-        Message::Welcome { .. } => count_once(WELCOMED, &shared.welcomed),
+        // A WELCOME to an earlier round is one the client gave up on.
+        Message::Welcome { .. }
+            if d.header.incarnation == shared.incarnation(i) && shared.set(i, WELCOMED) =>
+        {
+            // The session lives from about now: a gap before it (a HELLO
+            // retried late) is no gap in the session's heartbeats.
+            shared.last_sent_us[i].fetch_max(now_us, Ordering::AcqRel);
+            shared.welcomed.fetch_add(1, Ordering::AcqRel);
+            shared.last_welcome_us.fetch_max(now_us, Ordering::AcqRel);
+        }
         Message::Rejected {
             request_id: 0,
             code: RejectCode::TooManySessions | RejectCode::ShuttingDown,
@@ -127,15 +152,15 @@ fn account(shared: &Shared, d: &Datagram<'_>, now_us: u64, out: &mut Received) {
                     }
                     out.lateness_ms.push(lateness_us as f64 / 1000.0);
                 }
-            } else if counting && shared.set(i, FALSE_EXPIRY) {
-                shared.false_expiries.fetch_add(1, Ordering::AcqRel);
+            } else if counting {
+                lost();
             }
         }
         Message::UnknownSession => {
             out.unknown_session += 1;
             let silent = shared.flag(i) & SILENT != 0;
-            if counting && !silent && shared.set(i, FALSE_EXPIRY) {
-                shared.false_expiries.fetch_add(1, Ordering::AcqRel);
+            if counting && !silent {
+                lost();
             }
         }
         _ => {}

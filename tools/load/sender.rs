@@ -1,6 +1,7 @@
 //! The sending side of the simulated clients: their local sockets, the
 //! schedule that spreads every client's datagram evenly over each interval,
-//! and the batching onto `sendmmsg`.
+//! HELLO retries with backoff in a herd, and the hand-off to the outboxes
+//! that send them (see `outbox.rs`).
 
 use std::net::{SocketAddr, UdpSocket};
 use std::sync::atomic::Ordering;
@@ -11,15 +12,16 @@ use tether::batch::SendBatch;
 use tether::wire::{Datagram, Flags, Header, MacKey, Message, MAX_DATAGRAM};
 
 use crate::args::Args;
+use crate::outbox::{Mode, Outbox, Sent};
 use crate::progress::Progress;
 use crate::shared::{Shared, ACCEPTED, REFUSED, SILENT, WELCOMED};
 
-/// Batches datagrams per socket and sends them with `sendmmsg`.
+/// Builds each client's datagrams on schedule and queues them per socket.
 pub struct Sender {
     sockets: Vec<UdpSocket>,
-    pending: Vec<Vec<u8>>,
-    pending_lens: Vec<Vec<usize>>,
+    outboxes: Vec<Outbox>,
     batch: SendBatch,
+    pub mode: Mode,
     shared: Arc<Shared>,
     pub key: Option<MacKey>,
     seq: Vec<u32>,
@@ -29,41 +31,116 @@ pub struct Sender {
     silent_at_us: Vec<u64>,
     sleep_payload: [u8; 4],
     ack_per_10k: u64,
+    loss_per_million: u64,
     next_event: u64,
+    /// With `--herd`: HELLO retries by backoff instead of every interval.
+    herd: Option<Herd>,
     pub send_errors: u64,
     sent: u64,
     pub bytes_sent: u64,
+    pub hellos: u64,
+    /// Heartbeats dropped on purpose (`--loss`).
+    pub lost: u64,
+    /// The kernel refused GSO on this route, so datagrams went one by one.
+    pub gso_refused: bool,
     /// HELLOs of clients that stay live, to replay as junk.
     pub captured: Vec<Vec<u8>>,
+    scratch: Vec<u8>,
 }
 
-const BATCH: usize = 64;
+/// Queued datagrams per socket before they are sent without waiting for
+/// the end of the schedule step.
+const FLUSH_AT: usize = 1024;
+
+/// HELLO retries of a herd: each client's first HELLO on its turn in the
+/// first interval, then after [`tether::client::hello_backoff`] (the Rust
+/// client's own schedule), a new incarnation each round, until welcomed or
+/// refused.
+struct Herd {
+    base: Duration,
+    cap: Duration,
+    attempts: Vec<u8>,
+    retries: RetryWheel,
+    due: Vec<u32>,
+}
+
+/// Clients due for a retry, in slots of 10 ms over a horizon longer than
+/// the longest backoff (so a slot only ever holds one lap's clients).
+struct RetryWheel {
+    slots: Vec<Vec<u32>>,
+    /// The first slot number not yet taken.
+    next: u64,
+}
+
+const SLOT_US: u64 = 10_000;
+
+impl RetryWheel {
+    fn new(horizon: Duration) -> RetryWheel {
+        let len = (horizon.as_micros() as u64 / SLOT_US + 2) as usize;
+        RetryWheel {
+            slots: vec![Vec::new(); len],
+            next: 0,
+        }
+    }
+
+    fn push(&mut self, due_us: u64, client: u32) {
+        let len = self.slots.len() as u64;
+        let slot = (due_us / SLOT_US).clamp(self.next, self.next + len - 1);
+        self.slots[(slot % len) as usize].push(client);
+    }
+
+    /// Moves the clients due by `now_us` into `out`.
+    fn take_due(&mut self, now_us: u64, out: &mut Vec<u32>) {
+        let len = self.slots.len() as u64;
+        while self.next <= now_us / SLOT_US {
+            out.append(&mut self.slots[(self.next % len) as usize]);
+            self.next += 1;
+        }
+    }
+}
 
 impl Sender {
     pub fn new(
         sockets: Vec<UdpSocket>,
         shared: Arc<Shared>,
         key: Option<MacKey>,
-        ack: f64,
+        args: &Args,
     ) -> Sender {
         let n = shared.flags.len();
         let k = sockets.len();
+        let herd = args.herd.then(|| Herd {
+            base: args.hello_retry,
+            cap: args.ttl,
+            attempts: vec![0; n],
+            retries: RetryWheel::new(args.ttl.max(args.hello_retry) + Duration::from_secs(1)),
+            due: Vec::new(),
+        });
         Sender {
-            pending: vec![Vec::with_capacity(BATCH * 64); k],
-            pending_lens: vec![Vec::with_capacity(BATCH); k],
+            outboxes: (0..k).map(|_| Outbox::default()).collect(),
             sockets,
-            batch: SendBatch::new(BATCH),
+            batch: SendBatch::new(64),
+            mode: if args.no_gso {
+                Mode::Single
+            } else {
+                Mode::Segmented
+            },
             key,
             seq: vec![0; n],
             silent_offset_us: vec![u64::MAX; n],
             silent_at_us: vec![u64::MAX; n],
             sleep_payload: [0; 4],
-            ack_per_10k: (ack * 10_000.0).round() as u64,
+            ack_per_10k: (args.ack * 10_000.0).round() as u64,
+            loss_per_million: (args.loss * 1_000_000.0).round() as u64,
             next_event: 0,
+            herd,
             send_errors: 0,
             sent: 0,
             bytes_sent: 0,
+            hellos: 0,
+            lost: 0,
+            gso_refused: false,
             captured: Vec::new(),
+            scratch: vec![0; MAX_DATAGRAM],
             shared,
         }
     }
@@ -74,74 +151,58 @@ impl Sender {
             header: Header {
                 flags,
                 client_id: self.shared.base_id + i as u64 + 1,
-                incarnation: self.shared.incarnation,
+                incarnation: self.shared.incarnation(i),
                 seq: self.seq[i],
             },
             message,
         };
-        let s = i % self.sockets.len();
-        let buf = &mut self.pending[s];
-        let start = buf.len();
-        buf.resize(start + MAX_DATAGRAM, 0);
         let n = d
-            .emit(self.key.as_ref(), &mut buf[start..])
+            .emit(self.key.as_ref(), &mut self.scratch)
             .expect("load datagrams are small");
-        buf.truncate(start + n);
-        if matches!(message, Message::Hello { .. })
-            && self.captured.len() < 1000
-            && self.silent_offset_us[i] == u64::MAX
-        {
-            self.captured.push(buf[start..].to_vec());
+        let bytes = &self.scratch[..n];
+        let hello = matches!(message, Message::Hello { .. });
+        if hello {
+            self.hellos += 1;
+            if self.captured.len() < 1000 && self.silent_offset_us[i] == u64::MAX {
+                self.captured.push(bytes.to_vec());
+            }
         }
-        self.pending_lens[s].push(n);
-        let now = self.shared.now_us();
-        self.shared.last_sent_us[i].store(now, Ordering::Release);
-        if flags.contains(Flags::ACK) {
+        let ack = flags.contains(Flags::ACK);
+        if ack {
             self.shared.ack_seq[i].store(self.seq[i], Ordering::Release);
-            self.shared.ack_sent_us[i].store(now, Ordering::Release);
         }
-        if self.pending_lens[s].len() >= BATCH {
+        // Clients in contiguous blocks per socket: the schedule visits them
+        // in order, so a step's datagrams share a few sockets and leave in
+        // long GSO runs even at low rates.
+        let s = i * self.sockets.len() / self.seq.len();
+        self.outboxes[s].queue(
+            bytes,
+            Sent {
+                client: i as u32,
+                ack,
+            },
+        );
+        if self.outboxes[s].queued() >= FLUSH_AT {
             self.flush_socket(s);
         }
     }
 
     fn flush_socket(&mut self, s: usize) {
-        let mut offsets = Vec::with_capacity(self.pending_lens[s].len());
-        let mut at = 0;
-        for &len in &self.pending_lens[s] {
-            offsets.push(&self.pending[s][at..at + len]);
-            at += len;
+        let mut f =
+            self.outboxes[s].flush(&self.sockets[s], &mut self.batch, self.mode, &self.shared);
+        if f.gso_refused {
+            self.gso_refused = true;
+            self.mode = Mode::Single;
+            f = self.outboxes[s].flush(&self.sockets[s], &mut self.batch, self.mode, &self.shared);
         }
-        let mut done = 0;
-        let mut stalls = 0;
-        while done < offsets.len() {
-            match self.batch.send(&self.sockets[s], &offsets[done..]) {
-                Ok(n) => {
-                    self.bytes_sent += offsets[done..done + n]
-                        .iter()
-                        .map(|d| d.len() as u64)
-                        .sum::<u64>();
-                    done += n;
-                    self.sent += n as u64;
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && stalls < 100 => {
-                    // The socket's send buffer is full: back off briefly.
-                    stalls += 1;
-                    std::thread::sleep(Duration::from_micros(50));
-                }
-                Err(_) => {
-                    self.send_errors += (offsets.len() - done) as u64;
-                    break;
-                }
-            }
-        }
-        self.pending[s].clear();
-        self.pending_lens[s].clear();
+        self.sent += f.datagrams;
+        self.bytes_sent += f.bytes;
+        self.send_errors += f.errors;
     }
 
     fn flush(&mut self) {
         for s in 0..self.sockets.len() {
-            if !self.pending_lens[s].is_empty() {
+            if self.outboxes[s].queued() > 0 {
                 self.flush_socket(s);
             }
         }
@@ -232,7 +293,8 @@ impl Sender {
 
     /// Every client once per interval, client `i` at offset `i / n` of the
     /// interval, until `until` after `schedule_start`: a HELLO while it is
-    /// not welcomed, its SUBMIT while a silent client's task is not yet
+    /// not welcomed (in a herd, only the first; the retries come from the
+    /// backoff), its SUBMIT while a silent client's task is not yet
     /// accepted, else a heartbeat until its silence begins. Returns the
     /// datagrams sent.
     pub fn run_schedule(
@@ -256,6 +318,7 @@ impl Sender {
             if now_us >= until_us {
                 break;
             }
+            self.retry_hellos(now_us, ttl_ms);
             let mut work = 0;
             while work < 4096 && due_at(self.next_event) <= now_us {
                 let due_us = due_at(self.next_event);
@@ -282,6 +345,49 @@ impl Sender {
         self.sent - sent_before
     }
 
+    /// Sends a HELLO, a new round, for every herd client whose backoff ran
+    /// out and who is still waiting.
+    fn retry_hellos(&mut self, now_us: u64, ttl_ms: u32) {
+        let Some(herd) = &mut self.herd else {
+            return;
+        };
+        let mut due = std::mem::take(&mut herd.due);
+        herd.retries.take_due(now_us, &mut due);
+        for &i in &due {
+            let i = i as usize;
+            if self.shared.flag(i) & (WELCOMED | REFUSED) != 0 {
+                continue;
+            }
+            let round = &self.shared.rounds[i];
+            round.store(
+                round.load(Ordering::Relaxed).saturating_add(1),
+                Ordering::Release,
+            );
+            self.hello(i, now_us, ttl_ms);
+        }
+        due.clear();
+        if let Some(herd) = &mut self.herd {
+            herd.due = due;
+        }
+    }
+
+    /// Sends client `i`'s HELLO and, in a herd, schedules its next try.
+    fn hello(&mut self, i: usize, now_us: u64, ttl_ms: u32) {
+        let hello = Message::Hello {
+            ttl_ms,
+            name: "load",
+        };
+        self.queue(i, Flags::empty(), hello);
+        if let Some(herd) = &mut self.herd {
+            let attempt = herd.attempts[i];
+            herd.attempts[i] = attempt.saturating_add(1);
+            let random = mix(((i as u64) << 8) ^ u64::from(attempt) ^ 0xbac0_ff00);
+            let wait = tether::client::hello_backoff(herd.base, herd.cap, attempt.into(), random);
+            herd.retries
+                .push(now_us + wait.as_micros() as u64, i as u32);
+        }
+    }
+
     /// Client `i`'s turn, due at `due_us` on the schedule's clock.
     /// `next_event` is already past this turn and the ACK draw hashes it as
     /// is: moving the increment would change which heartbeats ask for an ACK.
@@ -291,14 +397,11 @@ impl Sender {
             return;
         }
         if flags & WELCOMED == 0 {
-            self.queue(
-                i,
-                Flags::empty(),
-                Message::Hello {
-                    ttl_ms,
-                    name: "load",
-                },
-            );
+            // In a herd only the first HELLO goes on the schedule.
+            let first = self.herd.as_ref().is_none_or(|h| h.attempts[i] == 0);
+            if first {
+                self.hello(i, due_us, ttl_ms);
+            }
         } else if self.silent_offset_us[i] != u64::MAX && flags & ACCEPTED == 0 {
             let payload = self.sleep_payload;
             let submit = Message::Submit {
@@ -311,6 +414,10 @@ impl Sender {
             self.queue(i, Flags::empty(), submit);
         } else if due_us >= self.silent_at_us[i] {
             self.shared.set(i, SILENT);
+        } else if mix(self.next_event ^ LOSS_SALT) % 1_000_000 < self.loss_per_million {
+            // Lost on the way: the sequence number is spent all the same.
+            self.seq[i] += 1;
+            self.lost += 1;
         } else {
             let ack = mix(self.next_event) % 10_000 < self.ack_per_10k;
             let flags = if ack { Flags::ACK } else { Flags::empty() };
@@ -318,6 +425,8 @@ impl Sender {
         }
     }
 }
+
+const LOSS_SALT: u64 = 0x1055_1055;
 
 /// A 64-bit mixer (splitmix64's finaliser) for cheap, reproducible choices.
 fn mix(mut x: u64) -> u64 {
@@ -350,4 +459,32 @@ pub fn connect_sockets(addr: SocketAddr, count: usize) -> Result<Vec<UdpSocket>,
         sockets.push(socket);
     }
     Ok(sockets)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_wheel_hands_out_clients_when_due_and_not_before() {
+        let mut wheel = RetryWheel::new(Duration::from_secs(3));
+        wheel.push(25_000, 1);
+        wheel.push(2_500_000, 2);
+        wheel.push(60_000_000, 3); // past the horizon: clamped to its end
+        let mut due = Vec::new();
+        wheel.take_due(19_999, &mut due);
+        assert!(due.is_empty());
+        wheel.take_due(29_999, &mut due);
+        assert_eq!(due, [1]);
+        due.clear();
+        wheel.take_due(2_499_999, &mut due);
+        assert!(due.is_empty());
+        wheel.take_due(3_050_000, &mut due);
+        assert_eq!(due, [2, 3]);
+        due.clear();
+        // A due time already past goes out with the next slot taken.
+        wheel.push(0, 4);
+        wheel.take_due(3_060_000, &mut due);
+        assert_eq!(due, [4]);
+    }
 }

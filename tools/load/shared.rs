@@ -11,6 +11,9 @@ pub const ACCEPTED: u8 = 4;
 pub const SILENT: u8 = 8;
 pub const DETECTED: u8 = 16;
 pub const FALSE_EXPIRY: u8 = 32;
+/// A TTL passed between two of the client's datagrams really sent (a loss
+/// or the tool's own stall): an expiry after it is explained, not false.
+pub const LOSS_GAP: u8 = 64;
 
 /// State the sender and the receiver share, one slot per client.
 pub struct Shared {
@@ -20,6 +23,10 @@ pub struct Shared {
     pub start: Instant,
     pub last_sent_us: Vec<AtomicU64>,
     pub flags: Vec<AtomicU8>,
+    /// How many HELLO rounds each client began: each is a new incarnation,
+    /// as the Rust client does, so a session that expired while its WELCOME
+    /// was lost never makes the retries stale.
+    pub rounds: Vec<AtomicU8>,
     pub ack_seq: Vec<AtomicU32>,
     pub ack_sent_us: Vec<AtomicU64>,
     pub welcomed: AtomicUsize,
@@ -27,6 +34,10 @@ pub struct Shared {
     pub accepted: AtomicUsize,
     pub detected: AtomicUsize,
     pub false_expiries: AtomicUsize,
+    /// Expiries of clients that had sent nothing for a TTL (see LOSS_GAP).
+    pub explained_expiries: AtomicUsize,
+    /// When the latest first WELCOME arrived, µs on this clock.
+    pub last_welcome_us: AtomicU64,
     pub counting: AtomicBool,
     pub stop: AtomicBool,
 }
@@ -46,6 +57,7 @@ impl Shared {
             start: Instant::now(),
             last_sent_us: (0..n).map(|_| AtomicU64::new(0)).collect(),
             flags: (0..n).map(|_| AtomicU8::new(0)).collect(),
+            rounds: (0..n).map(|_| AtomicU8::new(0)).collect(),
             ack_seq: (0..n).map(|_| AtomicU32::new(0)).collect(),
             ack_sent_us: (0..n).map(|_| AtomicU64::new(0)).collect(),
             welcomed: AtomicUsize::new(0),
@@ -53,6 +65,8 @@ impl Shared {
             accepted: AtomicUsize::new(0),
             detected: AtomicUsize::new(0),
             false_expiries: AtomicUsize::new(0),
+            explained_expiries: AtomicUsize::new(0),
+            last_welcome_us: AtomicU64::new(0),
             counting: AtomicBool::new(false),
             stop: AtomicBool::new(false),
         }
@@ -63,6 +77,10 @@ impl Shared {
     pub fn index(&self, client_id: u64) -> Option<usize> {
         let i = client_id.checked_sub(self.base_id + 1)? as usize;
         (i < self.flags.len()).then_some(i)
+    }
+    /// Client `i`'s current incarnation.
+    pub fn incarnation(&self, i: usize) -> u64 {
+        self.incarnation + u64::from(self.rounds[i].load(Ordering::Acquire))
     }
     pub fn flag(&self, i: usize) -> u8 {
         self.flags[i].load(Ordering::Acquire)

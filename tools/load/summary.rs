@@ -22,6 +22,24 @@ pub struct RunResult {
     pub bytes_sent: u64,
     pub target_rate: f64,
     pub silent: usize,
+    /// Silent clients whose expiry never came (those whose session had
+    /// expired before they fell silent are not among them).
+    pub silent_missed: usize,
+    /// Opened as a herd: when the last session was welcomed (from the
+    /// first HELLO), and a reading a second.
+    pub herd: bool,
+    pub welcomed_by: Option<Duration>,
+    pub timeline: Vec<crate::timeline::Sample>,
+    pub hellos: u64,
+    /// Heartbeats dropped on purpose (`--loss`).
+    pub lost: u64,
+    /// Whether the datagrams left as GSO runs.
+    pub gso: bool,
+    /// Expiries of clients that had sent nothing for a TTL.
+    pub explained: usize,
+    /// The server's live sessions and the clients this run believes
+    /// alive, after the last heartbeats (`--metrics`).
+    pub live_check: Option<(u64, u64)>,
     pub received: Received,
     pub welcomed: usize,
     pub refused: usize,
@@ -296,8 +314,15 @@ fn write_run(args: &Args, r: &RunResult, f: &Figures, text: &mut String) {
     );
     let _ = writeln!(
         text,
-        "  heartbeats sent         {:>12}   ({rate:.0}/s of {:.0}/s target; {} send errors)",
-        r.heartbeats, r.target_rate, r.send_errors
+        "  {}         {:>12}   ({rate:.0}/s of {:.0}/s target; {} send errors)",
+        if r.herd {
+            "datagrams sent "
+        } else {
+            "heartbeats sent"
+        },
+        r.heartbeats,
+        r.target_rate,
+        r.send_errors
     );
     if r.target == Target::Server {
         write_sessions(r, f, text);
@@ -314,14 +339,34 @@ fn write_sessions(r: &RunResult, f: &Figures, text: &mut String) {
         "  sessions opened         {:>12}   ({} refused)",
         r.welcomed, r.refused
     );
+    if r.herd {
+        let never = r.clients.saturating_sub(r.welcomed + r.refused);
+        let by = r
+            .welcomed_by
+            .map_or("-".to_owned(), |d| format!("{:.1} s", d.as_secs_f64()));
+        let _ = writeln!(
+            text,
+            "  herd                    {:>12}   HELLOs sent ({:.2} per client); last welcomed {by} after the first HELLO; {never} never welcomed",
+            r.hellos,
+            r.hellos as f64 / r.clients.max(1) as f64
+        );
+    }
     let _ = writeln!(text, "  false expiries          {:>12}", r.false_expiries);
+    if r.lost > 0 || r.explained > 0 {
+        let _ = writeln!(
+            text,
+            "  explained expiries      {:>12}   (nothing sent for a TTL; {} heartbeats lost on purpose)",
+            r.explained, r.lost
+        );
+    }
     let _ = writeln!(text, "  early expiries          {:>12}", r.received.early);
     let _ = writeln!(
         text,
-        "  silent detected         {:>12}   of {} ({} never reported)",
+        "  silent detected         {:>12}   of {} ({} never reported; {} had expired before falling silent)",
         r.detected,
         r.silent,
-        r.silent.saturating_sub(r.detected)
+        r.silent_missed,
+        r.silent.saturating_sub(r.detected + r.silent_missed)
     );
     let _ = writeln!(
         text,
@@ -333,6 +378,12 @@ fn write_sessions(r: &RunResult, f: &Figures, text: &mut String) {
         "  round trip us           p50 {:.0}  p99 {:.0}   ({} acks)",
         f.rtt_p.p50, f.rtt_p.p99, f.rtt_p.count
     );
+    if let Some((server, alive)) = r.live_check {
+        let _ = writeln!(
+            text,
+            "  live sessions           {server:>12}   on the server; {alive} clients of this run alive (equal when it is the server's only client)"
+        );
+    }
     let _ = writeln!(
         text,
         "  replies received        {:>12}   ({} bytes, {:.3} of the {} bytes sent; {} UNKNOWN_SESSION)",
@@ -378,9 +429,14 @@ fn write_usage(r: &RunResult, f: &Figures, text: &mut String) {
         Target::Server => "",
     };
     let (tool_pct, sender_pct) = (f.tool_pct, f.sender_pct);
+    let sending = if r.gso {
+        "GSO runs of up to 64"
+    } else {
+        "one datagram per entry"
+    };
     let _ = writeln!(
         text,
-        "  load tool CPU           {tool_pct:>11.1}%   (sender thread {sender_pct:.1}%{includes})"
+        "  load tool CPU           {tool_pct:>11.1}%   (sender thread {sender_pct:.1}%{includes}; sendmmsg, {sending})"
     );
     if let Some(drops) = r.kernel_drops {
         let _ = writeln!(
@@ -401,7 +457,8 @@ fn run_json(r: &RunResult, f: &Figures) -> Json {
         .num("send_errors", r.send_errors)
         .float("tool_cpu_pct", f.tool_pct)
         .float("sender_cpu_pct", f.sender_pct)
-        .str("bottleneck", f.bottleneck);
+        .str("bottleneck", f.bottleneck)
+        .num("gso", r.gso);
     if let Some(drops) = r.kernel_drops {
         j.num("kernel_rcvbuf_drops", drops);
     }
@@ -415,10 +472,13 @@ fn run_json(r: &RunResult, f: &Figures) -> Json {
         j.num("sessions", r.welcomed)
             .num("refused", r.refused)
             .num("false_expiries", r.false_expiries)
+            .num("explained_expiries", r.explained)
+            .num("heartbeats_lost", r.lost)
+            .num("hellos", r.hellos)
             .num("early_expiries", r.received.early)
             .num("silent", r.silent)
             .num("silent_detected", r.detected)
-            .num("silent_missed", r.silent.saturating_sub(r.detected))
+            .num("silent_missed", r.silent_missed)
             .raw("lateness_ms", &f.late_p.json())
             .raw("rtt_us", &f.rtt_p.json())
             .num("replies", r.received.datagrams)
@@ -430,6 +490,22 @@ fn run_json(r: &RunResult, f: &Figures) -> Json {
             );
         if let Some(kb) = r.target_peak_rss_kb {
             j.num("peak_rss_kb", kb);
+        }
+        if let Some((server, alive)) = r.live_check {
+            j.num("server_live_sessions", server)
+                .num("clients_alive", alive);
+        }
+        if r.herd {
+            let timeline: Vec<String> = r.timeline.iter().map(|s| s.json()).collect();
+            j.num("herd", true)
+                .num(
+                    "never_welcomed",
+                    r.clients.saturating_sub(r.welcomed + r.refused),
+                )
+                .raw("timeline", &format!("[{}]", timeline.join(",")));
+            if let Some(by) = r.welcomed_by {
+                j.float("welcomed_by_s", by.as_secs_f64());
+            }
         }
         if let Some(b) = r.bytes_per_session {
             j.float("bytes_per_session", b);
@@ -479,7 +555,9 @@ pub fn summarize(args: &Args, results: &[RunResult]) {
         .num("interval_ms", args.interval.as_millis())
         .num("ttl_ms", args.ttl.as_millis())
         .num("duration_s", args.duration.as_secs_f64())
-        .num("keyed", args.key_file.is_some());
+        .num("keyed", args.key_file.is_some())
+        .num("herd", args.herd)
+        .float("loss", args.loss);
     for r in results {
         let figures = Figures::of(r);
         write_run(args, r, &figures, &mut text);

@@ -82,6 +82,21 @@ class CodecTests(unittest.TestCase):
         for bad in (b"", b"TH", data[:27], b"XX" + data[2:], data + b"\0"):
             self.assertIsNone(tc.decode(bad, key))
 
+    def test_hello_backoff_is_full_jitter_capped_at_the_ttl(self):
+        base, cap = 0.25, 3.0
+        # The ceiling doubles each try up to the cap; the draw spans it.
+        for attempt, ceiling in enumerate([0.25, 0.5, 1.0, 2.0, 3.0, 3.0]):
+            self.assertAlmostEqual(tc.hello_backoff(attempt, base, cap, rand=lambda: 0.999999), ceiling, places=4)
+            self.assertEqual(tc.hello_backoff(attempt, base, cap, rand=lambda: 0.0), base / 4)
+            self.assertAlmostEqual(tc.hello_backoff(attempt, base, cap, rand=lambda: 0.5), max(base / 4, ceiling / 2))
+        # A fleet's waits spread over the whole range instead of clumping.
+        rng = random.Random(7)
+        waits = [tc.hello_backoff(3, base, cap, rand=rng.random) for _ in range(1000)]
+        self.assertTrue(all(base / 4 <= w <= 2.0 for w in waits))
+        self.assertGreater(max(waits) - min(waits), 1.5)
+        # A TTL under the base never makes the wait shorter than the base allows.
+        self.assertAlmostEqual(tc.hello_backoff(5, 1.0, 0.1, rand=lambda: 0.999999), 1.0, places=4)
+
     def test_replay_window(self):
         w = tc.ReplayWindow(10)
         self.assertTrue(w.accept(12))
@@ -234,6 +249,31 @@ class ScriptedServerTests(unittest.TestCase):
             self.fake.reply(request, tc.ACCEPTED, struct.pack(">IQ", 1, 42))
             self.assertEqual(submit(), 42, "the receiver still files replies")
             self.assertGreaterEqual(c.dropped, 1)
+        finally:
+            c.close()
+
+    def test_unanswered_hellos_back_off_under_new_incarnations(self):
+        # retry_after 0.05 s: the tries wait at most 0.05, 0.1, 0.2 s (cap:
+        # the 3 s TTL is far), then the client gives up.
+        client = _in_thread(lambda: tc.Client(self.fake.addr, client_id=9, retry_after=0.05, tries=4))
+        hellos = [self.fake.expect(tc.HELLO) for _ in range(4)]
+        with self.assertRaises(tc.TimeoutError_):
+            client()
+        incarnations = [h[2] for h in hellos]
+        self.assertEqual(len(set(incarnations)), 4, "each round a new incarnation")
+        self.assertEqual(incarnations, sorted(incarnations))
+        self.assertTrue(all(h[3] == 1 for h in hellos), "a new incarnation numbers from 1")
+
+    def test_a_late_welcome_to_an_abandoned_round_is_ignored(self):
+        client = _in_thread(lambda: tc.Client(self.fake.addr, client_id=11, retry_after=0.05, tries=8))
+        first = self.fake.expect(tc.HELLO)
+        second = self.fake.expect(tc.HELLO)
+        self.fake.reply(first, tc.WELCOME, struct.pack(">II", 3000, 10))
+        self.fake.reply(second, tc.WELCOME, struct.pack(">II", 4000, 10))
+        c = client()
+        try:
+            self.assertEqual(c.session[1], second[2])
+            self.assertEqual(c.ttl, 4.0, "the WELCOME of the round it is in")
         finally:
             c.close()
 

@@ -19,6 +19,7 @@ import hashlib
 import hmac
 import itertools
 import os
+import random
 import socket
 import struct
 import threading
@@ -231,6 +232,18 @@ def _new_incarnation(previous: int = 0) -> int:
     return max(time.time_ns(), previous + 1)
 
 
+def hello_backoff(attempt: int, base: float, cap: float,
+                  rand: Callable[[], float] = random.random) -> float:
+    """Seconds to wait after HELLO try ``attempt`` (0 is the first): full
+    jitter over an exponential backoff, ``uniform(0, min(cap, base *
+    2**attempt))`` (AWS, "Exponential Backoff And Jitter"), but never under
+    a quarter of ``base``, so a reply can arrive before the next try. A
+    fleet that reconnects at once (a server restart) spreads out this way
+    instead of retrying in lockstep; ``cap`` is the TTL."""
+    ceiling = min(max(cap, base), base * 2 ** min(attempt, 20))
+    return max(base / 4, rand() * ceiling)
+
+
 def _submit_body(request_id: int, job: str, payload: bytes, delay: float, deadline: float) -> bytes:
     job_bytes = job.encode("utf-8")
     if len(job_bytes) > 32 or len(payload) > 1024:
@@ -393,13 +406,22 @@ class Client(_SessionView):
         self._sock.send(data)
         return incarnation, seq
 
-    def _request(self, kind: int, body: bytes, wanted: Callable[[int, tuple], bool]):
+    def _request(self, kind: int, body: bytes, wanted: Callable[[int, tuple], bool],
+                 backoff: Optional[Callable[[int], float]] = None):
+        """Sends and retries until ``wanted`` matches a reply: every
+        ``retry_after``, or for a HELLO after ``backoff(try)``, each unanswered
+        round under a new incarnation (as the Rust client does), so a session
+        that expired while its WELCOME was lost never makes the retries stale."""
         sent: List[Tuple[int, int]] = []  # (incarnation, seq) of each try
-        for _ in range(self._tries):
+        for attempt in range(self._tries):
             if self._closed.is_set():
                 raise TetherError("client is closed")
+            if attempt and backoff is not None:
+                with self._lock:
+                    self._s.renew()
             sent.append(self._send(kind, body))
-            deadline = time.monotonic() + self._retry_after
+            wait = self._retry_after if backoff is None else backoff(attempt)
+            deadline = time.monotonic() + wait
             with self._lock:
                 while True:
                     for i, (k, incarnation, seq, fields) in enumerate(self._replies):
@@ -416,9 +438,13 @@ class Client(_SessionView):
                     self._lock.wait(left)
         raise TimeoutError_("no reply from the server (is it running, and is the key right?)")
 
+    def _hello_wait(self, attempt: int) -> float:
+        return hello_backoff(attempt, self._retry_after, self._ttl_asked or 3.0)
+
     def _hello(self):
         body = struct.pack(">I", int(self._ttl_asked * 1000)) + _text(self._name)
-        kind, fields = self._request(HELLO, body, lambda k, f: k == WELCOME or (k == REJECTED and f[0] == 0))
+        kind, fields = self._request(HELLO, body, lambda k, f: k == WELCOME or (k == REJECTED and f[0] == 0),
+                                     backoff=self._hello_wait)
         if kind == REJECTED:
             raise Rejected(fields[1], fields[2])
         return fields[0] / 1000.0, fields[1] / 1000.0
@@ -643,7 +669,8 @@ class AsyncSession(_SessionView):
     async def _hello(self):
         body = struct.pack(">I", int(self._ttl_asked * 1000)) + _text(self._name)
         kind, fields = await self._request(
-            HELLO, body, lambda k, f: k == WELCOME or (k == REJECTED and f[0] == 0))
+            HELLO, body, lambda k, f: k == WELCOME or (k == REJECTED and f[0] == 0),
+            backoff=lambda attempt: hello_backoff(attempt, self._retry_after, self._ttl_asked or 3.0))
         if kind == REJECTED:
             raise Rejected(fields[1], fields[2])
         self.ttl, self.tick = fields[0] / 1000.0, fields[1] / 1000.0
@@ -664,7 +691,10 @@ class AsyncSession(_SessionView):
         self._transport.sendto(data)
         return seq
 
-    async def _request(self, kind: int, body: bytes, wanted: Callable[[int, tuple], bool]):
+    async def _request(self, kind: int, body: bytes, wanted: Callable[[int, tuple], bool],
+                       backoff: Optional[Callable[[int], float]] = None):
+        """As the blocking client's: HELLO retries back off, each round a new
+        incarnation."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         sent: List[Tuple[int, int]] = []  # (incarnation, seq) of each try
@@ -677,9 +707,12 @@ class AsyncSession(_SessionView):
         entry = (match, future)
         self._waiters.append(entry)
         try:
-            for _ in range(self._tries):
+            for attempt in range(self._tries):
+                if attempt and backoff is not None:
+                    self._s.renew()
                 sent.append((self._s.incarnation, self._send(kind, body)))
-                done, _ = await asyncio.wait({future}, timeout=self._retry_after)
+                wait = self._retry_after if backoff is None else backoff(attempt)
+                done, _ = await asyncio.wait({future}, timeout=wait)
                 if done:
                     k, fields, answered = future.result()
                     if k == UNKNOWN_SESSION:
