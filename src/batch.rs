@@ -57,11 +57,16 @@ pub fn set_recv_buffer(socket: &impl AsRawFd, bytes: usize) -> io::Result<usize>
     Ok(granted.max(0) as usize)
 }
 
-/// Asks the kernel to stamp every datagram `socket` receives with the
+/// Asks the kernel to hand over, with every datagram `socket` receives, the
 /// wall-clock time it arrived (`SO_TIMESTAMPNS`), which
-/// [`RecvBatch::arrival_ns`] reads back.
-pub fn enable_arrival_stamps(socket: &impl AsRawFd) -> io::Result<()> {
-    let on: libc::c_int = 1;
+/// [`RecvBatch::arrival_ns`] reads back; or, with `on` false, to stop.
+///
+/// Once turned on, the kernel keeps stamping datagrams as they arrive for
+/// as long as the socket lives; turning it off only stops the hand-over
+/// (a control message per datagram, a measurable share of a read), so it
+/// can be turned back on for datagrams that are already queued.
+pub fn set_arrival_stamps(socket: &impl AsRawFd, on: bool) -> io::Result<()> {
+    let on = libc::c_int::from(on);
     // SAFETY: `on` is a live c_int and its exact size is passed; the kernel
     // only reads it.
     let rc = unsafe {
@@ -205,7 +210,7 @@ impl RecvBatch {
 
     /// The wall-clock time the `i`-th datagram of the last call arrived, in
     /// nanoseconds since the Unix epoch, if the socket stamps its datagrams
-    /// ([`enable_arrival_stamps`]).
+    /// ([`set_arrival_stamps`]).
     pub fn arrival_ns(&self, i: usize) -> Option<u64> {
         assert!(i < self.received, "datagram {i} of {}", self.received);
         let header = &self.headers[i].msg_hdr;

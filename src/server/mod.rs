@@ -84,7 +84,7 @@ use crate::engine::{Engine, Timestamp};
 use crate::metrics::Metrics;
 use crate::observe::{EventStream, WallClock};
 use crate::pool::{Applied, CancelOutcome, Pool, Registry, Report};
-use socket::{Arrivals, Incoming, Inlet, Outgoing, STRANGERS_PER_TURN};
+use socket::{Arrivals, Incoming, Inlet, Outgoing, STAMPS_NEEDED_AFTER, STRANGERS_PER_TURN};
 use watch::{Thresholds, Watch};
 
 const SOCKET: Token = Token(0);
@@ -570,6 +570,18 @@ impl Server {
         } else {
             &mut self.incoming.members
         };
+        // Stamps only where they can change a judgement: datagrams that may
+        // have waited, or a deadline due about now (a datagram around it
+        // must be judged by when it arrived).
+        let before = self.clock.now();
+        let due_soon = self
+            .engine
+            .poll_timeout()
+            .map(|due| self.start + Duration::from_micros(due.as_micros()))
+            .is_some_and(|due| due <= before + STAMPS_NEEDED_AFTER);
+        inlet.want_stamps(
+            due_soon || before.saturating_duration_since(inlet.emptied_at) > STAMPS_NEEDED_AFTER,
+        );
         let batch = &mut self.incoming.batch;
         let read = match batch.recv(&inlet.socket, false) {
             Ok(n) => {

@@ -45,7 +45,8 @@ pub fn datagrams_held(granted: usize) -> usize {
 }
 
 /// One socket of the listening group: non-blocking, `SO_REUSEPORT`, with a
-/// large receive buffer. Returns it with the buffer size the kernel reports.
+/// large receive buffer and arrival stamps on. Returns it with the buffer
+/// size the kernel reports.
 fn group_socket(addr: SocketAddr, recv_buffer: usize) -> io::Result<(std::net::UdpSocket, usize)> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     socket.set_nonblocking(true)?;
@@ -56,8 +57,8 @@ fn group_socket(addr: SocketAddr, recv_buffer: usize) -> io::Result<(std::net::U
     let _ = socket.set_send_buffer_size(RECV_BUFFER_BYTES);
     // Without stamps, a datagram counts as arriving when it is read (the
     // loop's older rule): the server works, judging liveness a little
-    // later than it could.
-    let _ = crate::batch::enable_arrival_stamps(&socket);
+    // later than it could. `Inlet::new` finds out which it is.
+    let _ = crate::batch::set_arrival_stamps(&socket, true);
     socket.bind(&addr.into())?;
     Ok((socket.into(), granted))
 }
@@ -118,6 +119,13 @@ pub(super) fn listen(listen: SocketAddr, recv_buffer: usize) -> io::Result<Liste
 /// members' heartbeats. About a millisecond of work.
 pub(super) const STRANGERS_PER_TURN: usize = 512;
 
+/// How long datagrams may have waited in a socket (it was last found empty
+/// this long ago) before their kernel stamps are asked for: below it, each
+/// counts from its reading, at most this much after it arrived. Also how
+/// close a due deadline must be for stamps to be asked for, so that whether
+/// a datagram came in time is always judged by its stamp.
+pub(super) const STAMPS_NEEDED_AFTER: Duration = Duration::from_millis(1);
+
 /// One listening socket and its read state across turns.
 pub(super) struct Inlet {
     pub(super) socket: UdpSocket,
@@ -132,6 +140,9 @@ pub(super) struct Inlet {
     /// When a read last found it empty: everything read since arrived
     /// after that.
     pub(super) emptied_at: Instant,
+    /// Whether the kernel hands over arrival stamps now (`None`: it
+    /// refused them, so datagrams count from their reading).
+    stamping: Option<bool>,
     /// Full batches in a row, across turns.
     full_batches: usize,
     /// Full batches in a row that mean the loop is behind this socket.
@@ -140,8 +151,12 @@ pub(super) struct Inlet {
 
 impl Inlet {
     pub(super) fn new(socket: UdpSocket, granted: usize, now: Instant) -> Inlet {
+        let stamping = crate::batch::set_arrival_stamps(&socket, true)
+            .ok()
+            .map(|()| true);
         Inlet {
             socket,
+            stamping,
             granted,
             budget: granted / MIN_DATAGRAM_TRUESIZE + 1024,
             pending: true,
@@ -160,6 +175,18 @@ impl Inlet {
             0
         };
         self.full_batches >= self.backlog_batches
+    }
+
+    /// Has the kernel hand over arrival stamps with the next reads, or not.
+    /// A stamp costs a control message per datagram; it only changes a
+    /// judgement when a datagram may have waited long (see
+    /// [`STAMPS_NEEDED_AFTER`]) or a deadline falls due about now.
+    pub(super) fn want_stamps(&mut self, on: bool) {
+        if self.stamping.is_some_and(|now| now != on) {
+            self.stamping = crate::batch::set_arrival_stamps(&self.socket, on)
+                .ok()
+                .map(|()| on);
+        }
     }
 
     /// Notes that the socket was found empty at `now`.
