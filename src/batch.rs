@@ -169,10 +169,11 @@ impl RecvBatch {
             0
         };
         let fd: RawFd = socket.as_raw_fd();
-        // SAFETY: `headers` holds `n` initialised mmsghdr whose name and iov
-        // pointers point into `addrs`, `iovecs` and `data`, all owned by
-        // self, sized as declared, and alive for the call; the kernel writes
-        // only within those bounds.
+        // SAFETY: `headers` holds `n` initialised mmsghdr whose name, iov and
+        // control pointers point into `addrs`, `iovecs`, `data` and
+        // `controls`, all owned by self, sized as declared (controllen is
+        // reset above for every call), and alive for the call; the kernel
+        // writes only within those bounds.
         let got = unsafe {
             libc::recvmmsg(
                 fd,
@@ -226,7 +227,7 @@ impl RecvBatch {
                     // The data may be unaligned for timespec: read it so.
                     let ts =
                         std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::timespec>());
-                    let ns = u64::try_from(ts.tv_sec).ok()? * 1_000_000_000
+                    let ns = u64::try_from(ts.tv_sec).ok()?.checked_mul(1_000_000_000)?
                         + u64::try_from(ts.tv_nsec).ok()?;
                     return Some(ns);
                 }
@@ -354,7 +355,7 @@ impl SendBatch {
         socket: &impl AsRawFd,
         runs: &[Segmented<'_>],
     ) -> io::Result<usize> {
-        let n = runs.len().min(self.headers.capacity());
+        let n = runs.len().min(self.controls.len());
         self.iovecs.clear();
         self.headers.clear();
         for run in &runs[..n] {

@@ -599,6 +599,7 @@ pub fn udp_sockets(addr: &SocketAddr) -> Vec<UdpSocketLine> {
         .collect()
 }
 
+/// Serves `GET /metrics` on `addr` from a thread of its own.
 pub fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> io::Result<(SocketAddr, JoinHandle<()>)> {
     let server = tiny_http::Server::http(addr).map_err(io::Error::other)?;
     let bound = server

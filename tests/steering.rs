@@ -78,3 +78,39 @@ fn hellos_reach_the_strangers_socket_and_everything_else_the_members() {
     assert_eq!(value(&text, "tether_sessions_opened_total"), 50.0);
     server.shutdown().unwrap();
 }
+
+#[test]
+fn an_address_another_reuseport_group_holds_is_refused() {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let other = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+    other.set_reuse_port(true).unwrap();
+    other
+        .bind(
+            &"127.0.0.1:0"
+                .parse::<std::net::SocketAddr>()
+                .unwrap()
+                .into(),
+        )
+        .unwrap();
+    let addr = other.local_addr().unwrap().as_socket().unwrap();
+    let refused = Server::builder().listen(addr).bind();
+    let Err(tether::ServerError::Bind(at, e)) = refused else {
+        panic!("bound an address another reuseport socket holds");
+    };
+    assert_eq!((at, e.kind()), (addr, std::io::ErrorKind::AddrInUse));
+    assert!(e.to_string().contains("SO_REUSEPORT"), "{e}");
+    // The address is left as it was: the other socket gets every datagram.
+    let other: UdpSocket = other.into();
+    other
+        .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+        .unwrap();
+    let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+    for _ in 0..20 {
+        sender.send_to(b"still mine", addr).unwrap();
+    }
+    let mut buf = [0u8; 16];
+    for _ in 0..20 {
+        let n = other.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"still mine");
+    }
+}

@@ -671,12 +671,16 @@ impl Engine {
                 self.reject_hello(h, from, RejectCode::ShuttingDown);
                 return Ok(());
             }
-            self.stats.sessions_replaced += 1;
-            let cause = Cause::Replaced {
-                incarnation,
-                by: h.incarnation,
-            };
-            self.end_session(index, cause, None);
+            // A newer incarnation that arrived after the old one's deadline
+            // finds it expired, not replaced: its tasks end for that reason.
+            if !(stamped && self.expired_before(index, arrived)) {
+                self.stats.sessions_replaced += 1;
+                let cause = Cause::Replaced {
+                    incarnation,
+                    by: h.incarnation,
+                };
+                self.end_session(index, cause, None);
+            }
         } else if let Some(largest) = self.records.largest_ended(h.client_id) {
             if h.incarnation <= largest {
                 return Err(self.count_drop(Dropped::StaleHello));

@@ -26,7 +26,9 @@ pub trait Clock: fmt::Debug + Send + Sync {
     /// A monotonic instant (must advance with real time: the loop sleeps
     /// in the kernel against it).
     fn now(&self) -> Instant;
-    /// The wall-clock time.
+    /// The wall-clock time: `CLOCK_REALTIME`, the clock the kernel stamps
+    /// datagrams' arrival with (`SO_TIMESTAMPNS`), so the two can be
+    /// subtracted.
     fn wall(&self) -> std::time::SystemTime;
 }
 

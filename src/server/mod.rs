@@ -1,4 +1,5 @@
-//! The I/O edge: one UDP socket, a hand-rolled mio loop, the clock, signals
+//! The I/O edge: the listening sockets (members' and strangers'), a
+//! hand-rolled mio loop, the clock, signals
 //! and the worker pool, all feeding the sans-IO [`Engine`].
 //!
 //! One iteration of the loop:
@@ -9,8 +10,9 @@
 //!   poll(timeout = time to the engine's next due tick, or 0 if the socket
 //!        still had datagrams last time, or ∞ when nothing is pending)
 //!   decided_at = now                 ── the instant expiries are decided for
-//!   read the socket, at most one receive buffer's worth of datagrams,
-//!        each stamped with the clock read after it arrived
+//!   read the members' socket, at most one receive buffer's worth of
+//!        datagrams, each judged by its kernel arrival stamp when the stamp
+//!        can matter; then strangers (HELLOs), 512 at most, once it is empty
 //!   apply worker reports (task started / finished)
 //!   engine.handle_timeout(decided_at)
 //!   hand new work and cancellations to the pool
@@ -84,7 +86,10 @@ use crate::engine::{Engine, Timestamp};
 use crate::metrics::Metrics;
 use crate::observe::{EventStream, WallClock};
 use crate::pool::{Applied, CancelOutcome, Pool, Registry, Report};
-use socket::{Arrivals, Incoming, Inlet, Outgoing, STAMPS_NEEDED_AFTER, STRANGERS_PER_TURN};
+use socket::{
+    Arrivals, Incoming, Inlet, Outgoing, RECV_BATCH, STAMPS_NEEDED_AFTER, STRANGERS_AT_LEAST_EVERY,
+    STRANGERS_PER_TURN,
+};
 use watch::{Thresholds, Watch};
 
 const SOCKET: Token = Token(0);
@@ -545,16 +550,26 @@ impl Server {
     }
 
     /// Reads up to `STRANGERS_PER_TURN` HELLOs from the strangers' socket,
-    /// once the members' is empty; the rest wait for the next turn.
+    /// once the members' is empty; the rest wait for the next turn. While
+    /// the members' socket stays busy, one batch every
+    /// `STRANGERS_AT_LEAST_EVERY`.
     fn admit_strangers(&mut self, state: &mut LoopState) {
         let Some(strangers) = self.incoming.strangers.as_ref() else {
             return;
         };
-        if !strangers.pending || self.incoming.members.pending {
+        let now = self.clock.now();
+        let starved = now >= self.incoming.strangers_served_at + STRANGERS_AT_LEAST_EVERY;
+        if !strangers.pending || (self.incoming.members.pending && !starved) {
             return;
         }
+        self.incoming.strangers_served_at = now;
+        let quota = if self.incoming.members.pending {
+            RECV_BATCH
+        } else {
+            STRANGERS_PER_TURN
+        };
         let mut read = 0;
-        while read < STRANGERS_PER_TURN {
+        while read < quota {
             match self.read_batch(state, true) {
                 Some(n) => read += n.max(1),
                 None => return,
@@ -573,7 +588,7 @@ impl Server {
         // Stamps only where they can change a judgement: datagrams that may
         // have waited, or a deadline due about now (a datagram around it
         // must be judged by when it arrived).
-        let before = self.clock.now();
+        let (before, before_wall) = (self.clock.now(), self.clock.wall());
         let due_soon = self
             .engine
             .poll_timeout()
@@ -589,15 +604,20 @@ impl Server {
                 // The clocks are read once per batch, after the call returned:
                 // every datagram in it had arrived by then.
                 let read_at = self.clock.now();
-                let arrivals = Arrivals::new(self.clock.wall(), read_at, inlet.emptied_at);
+                let arrivals = Arrivals::new(
+                    self.clock.wall(),
+                    read_at,
+                    inlet.emptied_at,
+                    inlet.emptied_wall,
+                );
                 let now = read_at.saturating_duration_since(self.start).as_micros() as u64;
                 if !strangers {
                     self.engine.set_backlogged(behind);
                 }
                 let stamped = batch.iter_stamped().map(move |(from, bytes, stamp)| {
-                    let arrived = stamp.map(|ns| {
-                        let waited = arrivals.waited(Some(ns)).as_micros() as u64;
-                        Timestamp(now.saturating_sub(waited))
+                    let arrived = stamp.and_then(|ns| {
+                        let waited = arrivals.waited(ns)?.as_micros() as u64;
+                        Some(Timestamp(now.saturating_sub(waited)))
                     });
                     (from, bytes, arrived)
                 });
@@ -612,7 +632,7 @@ impl Server {
                 Some(n)
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                inlet.emptied(self.clock.now());
+                inlet.emptied(before, before_wall);
                 if !strangers {
                     self.engine.set_backlogged(false);
                 }
@@ -689,27 +709,13 @@ mod tests {
             .unwrap()
     }
 
-    /// Turns the loop until `done` holds, for at most ten seconds (a
-    /// ticker's wake-ups keep an idle loop's poll short).
+    /// Turns the loop until `done` holds, for at most ten seconds.
     fn turn_until(server: &mut Server, state: &mut LoopState, done: impl Fn(&Server) -> bool) {
         let until = Instant::now() + Duration::from_secs(10);
-        let waker = Arc::clone(&server.waker);
-        let stop = Arc::new(AtomicBool::new(false));
-        let ticker = {
-            let stop = Arc::clone(&stop);
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::Acquire) {
-                    let _ = waker.wake();
-                    std::thread::sleep(Duration::from_millis(5));
-                }
-            })
-        };
         while !done(server) {
             assert!(Instant::now() < until, "the loop never got there");
             assert_eq!(server.turn(state).unwrap(), Turn::Again);
         }
-        stop.store(true, Ordering::Release);
-        ticker.join().unwrap();
     }
 
     #[test]

@@ -44,13 +44,17 @@ pub fn datagrams_held(granted: usize) -> usize {
     granted / QUEUED_DATAGRAM_COST
 }
 
-/// One socket of the listening group: non-blocking, `SO_REUSEPORT`, with a
-/// large receive buffer and arrival stamps on. Returns it with the buffer
-/// size the kernel reports.
-fn group_socket(addr: SocketAddr, recv_buffer: usize) -> io::Result<(std::net::UdpSocket, usize)> {
+/// One listening socket: non-blocking, `SO_REUSEPORT` when it is to share
+/// its address with the other, with a large receive buffer and arrival
+/// stamps on. Returns it with the buffer size the kernel reports.
+fn bind_socket(
+    addr: SocketAddr,
+    recv_buffer: usize,
+    reuse_port: bool,
+) -> io::Result<(std::net::UdpSocket, usize)> {
     let socket = Socket::new(Domain::for_address(addr), Type::DGRAM, Some(Protocol::UDP))?;
     socket.set_nonblocking(true)?;
-    socket.set_reuse_port(true)?;
+    socket.set_reuse_port(reuse_port)?;
     // Best effort: unless privileged, the kernel caps it at
     // net.core.rmem_max (and the send buffer at wmem_max).
     let granted = crate::batch::set_recv_buffer(&socket, recv_buffer)?;
@@ -73,43 +77,55 @@ pub(super) struct Listeners {
     pub(super) unsteered: Option<io::Error>,
 }
 
+/// The strangers' receive buffer at most, whatever `--recv-buffer` asks
+/// for the members': HELLOs that wait long are retried anyway, and a HELLO
+/// flood should pin little kernel memory. About 5,000 HELLOs, some 50 ms
+/// of admission.
+const STRANGERS_BUFFER_BYTES: usize = RECV_BUFFER_BYTES;
+
 /// Binds the group on `listen`: the members' socket, then the strangers'
 /// on the same address with the steering program attached (see
 /// `crate::steer`). Where that fails (an old kernel, a sandbox refusing
-/// BPF), the strangers' socket is closed again and one socket takes every
-/// datagram, as before. Refuses an address another process already
-/// listens on with `SO_REUSEPORT`, which would otherwise silently share
-/// the traffic.
+/// BPF), the group is closed again and one socket, without
+/// `SO_REUSEPORT`, takes every datagram, as before. Refuses an address
+/// another process already listens on with `SO_REUSEPORT`, before joining
+/// its group: joining would share its traffic, and attaching a program
+/// would replace its own.
 pub(super) fn listen(listen: SocketAddr, recv_buffer: usize) -> io::Result<Listeners> {
-    let members = group_socket(listen, recv_buffer)?;
-    let bound = members.0.local_addr()?;
-    let strangers = group_socket(bound, recv_buffer).and_then(|strangers| {
-        crate::steer::attach(&members.0)?;
-        Ok(strangers)
-    });
-    let (strangers, unsteered) = match strangers {
-        Ok(s) => (Some(s), None),
-        Err(e) => (None, Some(e)),
-    };
-    let ours: Vec<u64> = std::iter::once(&members)
-        .chain(strangers.as_ref())
-        .filter_map(|(s, _)| crate::steer::inode(s).ok())
-        .collect();
-    let others = crate::metrics::udp_sockets(&bound)
-        .iter()
-        .filter(|line| !ours.contains(&line.inode))
-        .count();
-    if others > 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::AddrInUse,
-            format!("{others} other socket(s) already listen on {bound} with SO_REUSEPORT (another tether?); they would share its traffic"),
-        ));
+    if listen.port() != 0 {
+        let others = crate::metrics::udp_sockets(&listen).len();
+        if others > 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("{others} other socket(s) already listen on {listen} with SO_REUSEPORT (another tether?); they would share its traffic"),
+            ));
+        }
     }
-    Ok(Listeners {
-        members,
-        strangers,
-        unsteered,
-    })
+    let members = bind_socket(listen, recv_buffer, true)?;
+    let bound = members.0.local_addr()?;
+    let strangers =
+        bind_socket(bound, recv_buffer.min(STRANGERS_BUFFER_BYTES), true).and_then(|strangers| {
+            crate::steer::attach(&members.0)?;
+            Ok(strangers)
+        });
+    match strangers {
+        Ok(strangers) => Ok(Listeners {
+            members,
+            strangers: Some(strangers),
+            unsteered: None,
+        }),
+        Err(e) => {
+            // Bound again alone: a lone socket left in a reuseport group
+            // would let a later process of the same user take a share of
+            // its heartbeats.
+            drop(members);
+            Ok(Listeners {
+                members: bind_socket(bound, recv_buffer, false)?,
+                strangers: None,
+                unsteered: Some(e),
+            })
+        }
+    }
 }
 
 /// Strangers' datagrams (HELLOs) read per turn at most, once the members'
@@ -126,6 +142,11 @@ pub(super) const STRANGERS_PER_TURN: usize = 512;
 /// a datagram came in time is always judged by its stamp.
 pub(super) const STAMPS_NEEDED_AFTER: Duration = Duration::from_millis(1);
 
+/// However busy the members' socket, a batch of strangers is read at least
+/// this often: forged member kinds (junk claiming to be a heartbeat shares
+/// the members' socket) can slow admission to a batch a tick, never stop it.
+pub(super) const STRANGERS_AT_LEAST_EVERY: Duration = Duration::from_millis(10);
+
 /// One listening socket and its read state across turns.
 pub(super) struct Inlet {
     pub(super) socket: UdpSocket,
@@ -138,8 +159,10 @@ pub(super) struct Inlet {
     /// It may hold datagrams not read yet.
     pub(super) pending: bool,
     /// When a read last found it empty: everything read since arrived
-    /// after that.
+    /// after that. Read before that read began, so it is never late.
     pub(super) emptied_at: Instant,
+    /// The wall clock then, to tell a step of it from a wait.
+    pub(super) emptied_wall: SystemTime,
     /// Whether the kernel hands over arrival stamps now (`None`: it
     /// refused them, so datagrams count from their reading).
     stamping: Option<bool>,
@@ -161,6 +184,7 @@ impl Inlet {
             budget: granted / MIN_DATAGRAM_TRUESIZE + 1024,
             pending: true,
             emptied_at: now,
+            emptied_wall: SystemTime::now(),
             full_batches: 0,
             backlog_batches: backlog_batches(granted),
         }
@@ -189,11 +213,13 @@ impl Inlet {
         }
     }
 
-    /// Notes that the socket was found empty at `now`.
-    pub(super) fn emptied(&mut self, now: Instant) {
+    /// Notes that a read found the socket empty; `before` and `wall` were
+    /// read before that read began.
+    pub(super) fn emptied(&mut self, before: Instant, wall: SystemTime) {
         self.full_batches = 0;
         self.pending = false;
-        self.emptied_at = now;
+        self.emptied_at = before;
+        self.emptied_wall = wall;
     }
 }
 
@@ -204,6 +230,8 @@ pub(super) struct Incoming {
     pub(super) batch: RecvBatch,
     pub(super) members: Inlet,
     pub(super) strangers: Option<Inlet>,
+    /// When strangers were last read.
+    pub(super) strangers_served_at: Instant,
 }
 
 impl Incoming {
@@ -212,6 +240,7 @@ impl Incoming {
             batch: RecvBatch::new(RECV_BATCH, MAX_DATAGRAM + 1),
             members,
             strangers,
+            strangers_served_at: Instant::now(),
         }
     }
 
@@ -334,23 +363,49 @@ impl Outgoing {
 pub(super) struct Arrivals {
     read_wall_ns: u64,
     longest_wait: Duration,
+    /// The wall clock kept pace with the monotonic one since the socket
+    /// was last found empty: its stamps can be trusted.
+    steady: bool,
+}
+
+/// How far the wall clock may drift from the monotonic one between two
+/// reads before stamps taken across them are not trusted.
+const WALL_STEP: Duration = Duration::from_millis(1);
+
+fn wall_ns(wall: SystemTime) -> u64 {
+    wall.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64)
 }
 
 impl Arrivals {
-    pub(super) fn new(read_wall: SystemTime, read_at: Instant, emptied_at: Instant) -> Arrivals {
+    /// For a read that returned at `read_at` (`read_wall` on the wall
+    /// clock) from a socket last found empty at `emptied_at`
+    /// (`emptied_wall`).
+    pub(super) fn new(
+        read_wall: SystemTime,
+        read_at: Instant,
+        emptied_at: Instant,
+        emptied_wall: SystemTime,
+    ) -> Arrivals {
+        let read_wall_ns = wall_ns(read_wall);
+        let longest_wait = read_at.saturating_duration_since(emptied_at);
+        let wall_passed = read_wall_ns.abs_diff(wall_ns(emptied_wall));
+        let steady =
+            wall_passed.abs_diff(longest_wait.as_nanos() as u64) <= WALL_STEP.as_nanos() as u64;
         Arrivals {
-            read_wall_ns: read_wall
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos() as u64),
-            longest_wait: read_at.saturating_duration_since(emptied_at),
+            read_wall_ns,
+            longest_wait,
+            steady,
         }
     }
 
-    /// How long a datagram stamped `stamp_ns` waited before the read (zero
-    /// when it has no stamp).
-    pub(super) fn waited(&self, stamp_ns: Option<u64>) -> Duration {
-        stamp_ns.map_or(Duration::ZERO, |stamp| {
-            Duration::from_nanos(self.read_wall_ns.saturating_sub(stamp)).min(self.longest_wait)
+    /// How long a datagram stamped `stamp_ns` waited before the read;
+    /// `None` when the wall clock stepped since the socket was last found
+    /// empty (set by hand, or by NTP), so the stamp cannot be placed: the
+    /// datagram then counts from its reading.
+    pub(super) fn waited(&self, stamp_ns: u64) -> Option<Duration> {
+        self.steady.then(|| {
+            Duration::from_nanos(self.read_wall_ns.saturating_sub(stamp_ns)).min(self.longest_wait)
         })
     }
 }
@@ -365,20 +420,45 @@ mod tests {
         let emptied_at = read_at - Duration::from_millis(100);
         let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         let wall_ns = 1_000_000 * 1_000_000_000u64;
-        let a = Arrivals::new(wall, read_at, emptied_at);
+        let emptied_wall = wall - Duration::from_millis(100);
+        let a = Arrivals::new(wall, read_at, emptied_at, emptied_wall);
         assert_eq!(
-            a.waited(Some(wall_ns - 30_000_000)),
-            Duration::from_millis(30)
+            a.waited(wall_ns - 30_000_000),
+            Some(Duration::from_millis(30))
         );
-        assert_eq!(a.waited(None), Duration::ZERO);
-        // The wall clock stepped forward a minute since the datagram was
-        // stamped: it cannot have waited longer than since the last empty
-        // read.
+        // A stamp older than the last empty read is impossible: clamped.
         assert_eq!(
-            a.waited(Some(wall_ns - 60_000_000_000)),
-            Duration::from_millis(100)
+            a.waited(wall_ns - 60_000_000_000),
+            Some(Duration::from_millis(100))
         );
-        // It stepped back: the stamp is "later" than now; read at once.
-        assert_eq!(a.waited(Some(wall_ns + 5_000_000_000)), Duration::ZERO);
+        // One "later" than the read: it was read at once.
+        assert_eq!(a.waited(wall_ns + 5_000_000_000), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn stamps_across_a_step_of_the_wall_clock_are_not_trusted() {
+        let read_at = Instant::now();
+        let emptied_at = read_at - Duration::from_millis(100);
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let wall_ns = 1_000_000 * 1_000_000_000u64;
+        // 100 ms passed, but the wall clock moved 60 s forward or 2 s back.
+        for emptied_wall in [
+            wall - Duration::from_secs(60),
+            wall + Duration::from_secs(2),
+        ] {
+            let a = Arrivals::new(wall, read_at, emptied_at, emptied_wall);
+            assert_eq!(a.waited(wall_ns - 30_000_000), None);
+        }
+        // Drift under a millisecond is no step.
+        let a = Arrivals::new(
+            wall,
+            read_at,
+            emptied_at,
+            wall - Duration::from_micros(100_900),
+        );
+        assert_eq!(
+            a.waited(wall_ns - 30_000_000),
+            Some(Duration::from_millis(30))
+        );
     }
 }

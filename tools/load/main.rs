@@ -122,7 +122,7 @@ fn run_once(args: &Args, target: Target, key: Option<MacKey>) -> Result<RunResul
     };
     let addr = sink.as_ref().map_or(args.server, |s| s.addr);
     let sockets = sender::connect_sockets(addr, args.sockets.clamp(1, args.clients))?;
-    let shared = Arc::new(Shared::new(args.clients, args.ttl));
+    let shared = Arc::new(Shared::new(args.clients, args.interval, args.ttl));
     let receiver = receiver::spawn(&sockets, &shared, key.clone())?;
     let run = Run {
         args,

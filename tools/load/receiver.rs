@@ -14,9 +14,7 @@ use tether::batch::RecvBatch;
 use tether::wire::{CancelReason, Datagram, MacKey, Message, RejectCode, TaskReport, MAX_DATAGRAM};
 
 use crate::outbox::GAP_TOLERANCE_US;
-use crate::shared::{
-    Shared, ACCEPTED, DETECTED, FALSE_EXPIRY, LOSS_GAP, REFUSED, SILENT, WELCOMED,
-};
+use crate::shared::{Shared, ACCEPTED, DETECTED, FALSE_EXPIRY, REFUSED, SILENT, WELCOMED};
 
 /// What the receiver saw.
 #[derive(Default)]
@@ -102,13 +100,17 @@ fn account(shared: &Shared, d: &Datagram<'_>, now_us: u64, out: &mut Received) {
             counter.fetch_add(1, Ordering::AcqRel);
         }
     };
-    // Counted once per client: false unless the client had left a TTL
-    // between two datagrams it really sent, or has sent nothing for a TTL
-    // now (the expiry of a client with a task is pushed at once).
+    // Counted once per client: false unless the client has sent nothing
+    // for a TTL now (the expiry of a client with a task is pushed at once),
+    // or has just ended such a gap (the answer to its first datagram after
+    // it, or, if that answer was lost, to the next).
     let lost = || {
         if shared.set(i, FALSE_EXPIRY) {
             let quiet_us = now_us.saturating_sub(shared.last_sent_us[i].load(Ordering::Acquire));
-            if shared.flag(i) & LOSS_GAP != 0 || quiet_us + GAP_TOLERANCE_US >= shared.ttl_us {
+            let gap_end = shared.gap_end_us[i].load(Ordering::Acquire);
+            let after_gap = gap_end != 0
+                && now_us.saturating_sub(gap_end) <= shared.interval_us + shared.ttl_us;
+            if after_gap || quiet_us + GAP_TOLERANCE_US >= shared.ttl_us {
                 shared.explained_expiries.fetch_add(1, Ordering::AcqRel);
             } else {
                 shared.false_expiries.fetch_add(1, Ordering::AcqRel);

@@ -59,7 +59,7 @@ const FLUSH_AT: usize = 1024;
 struct Herd {
     base: Duration,
     cap: Duration,
-    attempts: Vec<u8>,
+    attempts: Vec<u16>,
     retries: RetryWheel,
     due: Vec<u32>,
 }
@@ -358,11 +358,14 @@ impl Sender {
             if self.shared.flag(i) & (WELCOMED | REFUSED) != 0 {
                 continue;
             }
-            let round = &self.shared.rounds[i];
-            round.store(
-                round.load(Ordering::Relaxed).saturating_add(1),
-                Ordering::Release,
-            );
+            let tries = self.herd.as_ref().map_or(0, |h| h.attempts[i]);
+            if tries % HELLO_TRIES == 0 {
+                let round = &self.shared.rounds[i];
+                round.store(
+                    round.load(Ordering::Relaxed).saturating_add(1),
+                    Ordering::Release,
+                );
+            }
             self.hello(i, now_us, ttl_ms);
         }
         due.clear();
@@ -381,7 +384,7 @@ impl Sender {
         if let Some(herd) = &mut self.herd {
             let attempt = herd.attempts[i];
             herd.attempts[i] = attempt.saturating_add(1);
-            let random = mix(((i as u64) << 8) ^ u64::from(attempt) ^ 0xbac0_ff00);
+            let random = mix(((i as u64) << 16) ^ u64::from(attempt) ^ 0xbac0_ff00);
             let wait = tether::client::hello_backoff(herd.base, herd.cap, attempt.into(), random);
             herd.retries
                 .push(now_us + wait.as_micros() as u64, i as u32);
@@ -427,6 +430,10 @@ impl Sender {
 }
 
 const LOSS_SALT: u64 = 0x1055_1055;
+
+/// HELLO tries under one incarnation before a new one: the Rust client's
+/// default `tries`.
+const HELLO_TRIES: u16 = 8;
 
 /// A 64-bit mixer (splitmix64's finaliser) for cheap, reproducible choices.
 fn mix(mut x: u64) -> u64 {

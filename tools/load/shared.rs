@@ -1,7 +1,9 @@
 //! The per-client state the sender and the receiver threads share, and the
 //! flags that record how far each client got.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{
+    AtomicBool, AtomicU16, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 // Per-client flags, set by the sender (SILENT) and the receiver (others).
@@ -11,9 +13,6 @@ pub const ACCEPTED: u8 = 4;
 pub const SILENT: u8 = 8;
 pub const DETECTED: u8 = 16;
 pub const FALSE_EXPIRY: u8 = 32;
-/// A TTL passed between two of the client's datagrams really sent (a loss
-/// or the tool's own stall): an expiry after it is explained, not false.
-pub const LOSS_GAP: u8 = 64;
 
 /// State the sender and the receiver share, one slot per client.
 pub struct Shared {
@@ -23,10 +22,16 @@ pub struct Shared {
     pub start: Instant,
     pub last_sent_us: Vec<AtomicU64>,
     pub flags: Vec<AtomicU8>,
-    /// How many HELLO rounds each client began: each is a new incarnation,
-    /// as the Rust client does, so a session that expired while its WELCOME
-    /// was lost never makes the retries stale.
-    pub rounds: Vec<AtomicU8>,
+    /// How many HELLO rounds each client began: each round of
+    /// `HELLO_TRIES` unanswered tries ends with a new incarnation, as the
+    /// Rust client does, so a session that expired while its WELCOME was
+    /// lost never makes the retries stale.
+    pub rounds: Vec<AtomicU16>,
+    /// When the client last sent after a TTL of sending nothing while its
+    /// session was open (a loss, or the tool falling behind): an expiry
+    /// reported soon after is explained, not false.
+    pub gap_end_us: Vec<AtomicU64>,
+    pub interval_us: u64,
     pub ack_seq: Vec<AtomicU32>,
     pub ack_sent_us: Vec<AtomicU64>,
     pub welcomed: AtomicUsize,
@@ -34,7 +39,7 @@ pub struct Shared {
     pub accepted: AtomicUsize,
     pub detected: AtomicUsize,
     pub false_expiries: AtomicUsize,
-    /// Expiries of clients that had sent nothing for a TTL (see LOSS_GAP).
+    /// Expiries of clients that had sent nothing for a TTL (see gap_end_us).
     pub explained_expiries: AtomicUsize,
     /// When the latest first WELCOME arrived, µs on this clock.
     pub last_welcome_us: AtomicU64,
@@ -43,8 +48,9 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Fresh state for `n` clients asking for `ttl`, its clock starting now.
-    pub fn new(n: usize, ttl: Duration) -> Shared {
+    /// Fresh state for `n` clients beating every `interval` and asking for
+    /// `ttl`, its clock starting now.
+    pub fn new(n: usize, interval: Duration, ttl: Duration) -> Shared {
         let now_ns = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64);
@@ -57,7 +63,9 @@ impl Shared {
             start: Instant::now(),
             last_sent_us: (0..n).map(|_| AtomicU64::new(0)).collect(),
             flags: (0..n).map(|_| AtomicU8::new(0)).collect(),
-            rounds: (0..n).map(|_| AtomicU8::new(0)).collect(),
+            rounds: (0..n).map(|_| AtomicU16::new(0)).collect(),
+            gap_end_us: (0..n).map(|_| AtomicU64::new(0)).collect(),
+            interval_us: interval.as_micros() as u64,
             ack_seq: (0..n).map(|_| AtomicU32::new(0)).collect(),
             ack_sent_us: (0..n).map(|_| AtomicU64::new(0)).collect(),
             welcomed: AtomicUsize::new(0),

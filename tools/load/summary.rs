@@ -82,7 +82,6 @@ const CAUSES: [&str; 5] = [
     "unknown_session",
 ];
 
-/// How much a server counter grew between two scrapes.
 /// How much `series` grew between two scrapes, summed over its labels (the
 /// drop counter has one per listening socket).
 fn counter_delta(before: &HashMap<String, f64>, after: &HashMap<String, f64>, series: &str) -> u64 {

@@ -409,16 +409,14 @@ class Client(_SessionView):
     def _request(self, kind: int, body: bytes, wanted: Callable[[int, tuple], bool],
                  backoff: Optional[Callable[[int], float]] = None):
         """Sends and retries until ``wanted`` matches a reply: every
-        ``retry_after``, or for a HELLO after ``backoff(try)``, each unanswered
-        round under a new incarnation (as the Rust client does), so a session
-        that expired while its WELCOME was lost never makes the retries stale."""
+        ``retry_after``, or for a HELLO after ``backoff(try)``. A reopening
+        client takes a new incarnation for each such round of tries (see
+        ``_reopen``), as the Rust client does, so a session that expired
+        while its WELCOME was lost never makes the next round stale."""
         sent: List[Tuple[int, int]] = []  # (incarnation, seq) of each try
         for attempt in range(self._tries):
             if self._closed.is_set():
                 raise TetherError("client is closed")
-            if attempt and backoff is not None:
-                with self._lock:
-                    self._s.renew()
             sent.append(self._send(kind, body))
             wait = self._retry_after if backoff is None else backoff(attempt)
             deadline = time.monotonic() + wait
@@ -693,8 +691,7 @@ class AsyncSession(_SessionView):
 
     async def _request(self, kind: int, body: bytes, wanted: Callable[[int, tuple], bool],
                        backoff: Optional[Callable[[int], float]] = None):
-        """As the blocking client's: HELLO retries back off, each round a new
-        incarnation."""
+        """As the blocking client's: HELLO retries back off."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         sent: List[Tuple[int, int]] = []  # (incarnation, seq) of each try
@@ -708,8 +705,6 @@ class AsyncSession(_SessionView):
         self._waiters.append(entry)
         try:
             for attempt in range(self._tries):
-                if attempt and backoff is not None:
-                    self._s.renew()
                 sent.append((self._s.incarnation, self._send(kind, body)))
                 wait = self._retry_after if backoff is None else backoff(attempt)
                 done, _ = await asyncio.wait({future}, timeout=wait)

@@ -619,9 +619,9 @@ fn datagrams_that_arrived_in_time_keep_the_session_however_late_they_are_read() 
     let mut sim = Sim::new(config());
     let mut c = Client::new(2);
     sim.hello(&mut c, 1000);
-    // Heartbeats every 300 ms while the server is stopped for 2 s; it then
-    // reads them all at 2.1 s, before deciding expiry.
-    sim.now = Timestamp::from_millis(2100);
+    // Heartbeats every 300 ms while the server is stopped for 2.5 s; it
+    // then reads them all at 2.5 s, before deciding expiry.
+    sim.now = Timestamp::from_millis(2500);
     for at in [300, 600, 900, 1200, 1500, 1800, 2100] {
         let replies = arrive_late(
             &mut sim,
@@ -637,7 +637,8 @@ fn datagrams_that_arrived_in_time_keep_the_session_however_late_they_are_read() 
     sim.engine.handle_timeout(sim.now);
     assert_eq!(sim.engine.live_sessions(), 1);
     assert_eq!(sim.engine.stats().sessions_expired, 0);
-    // The deadline counts from the last arrival (2.1 s), not the read.
+    // The deadline counts from the last arrival (2.1 s), not the read
+    // (2.5 s).
     sim.run_until(Timestamp::from_millis(3090));
     assert_eq!(sim.engine.live_sessions(), 1);
     sim.run_until(Timestamp::from_millis(3110));
@@ -671,4 +672,59 @@ fn a_batch_handled_out_of_arrival_order_never_moves_a_deadline_back() {
     );
     sim.run_until(Timestamp::from_millis(1810));
     assert_eq!(sim.engine.live_sessions(), 0);
+}
+
+#[test]
+fn a_datagram_is_late_from_the_first_microsecond_of_its_deadline_tick() {
+    // TTL 1 s from a HELLO at 5 ms: the deadline is 1.005 s, rounded up to
+    // the 10 ms tick that begins at 1.010 s.
+    for (arrived_us, kept) in [(1_009_999, true), (1_010_000, false)] {
+        let mut sim = Sim::new(config());
+        let mut c = Client::new(4);
+        sim.now = Timestamp::from_millis(5);
+        sim.hello(&mut c, 1000);
+        sim.now = Timestamp::from_millis(1_500);
+        let replies = arrive_late(&mut sim, &mut c, Timestamp(arrived_us), Message::Heartbeat);
+        assert_eq!(
+            sim.engine.live_sessions(),
+            usize::from(kept),
+            "arrived at {arrived_us} us"
+        );
+        assert_eq!(
+            replies.is_empty(),
+            kept,
+            "arrived at {arrived_us} us: {replies:?}"
+        );
+    }
+}
+
+#[test]
+fn a_newer_incarnation_arriving_after_the_deadline_finds_the_old_session_expired() {
+    let mut sim = Sim::new(config());
+    let mut c = Client::new(5);
+    sim.hello(&mut c, 1000);
+    let task = accepted_task(&sim.submit(&mut c, 1, "sleep", &[0; 4]));
+    sim.effects();
+    sim.event(task, TaskEvent::Started);
+    sim.now = Timestamp::from_millis(3000);
+    let mut next = c.next_incarnation();
+    let replies = arrive_late(
+        &mut sim,
+        &mut next,
+        Timestamp::from_millis(2000),
+        Message::Hello {
+            ttl_ms: 1000,
+            name: "t",
+        },
+    );
+    assert!(matches!(replies[0].message(), Message::Welcome { .. }));
+    assert_eq!(sim.engine.stats().sessions_expired, 1);
+    assert_eq!(sim.engine.stats().sessions_replaced, 0);
+    assert_eq!(
+        sim.effects(),
+        vec![Effect::Cancel {
+            task,
+            reason: CancelReason::Expired
+        }]
+    );
 }
