@@ -14,6 +14,8 @@ pub enum KeyFileError {
     Read(PathBuf, io::Error),
     /// Group or other users have some access to it.
     TooOpen(PathBuf, u32),
+    /// It is a directory.
+    NotAFile(PathBuf),
     /// It is not 16 to 64 bytes long.
     Length(PathBuf, MacKeyError),
 }
@@ -28,6 +30,11 @@ impl fmt::Display for KeyFileError {
                 p.display(),
                 p.display()
             ),
+            KeyFileError::NotAFile(p) => write!(
+                f,
+                "key file {} is a directory, not a file: give the path of the key file itself",
+                p.display()
+            ),
             KeyFileError::Length(p, e) => write!(
                 f,
                 "key file {}: {e} (the file holds the raw key bytes; make one with: head -c 32 /dev/urandom > FILE)",
@@ -40,14 +47,27 @@ impl fmt::Display for KeyFileError {
 impl std::error::Error for KeyFileError {}
 
 /// Reads a key file: the raw key bytes, 16 to 64 of them, in a file only
-/// its owner can access.
+/// its owner can access. One exception: a file directly in systemd's
+/// `$CREDENTIALS_DIRECTORY` (`LoadCredential=`) may also be group-readable,
+/// since systemd 254 grants a `DynamicUser=` service its credentials
+/// through an ACL that shows as mode 0440, in a directory only the service
+/// can enter.
 pub fn load(path: &Path) -> Result<MacKey, KeyFileError> {
     let meta = std::fs::metadata(path).map_err(|e| KeyFileError::Read(path.into(), e))?;
+    if meta.is_dir() {
+        return Err(KeyFileError::NotAFile(path.into()));
+    }
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
         let mode = meta.permissions().mode() & 0o7777;
-        if mode & 0o077 != 0 {
+        let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+        let allowed = if is_credential(path, credentials.as_deref()) {
+            0o040
+        } else {
+            0
+        };
+        if mode & 0o077 & !allowed != 0 {
             return Err(KeyFileError::TooOpen(path.into(), mode));
         }
     }
@@ -57,9 +77,42 @@ pub fn load(path: &Path) -> Result<MacKey, KeyFileError> {
     MacKey::new(&secret).map_err(|e| KeyFileError::Length(path.into(), e))
 }
 
+/// Whether `path` names a file directly inside `credentials`, systemd's
+/// per-service credentials directory.
+fn is_credential(path: &Path, credentials: Option<&Path>) -> bool {
+    let (Some(credentials), Some(parent)) = (credentials, path.parent()) else {
+        return false;
+    };
+    match (parent.canonicalize(), credentials.canonicalize()) {
+        (Ok(parent), Ok(credentials)) => parent == credentials,
+        _ => false,
+    }
+}
+
 #[cfg(all(test, unix))]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_directory_is_refused_as_a_directory() {
+        let dir = std::env::temp_dir();
+        let err = load(&dir).unwrap_err();
+        assert!(matches!(err, KeyFileError::NotAFile(_)));
+        let text = err.to_string();
+        assert!(text.contains("is a directory"), "{text}");
+        assert!(!text.contains("chmod"), "{text}");
+    }
+
+    #[test]
+    fn only_systemd_credentials_may_be_group_readable() {
+        let key = temp_key("credential", &[1; 32], 0o440);
+        let dir = key.parent().unwrap().to_path_buf();
+        assert!(is_credential(&key, Some(&dir)));
+        assert!(!is_credential(&key, None));
+        assert!(!is_credential(&key, Some(Path::new("/nonexistent"))));
+        // Outside a credentials directory, 0440 is refused as before.
+        assert!(matches!(load(&key), Err(KeyFileError::TooOpen(_, 0o440))));
+    }
     use std::os::unix::fs::PermissionsExt;
 
     fn temp_key(name: &str, bytes: &[u8], mode: u32) -> PathBuf {

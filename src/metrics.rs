@@ -5,7 +5,9 @@
 //!   event loop ── after each iteration: store the engine's counters into
 //!                 atomics (Relaxed); observe histograms (atomic adds)
 //!   /metrics   ── on each scrape: read the atomics, encode with
-//!                 prometheus-client's text encoder (a custom Collector)
+//!                 prometheus-client's OpenMetrics encoder (a custom
+//!                 Collector); process_* read from /proc/self there too
+//!   /healthz   ── wake the loop, wait for it to finish an iteration
 //! ```
 //!
 //! The loop never waits for a scrape and a scrape never stops the loop: the
@@ -14,11 +16,9 @@
 //! buckets encoded through the same encoder.)
 
 use std::fmt;
-use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, MetricEncoder, NoLabelSet};
@@ -27,6 +27,11 @@ use prometheus_client::registry::{Registry, Unit};
 
 use crate::engine::Stats;
 use crate::wire::CancelReason;
+
+mod http;
+mod process;
+
+pub use http::{serve, Health, HEALTH_DEADLINE, OPENMETRICS_CONTENT_TYPE};
 
 /// Counters of the server's own (outside the engine).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -425,6 +430,8 @@ pub struct Metrics {
     /// The listening sockets whose kernel drop counts are exported: their
     /// address, and each one's role and inode.
     sockets: std::sync::OnceLock<(SocketAddr, Vec<(&'static str, u64)>)>,
+    /// The loop's progress, for `/healthz`.
+    pub health: Health,
 }
 
 impl Default for Metrics {
@@ -439,6 +446,7 @@ impl Default for Metrics {
             expiry_lateness: Histogram::new(SHORT_US),
             loop_iteration: Histogram::new(SHORT_US),
             sockets: std::sync::OnceLock::new(),
+            health: Health::default(),
         }
     }
 }
@@ -467,7 +475,7 @@ impl Metrics {
         let _ = self.sockets.set((addr, sockets));
     }
 
-    /// The Prometheus text exposition of every metric.
+    /// Every metric in the OpenMetrics text format.
     pub fn render(self: &Arc<Metrics>) -> String {
         let mut registry = Registry::default();
         registry.register_collector(Box::new(Exporter(Arc::clone(self))));
@@ -546,8 +554,71 @@ impl Collector for Exporter {
                 }
             }
         }
+        encoder
+            .encode_descriptor(
+                "tether_build",
+                "The running build: tether's version.",
+                None,
+                MetricType::Info,
+            )?
+            .encode_info(&[("version", env!("CARGO_PKG_VERSION"))])?;
+        if let Some(p) = process::read() {
+            encode_process(&mut encoder, &p)?;
+        }
         Ok(())
     }
+}
+
+/// The standard `process_*` series.
+fn encode_process(encoder: &mut DescriptorEncoder, p: &process::ProcessStats) -> fmt::Result {
+    encoder
+        .encode_descriptor(
+            "process_cpu_seconds",
+            "Total user and system CPU time spent in seconds.",
+            None,
+            MetricType::Counter,
+        )?
+        .encode_counter::<NoLabelSet, _, u64>(&p.cpu_seconds, None)?;
+    for (name, help, value) in [
+        (
+            "process_resident_memory_bytes",
+            "Resident memory size in bytes.",
+            p.resident_bytes,
+        ),
+        (
+            "process_virtual_memory_bytes",
+            "Virtual memory size in bytes.",
+            p.virtual_bytes,
+        ),
+        (
+            "process_open_fds",
+            "Number of open file descriptors.",
+            p.open_fds,
+        ),
+    ] {
+        encoder
+            .encode_descriptor(name, help, None, MetricType::Gauge)?
+            .encode_gauge(&value)?;
+    }
+    if let Some(max) = p.max_fds {
+        encoder
+            .encode_descriptor(
+                "process_max_fds",
+                "Maximum number of open file descriptors.",
+                None,
+                MetricType::Gauge,
+            )?
+            .encode_gauge(&max)?;
+    }
+    encoder
+        .encode_descriptor(
+            "process_start_time_seconds",
+            "Start time of the process since unix epoch in seconds.",
+            None,
+            MetricType::Gauge,
+        )?
+        .encode_gauge(&p.start_time_seconds)?;
+    Ok(())
 }
 
 /// One line of `/proc/net/udp` (or `udp6`): a UDP socket of this machine.
@@ -597,34 +668,6 @@ pub fn udp_sockets(addr: &SocketAddr) -> Vec<UdpSocketLine> {
             })
         })
         .collect()
-}
-
-/// Serves `GET /metrics` on `addr` from a thread of its own.
-pub fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> io::Result<(SocketAddr, JoinHandle<()>)> {
-    let server = tiny_http::Server::http(addr).map_err(io::Error::other)?;
-    let bound = server
-        .server_addr()
-        .to_ip()
-        .ok_or_else(|| io::Error::other("metrics server has no IP address"))?;
-    let thread = std::thread::Builder::new()
-        .name("tether-metrics".into())
-        .spawn(move || {
-            for request in server.incoming_requests() {
-                let response = if request.url() == "/metrics" {
-                    let header = tiny_http::Header::from_bytes(
-                        &b"Content-Type"[..],
-                        &b"text/plain; version=0.0.4; charset=utf-8"[..],
-                    )
-                    .expect("static header is valid");
-                    tiny_http::Response::from_string(metrics.render()).with_header(header)
-                } else {
-                    tiny_http::Response::from_string("not found; try /metrics\n")
-                        .with_status_code(404)
-                };
-                let _ = request.respond(response);
-            }
-        })?;
-    Ok((bound, thread))
 }
 
 #[cfg(test)]
@@ -682,6 +725,15 @@ mod tests {
             "tether_task_run_seconds_sum 0.0525",
             "tether_expiry_lateness_seconds_count 1",
             "# TYPE tether_sessions_ended counter",
+            concat!(
+                "tether_build_info{version=\"",
+                env!("CARGO_PKG_VERSION"),
+                "\"} 1"
+            ),
+            "# TYPE process_cpu_seconds counter",
+            "process_open_fds ",
+            "process_resident_memory_bytes ",
+            "process_start_time_seconds ",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }

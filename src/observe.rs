@@ -7,11 +7,17 @@
 //!
 //! The event stream is written by a thread of its own. The loop hands it
 //! events through a bounded channel and never waits: when the writer falls
-//! behind, events are dropped and counted, never the loop slowed.
+//! behind, events are dropped and counted, never the loop slowed. A file
+//! target is reopened on request (SIGHUP, after logrotate moved it).
+//!
+//! Ids (client, incarnation, task) are u64 and are written as decimal
+//! strings: JSON numbers past 2^53 lose digits in JavaScript and jq 1.6.
 
 use std::fs::File;
 use std::io::{self, BufWriter, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
 
@@ -42,11 +48,28 @@ impl std::str::FromStr for EventsTarget {
 /// Events waiting for the writer, at most.
 const EVENT_BUFFER: usize = 65_536;
 
+/// What the loop hands the writer.
+enum Record {
+    /// An event, when it happened, and a failed task's error text.
+    Event(Event, SystemTime, Option<String>),
+    /// Reopen the file (sent after setting the flag, to wake the writer).
+    Reopen,
+}
+
 /// The loop's end of the event stream.
 pub struct EventStream {
-    tx: Option<Sender<(Event, SystemTime)>>,
+    tx: Option<Sender<Record>>,
     thread: Option<JoinHandle<()>>,
     dropped: u64,
+    reopen: Arc<AtomicBool>,
+}
+
+fn open_append(path: &Path) -> io::Result<File> {
+    File::options()
+        .create(true)
+        .append(true)
+        .open(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))
 }
 
 impl EventStream {
@@ -54,21 +77,37 @@ impl EventStream {
     pub fn start(target: &EventsTarget, jobs: JobTable) -> io::Result<EventStream> {
         let out: Box<dyn Write + Send> = match target {
             EventsTarget::Stdout => Box::new(io::stdout()),
-            EventsTarget::File(path) => Box::new(
-                File::options()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?,
-            ),
+            EventsTarget::File(path) => Box::new(open_append(path)?),
         };
-        let (tx, rx) = crossbeam_channel::bounded::<(Event, SystemTime)>(EVENT_BUFFER);
+        let path = match target {
+            EventsTarget::File(path) => Some(path.clone()),
+            EventsTarget::Stdout => None,
+        };
+        let reopen = Arc::new(AtomicBool::new(false));
+        let reopen_asked = Arc::clone(&reopen);
+        let (tx, rx) = crossbeam_channel::bounded::<Record>(EVENT_BUFFER);
         let thread = std::thread::Builder::new()
             .name("tether-events".into())
             .spawn(move || {
                 let mut out = BufWriter::new(out);
-                while let Ok((event, at)) = rx.recv() {
-                    let _ = writeln!(out, "{}", json_line(&event, at, &jobs));
+                while let Ok(record) = rx.recv() {
+                    if reopen_asked.swap(false, Ordering::AcqRel) {
+                        if let Some(path) = &path {
+                            let _ = out.flush();
+                            match open_append(path) {
+                                Ok(file) => {
+                                    out = BufWriter::new(Box::new(file));
+                                    tracing::info!(path = %path.display(), "event stream reopened");
+                                }
+                                Err(e) => tracing::warn!(
+                                    "cannot reopen the event stream, still writing to the old file: {e}"
+                                ),
+                            }
+                        }
+                    }
+                    if let Record::Event(event, at, error) = record {
+                        let _ = writeln!(out, "{}", json_line(&event, at, &jobs, error.as_deref()));
+                    }
                     // Flush when caught up, so a reader sees events promptly
                     // without a write per event under load.
                     if rx.is_empty() {
@@ -81,18 +120,30 @@ impl EventStream {
             tx: Some(tx),
             thread: Some(thread),
             dropped: 0,
+            reopen,
         })
     }
 
-    /// Hands an event to the writer without waiting.
-    pub fn send(&mut self, event: Event, at: SystemTime) {
+    /// Hands an event (and a failed task's error text) to the writer
+    /// without waiting.
+    pub fn send(&mut self, event: Event, at: SystemTime, error: Option<String>) {
         if let Some(tx) = &self.tx {
-            match tx.try_send((event, at)) {
+            match tx.try_send(Record::Event(event, at, error)) {
                 Ok(()) => {}
                 Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                     self.dropped += 1
                 }
             }
+        }
+    }
+
+    /// Asks the writer to reopen its file before writing anything more
+    /// (logrotate's convention for SIGHUP). Never waits: with the channel
+    /// full the writer is busy and sees the flag at its next event.
+    pub fn reopen(&mut self) {
+        self.reopen.store(true, Ordering::Release);
+        if let Some(tx) = &self.tx {
+            let _ = tx.try_send(Record::Reopen);
         }
     }
 
@@ -124,8 +175,9 @@ fn reason_name(ending: Ending) -> (&'static str, Option<&'static str>) {
     }
 }
 
-/// One event as a JSON object on one line.
-pub fn json_line(event: &Event, at: SystemTime, jobs: &JobTable) -> String {
+/// One event as a JSON object on one line; `error` is a failed task's
+/// error text.
+pub fn json_line(event: &Event, at: SystemTime, jobs: &JobTable, error: Option<&str>) -> String {
     let ts = humantime::format_rfc3339_micros(at);
     let ms = |us: u64| us as f64 / 1000.0;
     match *event {
@@ -136,7 +188,7 @@ pub fn json_line(event: &Event, at: SystemTime, jobs: &JobTable) -> String {
             peer,
             ..
         } => format!(
-            r#"{{"ts":"{ts}","event":"session_opened","client_id":{client_id},"incarnation":{incarnation},"ttl_ms":{ttl_ms},"peer":"{peer}"}}"#
+            r#"{{"ts":"{ts}","event":"session_opened","client_id":"{client_id}","incarnation":"{incarnation}","ttl_ms":{ttl_ms},"peer":"{peer}"}}"#
         ),
         Event::SessionEnded {
             client_id,
@@ -147,14 +199,14 @@ pub fn json_line(event: &Event, at: SystemTime, jobs: &JobTable) -> String {
             ..
         } => {
             let mut line = format!(
-                r#"{{"ts":"{ts}","event":"session_ended","client_id":{client_id},"incarnation":{incarnation},"reason":"{}""#,
+                r#"{{"ts":"{ts}","event":"session_ended","client_id":"{client_id}","incarnation":"{incarnation}","reason":"{}""#,
                 reason.name()
             );
             if let Some(us) = lateness_us {
                 line.push_str(&format!(r#","lateness_ms":{:.3}"#, ms(us)));
             }
             if let Some(by) = replaced_by {
-                line.push_str(&format!(r#","replaced_by":{by}"#));
+                line.push_str(&format!(r#","replaced_by":"{by}""#));
             }
             line.push('}');
             line
@@ -166,7 +218,7 @@ pub fn json_line(event: &Event, at: SystemTime, jobs: &JobTable) -> String {
             job,
             ..
         } => format!(
-            r#"{{"ts":"{ts}","event":"task_accepted","task_id":{task},"client_id":{client_id},"incarnation":{incarnation},"job":"{}","state":"accepted"}}"#,
+            r#"{{"ts":"{ts}","event":"task_accepted","task_id":"{task}","client_id":"{client_id}","incarnation":"{incarnation}","job":"{}","state":"accepted"}}"#,
             escape(jobs.name(job))
         ),
         Event::TaskEnded {
@@ -181,7 +233,7 @@ pub fn json_line(event: &Event, at: SystemTime, jobs: &JobTable) -> String {
         } => {
             let (state, reason) = reason_name(ending);
             let mut line = format!(
-                r#"{{"ts":"{ts}","event":"task_ended","task_id":{task},"client_id":{client_id},"incarnation":{incarnation},"job":"{}","state":"{state}""#,
+                r#"{{"ts":"{ts}","event":"task_ended","task_id":"{task}","client_id":"{client_id}","incarnation":"{incarnation}","job":"{}","state":"{state}""#,
                 escape(jobs.name(job))
             );
             if let Some(reason) = reason {
@@ -189,6 +241,9 @@ pub fn json_line(event: &Event, at: SystemTime, jobs: &JobTable) -> String {
             }
             if let Some(cause) = cause {
                 line.push_str(&format!(r#","cause":"{}""#, escape(&cause.to_string())));
+            }
+            if let Some(error) = error {
+                line.push_str(&format!(r#","error":"{}""#, escape(error)));
             }
             if let Some(us) = run_us {
                 line.push_str(&format!(r#","run_ms":{:.3}"#, ms(us)));
@@ -212,8 +267,9 @@ fn escape(text: &str) -> String {
     out
 }
 
-/// Logs one event through `tracing` at debug.
-pub fn log_event(event: &Event, jobs: &JobTable) {
+/// Logs one event through `tracing` at debug; `error` is a failed task's
+/// error text.
+pub fn log_event(event: &Event, jobs: &JobTable, error: Option<&str>) {
     match *event {
         Event::SessionOpened {
             client_id,
@@ -257,6 +313,7 @@ pub fn log_event(event: &Event, jobs: &JobTable) {
                 state,
                 reason,
                 cause = cause.map(|c| c.to_string()),
+                error,
                 run_ms = run_us.map(|us| us as f64 / 1000.0),
                 "task ended"
             )
@@ -305,11 +362,37 @@ mod tests {
             run_us: Some(1500),
             at: Timestamp(0),
         };
-        let line = json_line(&event, SystemTime::UNIX_EPOCH, &jobs);
+        let line = json_line(&event, SystemTime::UNIX_EPOCH, &jobs, None);
         assert_eq!(
             line,
-            r#"{"ts":"1970-01-01T00:00:00.000000Z","event":"task_ended","task_id":5,"client_id":9,"incarnation":3,"job":"sleep","state":"cancelled","reason":"cancelled","cause":"CANCEL from 127.0.0.1:4000 (session incarnation 3)","run_ms":1.500}"#
+            r#"{"ts":"1970-01-01T00:00:00.000000Z","event":"task_ended","task_id":"5","client_id":"9","incarnation":"3","job":"sleep","state":"cancelled","reason":"cancelled","cause":"CANCEL from 127.0.0.1:4000 (session incarnation 3)","run_ms":1.500}"#
         );
+    }
+
+    #[test]
+    fn ids_past_two_to_the_53_keep_every_digit_and_failures_carry_their_error() {
+        let mut jobs = JobTable::default();
+        jobs.add("fail", PayloadRule::Any);
+        let event = Event::TaskEnded {
+            task: TaskId(u64::MAX),
+            client_id: 15_606_566_006_069_359_346,
+            incarnation: (1 << 53) + 1,
+            job: JobId(0),
+            ending: Ending::Failed,
+            cause: None,
+            run_us: Some(10),
+            at: Timestamp(0),
+        };
+        let line = json_line(&event, SystemTime::UNIX_EPOCH, &jobs, Some("disk \"full\""));
+        for part in [
+            r#""task_id":"18446744073709551615""#,
+            r#""client_id":"15606566006069359346""#,
+            r#""incarnation":"9007199254740993""#,
+            r#""state":"failed""#,
+            r#""error":"disk \"full\"""#,
+        ] {
+            assert!(line.contains(part), "{part} missing from {line}");
+        }
     }
 
     #[test]

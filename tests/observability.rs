@@ -120,8 +120,8 @@ fn event_stream_and_debug_logs_trace_a_cancellation_to_its_cause() {
     );
     let task_line = events.lines().last().unwrap();
     for part in [
-        &format!("\"task_id\":{}", task.0)[..],
-        "\"client_id\":23",
+        &format!("\"task_id\":\"{}\"", task.0)[..],
+        "\"client_id\":\"23\"",
         "\"job\":\"sleep\"",
         "\"state\":\"cancelled\"",
         "\"reason\":\"expired\"",
@@ -150,20 +150,23 @@ fn event_stream_and_debug_logs_trace_a_cancellation_to_its_cause() {
 fn terminal_client_submits_follows_and_reads_status() {
     let server = ServerProcess::start(&[]);
     let addr = server.addr.to_string();
-    let run = |args: &[&str]| {
+    // Exit codes (README): 0 done, 4 cancelled, 6 not finished yet.
+    let run_expecting = |code: i32, args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_tether"))
             .args(["client", "--server", &addr, "--client-id", "424242"])
             .args(args)
             .env("XDG_RUNTIME_DIR", std::env::temp_dir())
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
+        assert_eq!(
+            out.status.code(),
+            Some(code),
             "{args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         String::from_utf8(out.stdout).unwrap()
     };
+    let run = |args: &[&str]| run_expecting(0, args);
     let out = run(&["submit", "echo", "hello there", "--follow"]);
     let task = out
         .lines()
@@ -183,7 +186,7 @@ fn terminal_client_submits_follows_and_reads_status() {
     let out = run(&["submit", "sleep", "u32:60000"]);
     let sleeping = out.trim().strip_prefix("task ").unwrap().to_owned();
     // A later command continues the same session, so the task lives on.
-    let status = run(&["status", &sleeping]);
+    let status = run_expecting(6, &["status", &sleeping]);
     assert!(
         status.trim() == format!("task {sleeping}: running")
             || status.trim() == format!("task {sleeping}: queued"),
@@ -194,7 +197,7 @@ fn terminal_client_submits_follows_and_reads_status() {
         format!("task {sleeping}: cancelled")
     );
     assert_eq!(
-        run(&["status", &sleeping]).trim(),
+        run_expecting(4, &["status", &sleeping]).trim(),
         format!("task {sleeping}: cancelled (cancelled)")
     );
     assert!(run(&["hello"]).contains("TTL 3s, tick 10ms"));

@@ -1,14 +1,15 @@
 //! The `tether` command: parses arguments into a configuration, runs the
 //! server or the terminal client, and turns the outcome into an exit code.
 
+use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, Parser, Subcommand, ValueEnum};
 
 use tether::engine::{self, ConfigError};
 use tether::observe::EventsTarget;
@@ -40,8 +41,19 @@ enum Command {
     /// SIGINT or SIGTERM stops it gracefully (a second one at once).
     Serve(ServeArgs),
     /// Talk to a server from the shell: open a session, submit a job and
-    /// follow it, ask for a task's state, cancel a task.
+    /// follow it, ask for a task's state, cancel a task. Exit codes: 0 the
+    /// task is done (or the command succeeded), 1 error, 2 bad arguments,
+    /// 3 the task failed, 4 it was cancelled, 5 no such task, 6 not
+    /// finished yet, 130 interrupted.
     Client(ClientArgs),
+    /// Print a shell completion script (e.g. `tether completions bash >
+    /// /etc/bash_completion.d/tether`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff), e.g. `tether man > tether.1`.
+    Man,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -110,19 +122,23 @@ struct ServeArgs {
     #[arg(long, default_value_t = 65_536, value_name = "N")]
     queue: usize,
     /// How long a shutdown waits for cancelled tasks to stop before exiting
-    /// anyway.
+    /// anyway. 0s: tell every task and client, then exit without waiting
+    /// (tasks still running are reported as ignoring their flag).
     #[arg(long, default_value = "5s", value_parser = parse_duration, value_name = "DURATION")]
     grace: Duration,
-    /// Serve Prometheus metrics at http://ADDR/metrics (TCP). Without a
-    /// value: 127.0.0.1:9900.
+    /// Serve Prometheus metrics at http://ADDR/metrics (OpenMetrics) and a
+    /// health probe at http://ADDR/healthz (TCP). Without a value:
+    /// 127.0.0.1:9900.
     #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:9900")]
     metrics: Option<SocketAddr>,
-    /// Write one JSON line per session and task event to PATH (appended),
-    /// or to stdout with "-".
+    /// Write one JSON line per session and task event to PATH (appended;
+    /// SIGHUP reopens it), or to stdout with "-" (the startup lines then go
+    /// to stderr, so stdout is JSON only).
     #[arg(long, value_name = "PATH")]
     events: Option<EventsTarget>,
     /// Log format on stderr. Filter with RUST_LOG (e.g. RUST_LOG=debug shows
-    /// every session and task event).
+    /// every session and task event). Text is coloured only on a terminal,
+    /// and never with NO_COLOR set.
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
     /// Warn when a task keeps running this long after it was cancelled.
@@ -224,12 +240,47 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|_| "write durations like 250ms, 3s or 1h".to_owned())
 }
 
-/// Clap's message without its "error: " prefix, usage block and blank
-/// lines, so a bad flag costs the user one line to read.
-fn one_line(clap_message: &str) -> String {
-    let first = clap_message.lines().next().unwrap_or_default();
-    let first = first.strip_prefix("error: ").unwrap_or(first);
-    format!("{first}; see tether --help")
+/// Clap's message, whole (it is short: the problem, the usage line, any
+/// "did you mean" tip), with its closing hint pointed at the `--help` of
+/// the subcommand that was being parsed.
+fn usage_error(e: &clap::Error) -> String {
+    let command = subcommand_path(std::env::args().skip(1));
+    e.render()
+        .to_string()
+        .replace("try '--help'", &format!("try '{command} --help'"))
+}
+
+/// "tether client submit" for `tether --x client --server A submit ...`:
+/// the words of `args` that name subcommands, in order.
+fn subcommand_path(args: impl Iterator<Item = String>) -> String {
+    let mut command = Cli::command();
+    let mut path = vec!["tether".to_owned()];
+    for arg in args {
+        let Some(sub) = command.find_subcommand(&arg).cloned() else {
+            continue;
+        };
+        path.push(arg);
+        command = sub;
+    }
+    path.join(" ")
+}
+
+/// The documented exit codes (README, "Exit codes"); 0 and 1 are
+/// `ExitCode::SUCCESS` and `ExitCode::FAILURE`.
+mod exit {
+    /// Bad arguments (clap's convention).
+    pub const USAGE: u8 = 2;
+    /// The task failed: its job returned an error or panicked.
+    pub const TASK_FAILED: u8 = 3;
+    /// The task was cancelled (by a CANCEL, its deadline, its session's
+    /// expiry or a server shutdown).
+    pub const TASK_CANCELLED: u8 = 4;
+    /// The server knows no such task of this client id.
+    pub const TASK_UNKNOWN: u8 = 5;
+    /// `status`: the task has not finished yet.
+    pub const TASK_PENDING: u8 = 6;
+    /// Interrupted (Ctrl-C, or a second stop signal to the server).
+    pub const INTERRUPTED: u8 = 130;
 }
 
 fn main() -> ExitCode {
@@ -242,22 +293,30 @@ fn main() -> ExitCode {
         }
         Err(e) if e.kind() == clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
             let _ = e.print();
-            return ExitCode::from(2);
+            return ExitCode::from(exit::USAGE);
         }
         Err(e) => {
-            eprintln!("tether: error: {}", one_line(&e.to_string()));
-            return ExitCode::from(2);
+            eprint!("{}", usage_error(&e));
+            return ExitCode::from(exit::USAGE);
         }
     };
     let result = match cli.command {
-        Command::Serve(args) => serve(args),
-        Command::Client(args) => client(args).map_err(Failure::Error),
+        Command::Serve(args) => serve(args).map(|()| ExitCode::SUCCESS),
+        Command::Client(args) => client(args).map(ExitCode::from).map_err(Failure::Error),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "tether", &mut std::io::stdout());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man => clap_mangen::Man::new(Cli::command())
+            .render(&mut std::io::stdout())
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| Failure::Error(format!("writing the manual page: {e}"))),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(Failure::Aborted(e)) => {
             eprintln!("tether: {e}");
-            ExitCode::from(130)
+            ExitCode::from(exit::INTERRUPTED)
         }
         Err(Failure::Error(e)) => {
             eprintln!("tether: error: {e}");
@@ -271,14 +330,45 @@ enum Failure {
     Aborted(ServerError),
 }
 
+/// A duration the way the flags take it (`2h`, `250ms`, `1m 30s`).
+fn human(d: Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(d)
+}
+
+/// A duration from milliseconds, for messages.
+fn human_ms(ms: u32) -> humantime::FormattedDuration {
+    human(Duration::from_millis(u64::from(ms)))
+}
+
 fn millis(d: Duration, flag: &str) -> Result<u32, String> {
-    if d.subsec_nanos() % 1_000_000 != 0 {
-        return Err(format!("--{flag} must be whole milliseconds, got {d:?}"));
+    if !d.subsec_nanos().is_multiple_of(1_000_000) {
+        return Err(format!(
+            "--{flag} must be whole milliseconds, got {}",
+            human(d)
+        ));
     }
-    u32::try_from(d.as_millis()).map_err(|_| format!("--{flag} {d:?} is too long"))
+    u32::try_from(d.as_millis()).map_err(|_| format!("--{flag} {} is too long", human(d)))
+}
+
+/// Thresholds that would make no sense at zero.
+fn positive(d: Duration, flag: &str, why: &str) -> Result<(), String> {
+    if d.is_zero() {
+        return Err(format!("--{flag} must be more than 0s: {why}"));
+    }
+    Ok(())
 }
 
 fn config(args: &ServeArgs) -> Result<ServerConfig, String> {
+    positive(
+        args.slow_loop,
+        "slow-loop",
+        "every iteration would be reported as slow",
+    )?;
+    positive(
+        args.slow_cancel,
+        "slow-cancel",
+        "every cancelled task still running would be reported as slow",
+    )?;
     let tick_ms = millis(args.tick, "tick")?;
     let (ttl, min_ttl, max_ttl) = (
         millis(args.ttl, "ttl")?,
@@ -311,6 +401,7 @@ fn config(args: &ServeArgs) -> Result<ServerConfig, String> {
             Switch::Off => Some(false),
         },
         handle_signals: true,
+        systemd_notify: true,
         metrics: args.metrics,
         events: args.events.clone(),
         slow_loop: args.slow_loop,
@@ -332,7 +423,10 @@ fn flag_error(e: &ConfigError, args: &ServeArgs) -> String {
             default_ms,
             max_ms,
         } => format!(
-            "TTLs must satisfy 0 < --min-ttl ({min_ms}ms) <= --ttl ({default_ms}ms) <= --max-ttl ({max_ms}ms)"
+            "TTLs must satisfy 0 < --min-ttl ({}) <= --ttl ({}) <= --max-ttl ({})",
+            human_ms(*min_ms),
+            human_ms(*default_ms),
+            human_ms(*max_ms)
         ),
         ConfigError::MaxSessions(_) => format!(
             "--max-sessions must be between 1 and {}",
@@ -344,8 +438,9 @@ fn flag_error(e: &ConfigError, args: &ServeArgs) -> String {
         }
         ConfigError::NoWorkers => "--workers must be at least 1".into(),
         ConfigError::CoalesceTooLong => format!(
-            "--coalesce ({:?}) must be at most half of --tick ({:?}): expiry is decided on ticks",
-            args.coalesce, args.tick
+            "--coalesce ({}) must be at most half of --tick ({}): expiry is decided on ticks",
+            human(args.coalesce),
+            human(args.tick)
         ),
         ConfigError::InsecureMetrics(addr) => format!(
             "refusing to serve metrics on {addr}, a non-loopback address: pass --insecure-bind if that network is trusted"
@@ -359,12 +454,21 @@ fn load_key(path: Option<&PathBuf>) -> Result<Option<MacKey>, String> {
         .transpose()
 }
 
+/// Colour codes only for a person at a terminal: never into files,
+/// pipes or journald, and never when NO_COLOR is set (no-color.org).
+fn colour_logs() -> bool {
+    use std::io::IsTerminal;
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    !no_color && std::io::stderr().is_terminal()
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(colour_logs())
         .with_target(false);
     match format {
         LogFormat::Text => builder.init(),
@@ -401,12 +505,17 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
             args.recv_buffer
         );
     }
-    println!("listening on {}", server.local_addr());
+    // With the event stream on stdout, stdout carries JSON lines only.
+    let startup_lines: &mut dyn std::io::Write = if args.events == Some(EventsTarget::Stdout) {
+        &mut std::io::stderr()
+    } else {
+        &mut std::io::stdout()
+    };
+    let _ = writeln!(startup_lines, "listening on {}", server.local_addr());
     if let Some(metrics) = server.metrics_addr() {
-        println!("metrics on http://{metrics}/metrics");
+        let _ = writeln!(startup_lines, "metrics on http://{metrics}/metrics");
     }
-    use std::io::Write;
-    let _ = std::io::stdout().flush();
+    let _ = startup_lines.flush();
     match server.run() {
         Ok(report) => {
             if !report.ignored_cancel.is_empty() {
@@ -494,16 +603,61 @@ fn describe(status: &TaskStatus) -> String {
 /// Where the command-line client keeps its session between invocations,
 /// so `status` or `cancel` continue the session a `submit` opened instead
 /// of replacing it (a new incarnation would cancel the submitted task).
-fn session_file(server: SocketAddr, client_id: u64) -> PathBuf {
-    let dir = std::env::var_os("XDG_RUNTIME_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(std::env::temp_dir);
+/// `None` (said once) when there is no private place for it.
+fn session_file(server: SocketAddr, client_id: u64) -> Option<PathBuf> {
+    let dir = private_dir();
+    if dir.is_none() {
+        eprintln!(
+            "note: no private directory for the session (set XDG_RUNTIME_DIR or HOME), so the next command opens a new one"
+        );
+    }
     let server = server.to_string().replace([':', '[', ']', '.'], "_");
-    dir.join(format!("tether-client-{client_id}-{server}.session"))
+    Some(dir?.join(format!("client-{client_id}-{server}.session")))
 }
 
-fn load_resume(path: &std::path::Path) -> Option<Resume> {
-    let text = std::fs::read_to_string(path).ok()?;
+/// `$XDG_RUNTIME_DIR/tether`, else the user's cache directory's `tether`
+/// (`$XDG_CACHE_HOME`, else `~/.cache`): created 0700, and used only if it
+/// is a real directory (not a symlink) owned by this user that nobody else
+/// can enter. Never a shared directory such as /tmp, where another user
+/// could plant the file or a symlink in its place.
+fn private_dir() -> Option<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let var = |name| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    let base = var("XDG_RUNTIME_DIR")
+        .or_else(|| var("XDG_CACHE_HOME"))
+        .or_else(|| var("HOME").map(|home| home.join(".cache")))?;
+    let dir = base.join("tether");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .ok()?;
+    let me = std::fs::metadata("/proc/self").ok()?.uid();
+    let meta = std::fs::symlink_metadata(&dir).ok()?;
+    if !meta.is_dir() || meta.uid() != me {
+        return None;
+    }
+    if meta.mode() & 0o077 != 0 {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).ok()?;
+    }
+    Some(dir)
+}
+
+fn load_resume(path: &Path) -> Option<Resume> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut text = String::new();
+    std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+        .ok()?
+        .read_to_string(&mut text)
+        .ok()?;
     let mut fields = text.split_whitespace();
     Some(Resume {
         incarnation: fields.next()?.parse().ok()?,
@@ -512,23 +666,45 @@ fn load_resume(path: &std::path::Path) -> Option<Resume> {
     })
 }
 
-fn save_resume(path: &std::path::Path, client: &Client) {
+/// Writes the file beside its place, mode 0600, and renames it over: a
+/// symlink planted there is replaced, never followed.
+fn save_resume(path: &Path, client: &Client) {
+    use std::os::unix::fs::OpenOptionsExt;
     let r = client.resume_point();
+    let temporary = path.with_extension(format!("{}.new", std::process::id()));
+    let written = std::fs::File::options()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&temporary)
+        .and_then(|mut f| writeln!(f, "{} {} {}", r.incarnation, r.next_seq, r.next_request_id))
+        .and_then(|()| std::fs::rename(&temporary, path));
     // Best effort: without it the next command opens a new session.
-    let _ = std::fs::write(
-        path,
-        format!("{} {} {}\n", r.incarnation, r.next_seq, r.next_request_id),
-    );
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temporary);
+    }
 }
 
-fn client(args: ClientArgs) -> Result<(), String> {
+/// The exit code that tells a script what became of a task.
+fn task_exit(status: &TaskStatus) -> u8 {
+    match status {
+        TaskStatus::Done(_) => 0,
+        TaskStatus::Failed(_) => exit::TASK_FAILED,
+        TaskStatus::Cancelled(_) => exit::TASK_CANCELLED,
+        TaskStatus::Unknown => exit::TASK_UNKNOWN,
+        TaskStatus::Scheduled | TaskStatus::Queued | TaskStatus::Running => exit::TASK_PENDING,
+    }
+}
+
+/// Runs one client command; the exit code says how it went (see `exit`).
+fn client(args: ClientArgs) -> Result<u8, String> {
     let client_id = args.client_id.unwrap_or_else(default_client_id);
     let saved = session_file(args.server, client_id);
     let mut config = ClientConfig::new(args.server, client_id);
     config.ttl = args.ttl;
     config.key = load_key(args.key_file.as_ref())?;
     config.name = "tether-cli".into();
-    config.resume = load_resume(&saved);
+    config.resume = saved.as_deref().and_then(load_resume);
     let connect = |config: ClientConfig| {
         Client::connect(config).map_err(|e| match e {
             ClientError::Timeout => format!(
@@ -538,7 +714,7 @@ fn client(args: ClientArgs) -> Result<(), String> {
             e => e.to_string(),
         })
     };
-    let c = match args.action {
+    let (c, code) = match args.action {
         ClientAction::Hello => {
             config.ack_every = 1;
             config.heartbeat_interval = Some(Duration::from_millis(50));
@@ -554,7 +730,7 @@ fn client(args: ClientArgs) -> Result<(), String> {
                 c.tick(),
                 c.rtt().map_or("unknown".into(), |r| format!("{r:?}"))
             );
-            c
+            (c, 0)
         }
         ClientAction::Submit {
             job,
@@ -570,54 +746,62 @@ fn client(args: ClientArgs) -> Result<(), String> {
                 .map_err(|e| e.to_string())?;
             println!("task {task}");
             if follow {
-                if follow_task(&c, task)? == Followed::Interrupted {
-                    // As the user asked to stop: end the session too.
-                    let _ = std::fs::remove_file(&saved);
-                    return c.bye().map_err(|e| e.to_string());
+                match follow_task(&c, task)? {
+                    Followed::Ended(status) => (c, task_exit(&status)),
+                    Followed::Interrupted => {
+                        // As the user asked to stop: end the session too.
+                        if let Some(saved) = &saved {
+                            let _ = std::fs::remove_file(saved);
+                        }
+                        c.bye().map_err(|e| e.to_string())?;
+                        return Ok(exit::INTERRUPTED);
+                    }
                 }
             } else {
                 eprintln!(
                     "the task lives while this client's session does, about {:?} from now unless another command continues it",
                     c.ttl()
                 );
+                (c, 0)
             }
-            c
         }
         ClientAction::Status { task } => {
             let c = connect(config)?;
             let status = c.status(TaskId(task)).map_err(|e| e.to_string())?;
             println!("task {task}: {}", describe(&status));
-            c
+            let code = task_exit(&status);
+            (c, code)
         }
         ClientAction::Cancel { task } => {
             let c = connect(config)?;
             let outcome = c.cancel(TaskId(task)).map_err(|e| e.to_string())?;
-            println!(
-                "task {task}: {}",
-                match outcome {
-                    CancelOutcome::CancelledNow => "cancelled",
-                    CancelOutcome::AlreadyFinished => "already finished; nothing changed",
-                    CancelOutcome::UnknownTask => "unknown task",
-                }
-            );
-            c
+            let (text, code) = match outcome {
+                CancelOutcome::CancelledNow => ("cancelled", 0),
+                CancelOutcome::AlreadyFinished => ("already finished; nothing changed", 0),
+                CancelOutcome::UnknownTask => ("unknown task", exit::TASK_UNKNOWN),
+            };
+            println!("task {task}: {text}");
+            (c, code)
         }
     };
-    save_resume(&saved, &c);
-    Ok(())
+    if let Some(saved) = &saved {
+        save_resume(saved, &c);
+    }
+    Ok(code)
 }
 
-#[derive(PartialEq, Eq)]
 enum Followed {
-    Ended,
+    /// The task reached this state (or the server no longer knows it).
+    Ended(TaskStatus),
+    /// Ctrl-C: the task was cancelled at the user's request.
     Interrupted,
 }
 
-fn ending(interrupted: bool) -> Followed {
+fn ending(interrupted: bool, status: TaskStatus) -> Followed {
     if interrupted {
         Followed::Interrupted
     } else {
-        Followed::Ended
+        Followed::Ended(status)
     }
 }
 
@@ -633,7 +817,7 @@ fn follow_task(c: &Client, task: TaskId) -> Result<Followed, String> {
         match c.next_event(Duration::from_millis(200)) {
             Some(ClientEvent::TaskEnded { task: t, status }) if t == task => {
                 println!("task {task}: {}", describe(&status));
-                return Ok(ending(cancel_sent));
+                return Ok(ending(cancel_sent, status));
             }
             Some(ClientEvent::SessionLost { .. }) => {
                 eprintln!("the server lost the session (it expired); opening a new one");
@@ -651,7 +835,7 @@ fn follow_task(c: &Client, task: TaskId) -> Result<Followed, String> {
             let status = c.status(task).map_err(|e| e.to_string())?;
             if status.is_final() || status == TaskStatus::Unknown {
                 println!("task {task}: {}", describe(&status));
-                return Ok(ending(cancel_sent));
+                return Ok(ending(cancel_sent, status));
             }
         }
     }

@@ -773,7 +773,8 @@ impl ClientSession {
 
     fn heartbeat(&mut self, now: Instant) {
         self.heartbeats = self.heartbeats.wrapping_add(1);
-        let ack = self.config.ack_every > 0 && self.heartbeats % self.config.ack_every == 0;
+        let ack =
+            self.config.ack_every > 0 && self.heartbeats.is_multiple_of(self.config.ack_every);
         let flags = if ack { Flags::ACK } else { Flags::empty() };
         if let Ok(seq) = self.encode(now, flags, &Message::Heartbeat) {
             if ack {

@@ -85,7 +85,7 @@ impl Config {
     /// so do the server's builder and the command line, so a bad setting is
     /// one clear error wherever it comes from, never a panic later.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.tick_us < 1000 || self.tick_us % 1000 != 0 {
+        if self.tick_us < 1000 || !self.tick_us.is_multiple_of(1000) {
             return Err(ConfigError::Tick {
                 tick_us: self.tick_us,
             });

@@ -174,6 +174,15 @@ impl Engine {
         self.unfinished_tasks
     }
 
+    /// A task's state as a STATUS would report it, while the engine still
+    /// holds the task (its final state is kept as PROTOCOL.md says).
+    pub fn task_report(&self, task: TaskId) -> TaskReport<'_> {
+        match self.tasks.get(task.index()) {
+            Some(t) if t.id == task => t.report(),
+            _ => TaskReport::Unknown,
+        }
+    }
+
     /// What the engine holds now (see [`Footprint`]; linear in sessions and
     /// tasks).
     pub fn footprint(&self) -> Footprint {

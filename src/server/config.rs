@@ -63,8 +63,14 @@ pub struct ServerConfig {
     /// when the listen address is not loopback, where sources can be
     /// spoofed by anyone on the network.
     pub amplification_limit: Option<bool>,
-    /// Stop gracefully on SIGINT/SIGTERM (a second one stops at once).
+    /// Stop gracefully on SIGINT/SIGTERM (a second one stops at once);
+    /// reopen the event stream's file on SIGHUP.
     pub handle_signals: bool,
+    /// Tell systemd when the server is ready, stopping, and still alive
+    /// (`sd_notify(3)`: `READY=1`, `STOPPING=1`, `WATCHDOG=1`), when
+    /// `$NOTIFY_SOCKET` is set. The `tether` command turns it on; an
+    /// embedded server leaves it off, since the process may notify itself.
+    pub systemd_notify: bool,
     /// Serve Prometheus metrics at `http://ADDR/metrics`.
     pub metrics: Option<SocketAddr>,
     /// Write one JSON line per session and task lifecycle event.
@@ -94,6 +100,7 @@ impl Default for ServerConfig {
             insecure_bind: false,
             amplification_limit: None,
             handle_signals: true,
+            systemd_notify: false,
             metrics: None,
             events: None,
             slow_loop: Duration::from_millis(100),

@@ -54,7 +54,8 @@
 //! |---|---|
 //! | `mod.rs` | the loop: [`Server::bind`], [`Server::run`], one turn |
 //! | `socket.rs` | socket setup; reading in batches; replies kept in slots until sent |
-//! | `watch.rs` | metrics, logs, events, slow-loop / slow-cancel / shed warnings |
+//! | `watch.rs` | metrics, logs, events, slow-loop / slow-cancel / shed warnings, health |
+//! | `notify.rs` | systemd's readiness and watchdog notifications |
 //! | `config.rs` | [`ServerConfig`], its one check, [`ServerBuilder`], [`Clock`] |
 //! | `handle.rs` | [`ServerHandle`], [`RunningServer`] |
 //! | `error.rs` | [`ServerError`], [`ShutdownReport`] |
@@ -62,12 +63,14 @@
 mod config;
 mod error;
 mod handle;
+mod notify;
 mod socket;
 mod watch;
 
 pub use config::{Clock, ServerBuilder, ServerConfig, SystemClock, COALESCE};
 pub use error::{ServerError, ShutdownReport};
 pub use handle::{RunningServer, ServerHandle};
+pub use notify::{Notifier, NotifyEnv};
 pub use socket::{datagrams_held, QUEUED_DATAGRAM_COST, RECV_BUFFER_BYTES};
 
 use std::io;
@@ -79,7 +82,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Receiver;
 use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_mio::v1_0::Signals;
 
 use crate::engine::{Engine, Timestamp};
@@ -241,7 +244,7 @@ impl Server {
                 .map_err(|e| ServerError::Io("creating the waker", e))?,
         );
         let signals = if config.handle_signals {
-            let mut signals = Signals::new([SIGINT, SIGTERM])
+            let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])
                 .map_err(|e| ServerError::Io("installing signal handlers", e))?;
             poll.registry()
                 .register(&mut signals, SIGNALS, Interest::READABLE)
@@ -265,6 +268,7 @@ impl Server {
         let jobs = registry.table();
         let metrics = Arc::new(Metrics::default());
         metrics.set_sockets(local_addr, inodes);
+        metrics.health.set_waker(Arc::clone(&waker));
         let metrics_addr = match config.metrics {
             Some(addr) => {
                 let (bound, _thread) = crate::metrics::serve(addr, Arc::clone(&metrics))
@@ -295,6 +299,12 @@ impl Server {
             slow_loop: config.slow_loop,
             slow_cancel: config.slow_cancel,
         };
+        let notifier = if config.systemd_notify {
+            Notifier::new(&NotifyEnv::from_process(), start)
+                .map_err(|e| ServerError::Io("connecting to $NOTIFY_SOCKET", e))?
+        } else {
+            None
+        };
         let watch = Watch::new(
             metrics,
             events,
@@ -302,6 +312,7 @@ impl Server {
             jobs,
             thresholds,
             start,
+            notifier,
         );
         Ok(Server {
             poll,
@@ -360,6 +371,8 @@ impl Server {
     /// Runs until a graceful shutdown completes (or its grace runs out).
     pub fn run(mut self) -> Result<ShutdownReport, ServerError> {
         tracing::info!(addr = %self.local_addr, "listening");
+        self.watch
+            .ready(&format!("listening on {}", self.local_addr));
         let mut state = LoopState::new();
         loop {
             match self.turn(&mut state)? {
@@ -409,6 +422,7 @@ impl Server {
                 "shutting down: refusing new work, cancelling every task"
             );
             self.engine.begin_shutdown(self.now());
+            self.watch.stopping();
             state.grace_deadline = Some(self.clock.now() + self.grace);
         }
         let expired_before = self.engine.stats().sessions_expired;
@@ -455,7 +469,13 @@ impl Server {
                 }
                 SIGNALS => {
                     if let Some(signals) = self.signals.as_mut() {
-                        signalled += signals.pending().count();
+                        for signal in signals.pending() {
+                            if signal == SIGHUP {
+                                self.watch.reopen_events();
+                            } else {
+                                signalled += 1;
+                            }
+                        }
                     }
                 }
                 _ => {}

@@ -9,10 +9,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::engine::{Engine, Event, JobTable, TaskId};
+use crate::engine::{Ending, Engine, Event, JobTable, TaskId};
 use crate::metrics::{EdgeStats, Metrics};
 use crate::observe::{log_event, EventStream, WallClock};
 use crate::pool::Pool;
+use crate::wire::TaskReport;
+
+use super::notify::Notifier;
 
 /// How often the loop publishes its counters for the metrics endpoint.
 const PUBLISH_EVERY: Duration = Duration::from_millis(50);
@@ -47,6 +50,8 @@ pub(super) struct Watch {
     /// Stranger replies shed when the last warning about it was logged.
     shed_reported: u64,
     next_shed_report: Instant,
+    /// systemd, when it asked to be told (readiness, the watchdog).
+    notifier: Option<Notifier>,
 }
 
 /// What the loop watches for.
@@ -63,6 +68,7 @@ impl Watch {
         jobs: JobTable,
         thresholds: Thresholds,
         now: Instant,
+        notifier: Option<Notifier>,
     ) -> Watch {
         Watch {
             metrics,
@@ -78,15 +84,32 @@ impl Watch {
             last_publish: now,
             shed_reported: 0,
             next_shed_report: now,
+            notifier,
+        }
+    }
+
+    /// The loop is about to start: the service is ready.
+    pub(super) fn ready(&self, status: &str) {
+        if let Some(notifier) = &self.notifier {
+            notifier.ready(status);
+        }
+    }
+
+    /// A graceful shutdown began: probes and the service manager hear so.
+    pub(super) fn stopping(&self) {
+        self.metrics.health.stopping();
+        if let Some(notifier) = &self.notifier {
+            notifier.stopping();
         }
     }
 
     /// When the loop must wake for the watch's own sake, if ever.
     pub(super) fn wake_at(&self) -> Option<Instant> {
-        match (self.next_slow_cancel_check, self.publish_due) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        let watchdog = self.notifier.as_ref().and_then(Notifier::wake_at);
+        [self.next_slow_cancel_check, self.publish_due, watchdog]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// A running task's flag was set at `now`: from `slow_cancel` later, a
@@ -110,7 +133,18 @@ impl Watch {
                 } => self.metrics.expiry_lateness.observe_us(us),
                 _ => {}
             }
-            log_event(&event, &self.jobs);
+            let error = match event {
+                Event::TaskEnded {
+                    task,
+                    ending: Ending::Failed,
+                    ..
+                } => match engine.task_report(task) {
+                    TaskReport::Failed(text) => Some(text.to_owned()),
+                    _ => None,
+                },
+                _ => None,
+            };
+            log_event(&event, &self.jobs, error.as_deref());
             if let Some(stream) = self.events.as_mut() {
                 let at = match event {
                     Event::SessionOpened { at, .. }
@@ -118,8 +152,15 @@ impl Watch {
                     | Event::TaskAccepted { at, .. }
                     | Event::TaskEnded { at, .. } => at,
                 };
-                stream.send(event, self.wall.at(at));
+                stream.send(event, self.wall.at(at), error);
             }
+        }
+    }
+
+    /// Reopens the event stream's file (SIGHUP).
+    pub(super) fn reopen_events(&mut self) {
+        if let Some(stream) = self.events.as_mut() {
+            stream.reopen();
         }
     }
 
@@ -158,6 +199,10 @@ impl Watch {
         pool: &Pool,
     ) {
         let took = now.saturating_duration_since(woke);
+        self.metrics.health.iteration_done();
+        if let Some(notifier) = self.notifier.as_mut() {
+            notifier.tick(now);
+        }
         self.metrics
             .loop_iteration
             .observe_us(took.as_micros() as u64);

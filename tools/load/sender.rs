@@ -359,7 +359,7 @@ impl Sender {
                 continue;
             }
             let tries = self.herd.as_ref().map_or(0, |h| h.attempts[i]);
-            if tries % HELLO_TRIES == 0 {
+            if tries.is_multiple_of(HELLO_TRIES) {
                 let round = &self.shared.rounds[i];
                 round.store(
                     round.load(Ordering::Relaxed).saturating_add(1),

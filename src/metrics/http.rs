@@ -1,0 +1,212 @@
+//! The metrics thread's HTTP endpoints: `GET /metrics` (OpenMetrics) and
+//! `GET /healthz` (is the event loop making progress?).
+//!
+//! ```text
+//!   GET /healthz ── iterations counter moved within 1 s?  ── 200 ok
+//!                   no: wake the loop (mio Waker), wait up
+//!                   to 1 s for the counter to move          ── 200 ok
+//!                   still not                               ── 503 reason
+//! ```
+//!
+//! An idle loop sleeps in the kernel for as long as nothing is due (no
+//! wake-ups at all), so "it iterated recently" cannot be the test by
+//! itself: the probe wakes it and watches it answer. A loop stuck in one
+//! iteration, or in a deadlock, cannot.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mio::Waker;
+
+use super::Metrics;
+
+/// What `/metrics` serves: the OpenMetrics text format, which
+/// prometheus-client's encoder writes (`# EOF`, `# UNIT`, counters
+/// declared without `_total`). Prometheus asks for it first.
+pub const OPENMETRICS_CONTENT_TYPE: &str =
+    "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// How long the loop has to answer a health probe.
+pub const HEALTH_DEADLINE: Duration = Duration::from_secs(1);
+
+/// The loop's progress, as the health probe sees it.
+#[derive(Debug, Default)]
+pub struct Health {
+    iterations: AtomicU64,
+    stopping: AtomicBool,
+    waker: OnceLock<Arc<Waker>>,
+}
+
+impl Health {
+    /// The loop finished an iteration. Its only writer: one relaxed add.
+    pub fn iteration_done(&self) {
+        self.iterations.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The server is shutting down: probes fail from now on, so a load
+    /// balancer stops sending clients here.
+    pub fn stopping(&self) {
+        self.stopping.store(true, Ordering::Relaxed);
+    }
+
+    /// How to wake the loop for a probe.
+    pub fn set_waker(&self, waker: Arc<Waker>) {
+        let _ = self.waker.set(waker);
+    }
+
+    /// Loop iterations completed so far.
+    pub fn iterations(&self) -> u64 {
+        self.iterations.load(Ordering::Relaxed)
+    }
+
+    /// Waits up to `deadline` for the loop to complete an iteration
+    /// (waking it first). `Err` says why it is not healthy, in one line.
+    pub fn probe(&self, deadline: Duration) -> Result<(), String> {
+        if self.stopping.load(Ordering::Relaxed) {
+            return Err("shutting down".into());
+        }
+        let before = self.iterations();
+        if let Some(waker) = self.waker.get() {
+            let _ = waker.wake();
+        }
+        let started = Instant::now();
+        while started.elapsed() < deadline {
+            if self.iterations() != before {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        Err(format!(
+            "the event loop has not completed an iteration within {deadline:?} of being woken (stuck in one, or blocked)"
+        ))
+    }
+}
+
+/// Serves `GET /metrics` and `GET /healthz` on `addr` from a thread of its
+/// own. Anything else gets 404, and a method other than GET 405.
+pub fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> io::Result<(SocketAddr, JoinHandle<()>)> {
+    let server = tiny_http::Server::http(addr).map_err(io::Error::other)?;
+    let bound = server
+        .server_addr()
+        .to_ip()
+        .ok_or_else(|| io::Error::other("metrics server has no IP address"))?;
+    let thread = std::thread::Builder::new()
+        .name("tether-metrics".into())
+        .spawn(move || {
+            for request in server.incoming_requests() {
+                let response = respond(&request, &metrics);
+                let _ = request.respond(response);
+            }
+        })?;
+    Ok((bound, thread))
+}
+
+fn respond(request: &tiny_http::Request, metrics: &Arc<Metrics>) -> tiny_http::ResponseBox {
+    let path = request.url().split('?').next().unwrap_or_default();
+    let known = matches!(path, "/metrics" | "/healthz");
+    if !known {
+        return text(404, "not found; the paths are /metrics and /healthz\n");
+    }
+    if *request.method() != tiny_http::Method::Get {
+        return text(405, "only GET is served here\n").with_header(header("Allow", "GET"));
+    }
+    match path {
+        "/metrics" => {
+            let accept = request
+                .headers()
+                .iter()
+                .find(|h| h.field.equiv("Accept"))
+                .map(|h| h.value.as_str());
+            if !accepts_openmetrics(accept) {
+                return text(
+                    406,
+                    "this endpoint serves OpenMetrics text only; ask for application/openmetrics-text (or */*)\n",
+                );
+            }
+            tiny_http::Response::from_string(metrics.render())
+                .with_header(header("Content-Type", OPENMETRICS_CONTENT_TYPE))
+                .boxed()
+        }
+        _ => match metrics.health.probe(HEALTH_DEADLINE) {
+            Ok(()) => text(200, "ok\n"),
+            Err(reason) => text(503, &format!("unhealthy: {reason}\n")),
+        },
+    }
+}
+
+/// Whether an `Accept` header admits OpenMetrics text. No header, `*/*`,
+/// `application/*` and the type itself do; an explicit q=0 does not.
+fn accepts_openmetrics(accept: Option<&str>) -> bool {
+    let Some(accept) = accept else {
+        return true;
+    };
+    accept.split(',').any(|range| {
+        let mut parts = range.split(';').map(str::trim);
+        let media = parts.next().unwrap_or_default().to_ascii_lowercase();
+        let refused = parts.any(|p| {
+            p.strip_prefix("q=")
+                .and_then(|q| q.parse::<f64>().ok())
+                .is_some_and(|q| q == 0.0)
+        });
+        !refused
+            && matches!(
+                media.as_str(),
+                "*/*" | "application/*" | "application/openmetrics-text"
+            )
+    })
+}
+
+fn header(name: &str, value: &str) -> tiny_http::Header {
+    tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes())
+        .expect("header names and values here are ASCII")
+}
+
+fn text(status: u16, body: &str) -> tiny_http::ResponseBox {
+    tiny_http::Response::from_string(body)
+        .with_status_code(status)
+        .with_header(header("Content-Type", "text/plain; charset=utf-8"))
+        .boxed()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_headers_that_admit_openmetrics() {
+        assert!(accepts_openmetrics(None));
+        assert!(accepts_openmetrics(Some("*/*")));
+        // What Prometheus 2.x and 3.x send.
+        assert!(accepts_openmetrics(Some(
+            "application/openmetrics-text;version=1.0.0,application/openmetrics-text;version=0.0.1;q=0.75,text/plain;version=0.0.4;q=0.5,*/*;q=0.1"
+        )));
+        assert!(accepts_openmetrics(Some("text/plain, application/*;q=0.2")));
+        assert!(!accepts_openmetrics(Some("text/plain;version=0.0.4")));
+        assert!(!accepts_openmetrics(Some("text/plain, */*;q=0")));
+    }
+
+    #[test]
+    fn a_probe_passes_once_the_loop_iterates_and_fails_when_it_does_not() {
+        let health = Arc::new(Health::default());
+        let looping = Arc::clone(&health);
+        let loop_thread = std::thread::spawn(move || {
+            for _ in 0..500 {
+                looping.iteration_done();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        assert_eq!(health.probe(Duration::from_secs(5)), Ok(()));
+        loop_thread.join().unwrap();
+        let stuck = health.probe(Duration::from_millis(50)).unwrap_err();
+        assert!(stuck.contains("has not completed an iteration"), "{stuck}");
+        health.stopping();
+        assert_eq!(
+            health.probe(Duration::from_secs(5)),
+            Err("shutting down".into())
+        );
+    }
+}
