@@ -237,23 +237,23 @@ impl RecvBatch {
         None
     }
 
-    /// The datagrams of the last call with their IP source addresses and
-    /// arrival stamps (see [`RecvBatch::arrival_ns`]), in order.
-    pub fn iter_stamped(
-        &self,
-    ) -> impl Iterator<Item = (SocketAddr, &[u8], Option<u64>)> + Clone + '_ {
-        (0..self.received).filter_map(|i| {
-            let (bytes, from) = self.get(i);
-            Some((from?, bytes, self.arrival_ns(i)))
-        })
+    /// The datagrams of the last call by index, with their IP source
+    /// addresses and arrival stamps (see [`RecvBatch::arrival_ns`]), in
+    /// order; [`RecvBatch::bytes`] gives each one's bytes.
+    pub fn iter_stamped(&self) -> impl Iterator<Item = (usize, SocketAddr, Option<u64>)> + '_ {
+        (0..self.received).filter_map(|i| Some((i, self.get(i).1?, self.arrival_ns(i))))
     }
 
     /// The `i`-th datagram of the last call and its source address.
     pub fn get(&self, i: usize) -> (&[u8], Option<SocketAddr>) {
+        (self.bytes(i), to_socket_addr(&self.addrs[i]))
+    }
+
+    /// The `i`-th datagram of the last call.
+    pub fn bytes(&self, i: usize) -> &[u8] {
         assert!(i < self.received, "datagram {i} of {}", self.received);
         let len = (self.headers[i].msg_len as usize).min(self.slot_len);
-        let bytes = &self.data[i * self.slot_len..i * self.slot_len + len];
-        (bytes, to_socket_addr(&self.addrs[i]))
+        &self.data[i * self.slot_len..i * self.slot_len + len]
     }
 }
 

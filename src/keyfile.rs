@@ -53,6 +53,12 @@ impl std::error::Error for KeyFileError {}
 /// through an ACL that shows as mode 0440, in a directory only the service
 /// can enter.
 pub fn load(path: &Path) -> Result<MacKey, KeyFileError> {
+    let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+    load_with(path, credentials.as_deref())
+}
+
+/// [`load`], with systemd's credentials directory given.
+fn load_with(path: &Path, credentials: Option<&Path>) -> Result<MacKey, KeyFileError> {
     let meta = std::fs::metadata(path).map_err(|e| KeyFileError::Read(path.into(), e))?;
     if meta.is_dir() {
         return Err(KeyFileError::NotAFile(path.into()));
@@ -61,8 +67,7 @@ pub fn load(path: &Path) -> Result<MacKey, KeyFileError> {
     {
         use std::os::unix::fs::PermissionsExt;
         let mode = meta.permissions().mode() & 0o7777;
-        let credentials = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
-        let allowed = if is_credential(path, credentials.as_deref()) {
+        let allowed = if is_credential(path, credentials) {
             0o040
         } else {
             0
@@ -80,13 +85,15 @@ pub fn load(path: &Path) -> Result<MacKey, KeyFileError> {
 /// Whether `path` names a file directly inside `credentials`, systemd's
 /// per-service credentials directory.
 fn is_credential(path: &Path, credentials: Option<&Path>) -> bool {
-    let (Some(credentials), Some(parent)) = (credentials, path.parent()) else {
+    let Some(credentials) = credentials else {
         return false;
     };
-    match (parent.canonicalize(), credentials.canonicalize()) {
-        (Ok(parent), Ok(credentials)) => parent == credentials,
-        _ => false,
-    }
+    // Canonical first, so a relative path ("key", run from that
+    // directory) or one through a symlink is judged by where it leads.
+    let (Ok(path), Ok(credentials)) = (path.canonicalize(), credentials.canonicalize()) else {
+        return false;
+    };
+    path.parent() == Some(credentials.as_path())
 }
 
 #[cfg(all(test, unix))]
@@ -110,8 +117,18 @@ mod tests {
         assert!(is_credential(&key, Some(&dir)));
         assert!(!is_credential(&key, None));
         assert!(!is_credential(&key, Some(Path::new("/nonexistent"))));
-        // Outside a credentials directory, 0440 is refused as before.
-        assert!(matches!(load(&key), Err(KeyFileError::TooOpen(_, 0o440))));
+        // Inside the credentials directory 0440 loads; outside (or with
+        // other bits) it is refused as before.
+        assert!(load_with(&key, Some(&dir)).is_ok());
+        assert!(matches!(
+            load_with(&key, None),
+            Err(KeyFileError::TooOpen(_, 0o440))
+        ));
+        let open = temp_key("credential-open", &[1; 32], 0o444);
+        assert!(matches!(
+            load_with(&open, Some(&dir)),
+            Err(KeyFileError::TooOpen(_, 0o444))
+        ));
     }
     use std::os::unix::fs::PermissionsExt;
 

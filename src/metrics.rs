@@ -562,23 +562,23 @@ impl Collector for Exporter {
                 MetricType::Info,
             )?
             .encode_info(&[("version", env!("CARGO_PKG_VERSION"))])?;
-        if let Some(p) = process::read() {
-            encode_process(&mut encoder, &p)?;
-        }
+        encode_process(&mut encoder, &process::read())?;
         Ok(())
     }
 }
 
-/// The standard `process_*` series.
+/// The standard `process_*` series, each one that could be read.
 fn encode_process(encoder: &mut DescriptorEncoder, p: &process::ProcessStats) -> fmt::Result {
-    encoder
-        .encode_descriptor(
-            "process_cpu_seconds",
-            "Total user and system CPU time spent in seconds.",
-            None,
-            MetricType::Counter,
-        )?
-        .encode_counter::<NoLabelSet, _, u64>(&p.cpu_seconds, None)?;
+    if let Some(cpu) = p.cpu_seconds {
+        encoder
+            .encode_descriptor(
+                "process_cpu_seconds",
+                "Total user and system CPU time spent in seconds.",
+                None,
+                MetricType::Counter,
+            )?
+            .encode_counter::<NoLabelSet, _, u64>(&cpu, None)?;
+    }
     for (name, help, value) in [
         (
             "process_resident_memory_bytes",
@@ -595,29 +595,28 @@ fn encode_process(encoder: &mut DescriptorEncoder, p: &process::ProcessStats) ->
             "Number of open file descriptors.",
             p.open_fds,
         ),
+        (
+            "process_max_fds",
+            "Maximum number of open file descriptors.",
+            p.max_fds,
+        ),
     ] {
-        encoder
-            .encode_descriptor(name, help, None, MetricType::Gauge)?
-            .encode_gauge(&value)?;
+        if let Some(value) = value {
+            encoder
+                .encode_descriptor(name, help, None, MetricType::Gauge)?
+                .encode_gauge(&value)?;
+        }
     }
-    if let Some(max) = p.max_fds {
+    if let Some(start) = p.start_time_seconds {
         encoder
             .encode_descriptor(
-                "process_max_fds",
-                "Maximum number of open file descriptors.",
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds.",
                 None,
                 MetricType::Gauge,
             )?
-            .encode_gauge(&max)?;
+            .encode_gauge(&start)?;
     }
-    encoder
-        .encode_descriptor(
-            "process_start_time_seconds",
-            "Start time of the process since unix epoch in seconds.",
-            None,
-            MetricType::Gauge,
-        )?
-        .encode_gauge(&p.start_time_seconds)?;
     Ok(())
 }
 

@@ -90,18 +90,29 @@ impl EventStream {
             .name("tether-events".into())
             .spawn(move || {
                 let mut out = BufWriter::new(out);
+                // A failed reopen is retried (at most once a second) with
+                // the records that follow, rather than writing on into a
+                // file logrotate is about to compress.
+                let mut next_try = std::time::Instant::now();
                 while let Ok(record) = rx.recv() {
-                    if reopen_asked.swap(false, Ordering::AcqRel) {
-                        if let Some(path) = &path {
-                            let _ = out.flush();
-                            match open_append(path) {
-                                Ok(file) => {
-                                    out = BufWriter::new(Box::new(file));
-                                    tracing::info!(path = %path.display(), "event stream reopened");
+                    if reopen_asked.load(Ordering::Acquire) && std::time::Instant::now() >= next_try {
+                        match &path {
+                            None => reopen_asked.store(false, Ordering::Release),
+                            Some(path) => {
+                                let _ = out.flush();
+                                match open_append(path) {
+                                    Ok(file) => {
+                                        reopen_asked.store(false, Ordering::Release);
+                                        out = BufWriter::new(Box::new(file));
+                                        tracing::info!(path = %path.display(), "event stream reopened");
+                                    }
+                                    Err(e) => {
+                                        next_try = std::time::Instant::now() + Duration::from_secs(1);
+                                        tracing::warn!(
+                                            "cannot reopen the event stream (retrying each second meanwhile, writing to the old file): {e}"
+                                        );
+                                    }
                                 }
-                                Err(e) => tracing::warn!(
-                                    "cannot reopen the event stream, still writing to the old file: {e}"
-                                ),
                             }
                         }
                     }

@@ -428,5 +428,78 @@ fn completions_and_the_manual_are_generated_from_the_cli() {
     assert!(run(&["completions", "fish"]).contains("complete -c tether"));
     let man = run(&["man"]);
     assert!(man.contains(".TH tether"), "{man}");
-    assert!(man.contains("serve"), "{man}");
+    // Every command's options are on the one page.
+    for heading in ["TETHER SERVE", "TETHER CLIENT", "TETHER CLIENT SUBMIT"] {
+        assert!(
+            man.contains(&format!(".SH \"{heading}\"")),
+            "{heading}: {man}"
+        );
+    }
+    for flag in ["listen", "max\\-sessions", "follow", "client\\-id"] {
+        assert!(man.contains(flag), "{flag} missing from the manual");
+    }
+    let dir = scratch("man");
+    run(&["man", "--dir", dir.to_str().unwrap()]);
+    for page in ["tether.1", "tether-serve.1", "tether-client-submit.1"] {
+        assert!(dir.join(page).is_file(), "{page} not written");
+    }
+}
+
+#[test]
+fn a_command_that_fails_after_connecting_keeps_the_session_for_the_next() {
+    let server = ServerProcess::start(&[]);
+    let runtime = scratch("keep");
+    let run = |args: &[&str]| client(&server, 8181, &runtime, args);
+    let (code, out, _) = run(&["submit", "sleep", "u32:60000"]);
+    assert_eq!(code, 0);
+    let task = out.trim().strip_prefix("task ").unwrap().to_owned();
+    let (code, _, err) = run(&["submit", "no-such-job", ""]);
+    assert_eq!(code, 1, "{err}");
+    // Had the failure lost the session's place, this command would have
+    // opened a new session and the sleeping task would read cancelled
+    // (replaced).
+    let (code, out, _) = run(&["status", &task]);
+    assert_eq!(code, 6, "{out}");
+}
+
+#[test]
+fn ctrl_c_while_following_cancels_the_task_and_exits_130() {
+    let server = ServerProcess::start(&[]);
+    let runtime = scratch("ctrlc");
+    let mut follower = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args([
+            "client",
+            "--server",
+            &server.addr.to_string(),
+            "--client-id",
+            "9191",
+        ])
+        .args(["submit", "sleep", "u32:60000", "--follow"])
+        .env("XDG_RUNTIME_DIR", &runtime)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(follower.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let task = first.trim().strip_prefix("task ").unwrap().to_owned();
+    let status = Command::new("kill")
+        .args(["-INT", &follower.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let until = Instant::now() + Duration::from_secs(20);
+    let exit = loop {
+        if let Some(exit) = follower.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(Instant::now() < until, "still following after Ctrl-C");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(exit.code(), Some(130));
+    let (code, out, _) = client(&server, 9191, &runtime, &["status", &task]);
+    assert_eq!(code, 4, "{out}");
+    assert!(out.contains("cancelled (cancelled)"), "{out}");
 }

@@ -150,12 +150,14 @@ fn event_stream_and_debug_logs_trace_a_cancellation_to_its_cause() {
 fn terminal_client_submits_follows_and_reads_status() {
     let server = ServerProcess::start(&[]);
     let addr = server.addr.to_string();
+    let runtime = std::env::temp_dir().join(format!("tether-terminal-{}", std::process::id()));
+    std::fs::create_dir_all(&runtime).unwrap();
     // Exit codes (README): 0 done, 4 cancelled, 6 not finished yet.
     let run_expecting = |code: i32, args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_tether"))
             .args(["client", "--server", &addr, "--client-id", "424242"])
             .args(args)
-            .env("XDG_RUNTIME_DIR", std::env::temp_dir())
+            .env("XDG_RUNTIME_DIR", &runtime)
             .output()
             .unwrap();
         assert_eq!(

@@ -29,45 +29,75 @@ fn python_client_tests_pass_against_the_real_server() {
     assert!(stderr.contains("\nOK"), "no tests ran?\n{stderr}");
 }
 
-/// Installs `prometheus_client` (pinned) for the operator checks into the
-/// build's scratch directory unless Python already has it; `--target`
-/// leaves the system's Python untouched (and works where it is
-/// "externally managed").
+/// The pinned version of the Prometheus Python client whose OpenMetrics
+/// parser checks what `/metrics` serves.
+const PROMETHEUS_CLIENT: &str = "0.21.1";
+
+/// A `PYTHONPATH` under which `import prometheus_client` gives the pinned
+/// version, installed with pip into the build's scratch directory if it is
+/// not there yet. `--target` leaves the system's Python untouched (and
+/// works where it is "externally managed"); the install goes to a fresh
+/// directory renamed into place, so an interrupted one is never taken for
+/// done and two test runs never share a half-written directory.
 fn python_path_with_prometheus_client() -> String {
-    let has_it = Command::new("python3")
-        .args(["-c", "import prometheus_client"])
-        .output()
-        .is_ok_and(|o| o.status.success());
     let deps = concat!(env!("CARGO_TARGET_TMPDIR"), "/python-deps");
-    if !has_it
-        && !std::path::Path::new(deps)
-            .join("prometheus_client")
-            .exists()
-    {
-        let output = Command::new("python3")
+    let pinned = |path: &str| {
+        Command::new("python3")
             .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--target",
-                deps,
-                "prometheus_client==0.21.1",
+                "-c",
+                &format!("import prometheus_client.openmetrics.parser, importlib.metadata as m; assert m.version('prometheus_client') == '{PROMETHEUS_CLIENT}'"),
             ])
+            .env("PYTHONPATH", path)
+            .env("PYTHONNOUSERSITE", "1")
             .output()
-            .expect("python3 is needed for the operator checks");
-        assert!(
-            output.status.success(),
-            "could not install prometheus_client (PyPI reachable? python3 -m pip available?):\n{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+            .is_ok_and(|o| o.status.success())
+    };
+    if pinned(deps) {
+        return deps.to_owned();
     }
+    let fresh = format!("{deps}.{}", std::process::id());
+    let _ = std::fs::remove_dir_all(&fresh);
+    let output = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args([
+            "--timeout",
+            "30",
+            "--retries",
+            "2",
+            "--no-deps",
+            "--target",
+            &fresh,
+        ])
+        .arg(format!("prometheus_client=={PROMETHEUS_CLIENT}"))
+        .env_remove("PIP_REQUIRE_VIRTUALENV")
+        .env_remove("PIP_USER")
+        .output()
+        .expect("python3 is needed for the operator checks");
+    assert!(
+        output.status.success(),
+        "could not install prometheus_client {PROMETHEUS_CLIENT} from PyPI for the operator checks (is PyPI reachable, and `python3 -m pip` installed?):\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let _ = std::fs::remove_dir_all(deps);
+    // Another run may have renamed its copy into place first: either is good.
+    if std::fs::rename(&fresh, deps).is_err() {
+        let _ = std::fs::remove_dir_all(&fresh);
+    }
+    assert!(
+        pinned(deps),
+        "prometheus_client {PROMETHEUS_CLIENT} not importable from {deps}"
+    );
     deps.to_owned()
 }
 
 #[test]
-fn metrics_health_and_dashboard_pass_checks_with_prometheus_own_parser() {
+fn metrics_health_and_dashboard_pass_the_prometheus_python_clients_parser() {
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/operator/check_endpoints.py"
@@ -76,6 +106,7 @@ fn metrics_health_and_dashboard_pass_checks_with_prometheus_own_parser() {
         .args([script, "-v"])
         .env("TETHER_BIN", env!("CARGO_BIN_EXE_tether"))
         .env("PYTHONPATH", python_path_with_prometheus_client())
+        .env("PYTHONNOUSERSITE", "1")
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .output()
         .expect("python3 is needed for the operator checks");

@@ -52,8 +52,15 @@ enum Command {
         /// The shell.
         shell: clap_complete::Shell,
     },
-    /// Print the manual page (roff), e.g. `tether man > tether.1`.
-    Man,
+    /// Print the manual (roff): `tether man > tether.1` gives one page
+    /// with every subcommand's options; `--dir DIR` writes a page per
+    /// command instead (tether.1, tether-serve.1, tether-client-submit.1,
+    /// ...).
+    Man {
+        /// Write one page per command into this directory.
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -244,7 +251,12 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
 /// "did you mean" tip), with its closing hint pointed at the `--help` of
 /// the subcommand that was being parsed.
 fn usage_error(e: &clap::Error) -> String {
-    let command = subcommand_path(std::env::args().skip(1));
+    // args_os: an argument that is not UTF-8 must not panic here.
+    let command = subcommand_path(
+        std::env::args_os()
+            .skip(1)
+            .map(|a| a.to_string_lossy().into_owned()),
+    );
     e.render()
         .to_string()
         .replace("try '--help'", &format!("try '{command} --help'"))
@@ -263,6 +275,47 @@ fn subcommand_path(args: impl Iterator<Item = String>) -> String {
         command = sub;
     }
     path.join(" ")
+}
+
+/// The manual: one page on stdout (the top-level page, then each
+/// command's options under a heading of its own), or a page per command.
+fn manual(dir: Option<&Path>) -> std::io::Result<()> {
+    let command = Cli::command();
+    if let Some(dir) = dir {
+        return clap_mangen::generate_to(command, dir);
+    }
+    let mut page = Vec::new();
+    clap_mangen::Man::new(command.clone()).render(&mut page)?;
+    let mut pending: Vec<(String, clap::Command)> = command
+        .get_subcommands()
+        .map(|c| (format!("tether {}", c.get_name()), c.clone()))
+        .collect();
+    while let Some((path, sub)) = pending.first().cloned() {
+        pending.remove(0);
+        writeln!(page, ".SH \"{}\"", path.to_uppercase())?;
+        if let Some(about) = sub.get_long_about().or(sub.get_about()) {
+            writeln!(page, "{about}")?;
+        }
+        let mut options = Vec::new();
+        clap_mangen::Man::new(sub.clone()).render_options_section(&mut options)?;
+        // Each command's options under its own heading, not a second
+        // top-level OPTIONS section.
+        let options = String::from_utf8_lossy(&options).replacen(".SH OPTIONS", ".SS Options", 1);
+        page.extend_from_slice(options.as_bytes());
+        for child in sub.get_subcommands() {
+            pending.push((format!("{path} {}", child.get_name()), child.clone()));
+        }
+    }
+    std::io::stdout().write_all(&page)
+}
+
+/// Writes a line of the client's answer to stdout. A closed pipe
+/// (`tether client ... | head -1`) is not an error worth a panic: the
+/// command goes on to its end and its exit code.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
 }
 
 /// The documented exit codes (README, "Exit codes"); 0 and 1 are
@@ -304,13 +357,17 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args).map(|()| ExitCode::SUCCESS),
         Command::Client(args) => client(args).map(ExitCode::from).map_err(Failure::Error),
         Command::Completions { shell } => {
-            clap_complete::generate(shell, &mut Cli::command(), "tether", &mut std::io::stdout());
-            Ok(ExitCode::SUCCESS)
+            // Into a buffer first: clap_complete panics on a write error.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "tether", &mut script);
+            std::io::stdout()
+                .write_all(&script)
+                .map(|()| ExitCode::SUCCESS)
+                .map_err(|e| Failure::Error(format!("writing the completions: {e}")))
         }
-        Command::Man => clap_mangen::Man::new(Cli::command())
-            .render(&mut std::io::stdout())
+        Command::Man { dir } => manual(dir.as_deref())
             .map(|()| ExitCode::SUCCESS)
-            .map_err(|e| Failure::Error(format!("writing the manual page: {e}"))),
+            .map_err(|e| Failure::Error(format!("writing the manual: {e}"))),
     };
     match result {
         Ok(code) => code,
@@ -605,46 +662,82 @@ fn describe(status: &TaskStatus) -> String {
 /// of replacing it (a new incarnation would cancel the submitted task).
 /// `None` (said once) when there is no private place for it.
 fn session_file(server: SocketAddr, client_id: u64) -> Option<PathBuf> {
-    let dir = private_dir();
-    if dir.is_none() {
-        eprintln!(
-            "note: no private directory for the session (set XDG_RUNTIME_DIR or HOME), so the next command opens a new one"
-        );
-    }
+    let dir = private_dir()
+        .map_err(|why| {
+            eprintln!("note: the session cannot be kept for the next command: {why}");
+        })
+        .ok()?;
     let server = server.to_string().replace([':', '[', ']', '.'], "_");
-    Some(dir?.join(format!("client-{client_id}-{server}.session")))
+    Some(dir.join(format!("client-{client_id}-{server}.session")))
 }
 
-/// `$XDG_RUNTIME_DIR/tether`, else the user's cache directory's `tether`
-/// (`$XDG_CACHE_HOME`, else `~/.cache`): created 0700, and used only if it
-/// is a real directory (not a symlink) owned by this user that nobody else
-/// can enter. Never a shared directory such as /tmp, where another user
-/// could plant the file or a symlink in its place.
-fn private_dir() -> Option<PathBuf> {
-    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+/// The first usable of `$XDG_RUNTIME_DIR/tether`, `$XDG_CACHE_HOME/tether`
+/// and `~/.cache/tether`: a real directory (not a symlink) owned by this
+/// user that nobody else can enter, created 0700 inside a base that exists
+/// (only `~/.cache` itself is created, as the XDG spec says). Never a
+/// shared directory such as /tmp, where another user could plant the file
+/// or a symlink in its place. `Err` says what was tried.
+fn private_dir() -> Result<PathBuf, String> {
     let var = |name| {
         std::env::var_os(name)
             .filter(|v| !v.is_empty())
             .map(PathBuf::from)
     };
-    let base = var("XDG_RUNTIME_DIR")
-        .or_else(|| var("XDG_CACHE_HOME"))
-        .or_else(|| var("HOME").map(|home| home.join(".cache")))?;
+    let mut candidates = Vec::new();
+    if let Some(runtime) = var("XDG_RUNTIME_DIR") {
+        candidates.push((runtime, false));
+    }
+    if let Some(cache) = var("XDG_CACHE_HOME") {
+        candidates.push((cache, false));
+    } else if let Some(home) = var("HOME") {
+        candidates.push((home.join(".cache"), true));
+    }
+    if candidates.is_empty() {
+        return Err("neither XDG_RUNTIME_DIR nor HOME is set".into());
+    }
+    let mut refused = Vec::new();
+    for (base, create_base) in candidates {
+        match private_subdir(&base, create_base) {
+            Ok(dir) => return Ok(dir),
+            Err(why) => refused.push(format!("{}/tether {why}", base.display())),
+        }
+    }
+    Err(refused.join("; "))
+}
+
+fn private_subdir(base: &Path, create_base: bool) -> Result<PathBuf, String> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let make = |dir: &Path| match std::fs::DirBuilder::new().mode(0o700).create(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => {
+            Err(format!("cannot be created: {e}"))
+        }
+        _ => Ok(()),
+    };
+    if create_base && base.parent().is_some_and(Path::is_dir) {
+        make(base)?;
+    }
+    if !base.is_dir() {
+        return Err("is not usable: its parent does not exist".into());
+    }
     let dir = base.join("tether");
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&dir)
-        .ok()?;
-    let me = std::fs::metadata("/proc/self").ok()?.uid();
-    let meta = std::fs::symlink_metadata(&dir).ok()?;
-    if !meta.is_dir() || meta.uid() != me {
-        return None;
+    make(&dir)?;
+    // The owner of /proc/self is this process's effective user (fail-safe:
+    // without /proc nothing is kept).
+    let me = std::fs::metadata("/proc/self")
+        .map_err(|e| format!("cannot be checked (no /proc/self: {e})"))?
+        .uid();
+    let meta = std::fs::symlink_metadata(&dir).map_err(|e| format!("cannot be read: {e}"))?;
+    if !meta.is_dir() {
+        return Err("is not a directory (a symlink?)".into());
+    }
+    if meta.uid() != me {
+        return Err(format!("belongs to uid {}, not {me}", meta.uid()));
     }
     if meta.mode() & 0o077 != 0 {
-        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).ok()?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("cannot be made private: {e}"))?;
     }
-    Some(dir)
+    Ok(dir)
 }
 
 fn load_resume(path: &Path) -> Option<Resume> {
@@ -714,80 +807,102 @@ fn client(args: ClientArgs) -> Result<u8, String> {
             e => e.to_string(),
         })
     };
-    let (c, code) = match args.action {
+    let payload = match &args.action {
+        ClientAction::Submit { payload, .. } => Some(parse_payload(payload)?),
+        _ => None,
+    };
+    if matches!(args.action, ClientAction::Hello) {
+        config.ack_every = 1;
+        config.heartbeat_interval = Some(Duration::from_millis(50));
+    }
+    let c = connect(config)?;
+    let outcome = run_action(&c, args.action, payload.unwrap_or_default());
+    // Whatever happened after connecting, the session's place (sequence
+    // numbers) is kept: a command that failed must not make the next one
+    // open a new session, which would cancel this one's tasks.
+    match (&saved, &outcome) {
+        (Some(saved), Ok(Acted::Interrupted)) => {
+            // As the user asked to stop: end the session too.
+            let _ = std::fs::remove_file(saved);
+        }
+        (Some(saved), _) => save_resume(saved, &c),
+        (None, _) => {}
+    }
+    match outcome? {
+        Acted::Code(code) => Ok(code),
+        Acted::Interrupted => {
+            if let Err(e) = c.bye() {
+                eprintln!("could not close the session: {e}");
+            }
+            Ok(exit::INTERRUPTED)
+        }
+    }
+}
+
+/// How a client command ended.
+enum Acted {
+    /// With this exit code.
+    Code(u8),
+    /// Ctrl-C while following a task.
+    Interrupted,
+}
+
+fn run_action(c: &Client, action: ClientAction, payload: Vec<u8>) -> Result<Acted, String> {
+    let code = match action {
         ClientAction::Hello => {
-            config.ack_every = 1;
-            config.heartbeat_interval = Some(Duration::from_millis(50));
-            let c = connect(config)?;
             let (client_id, incarnation) = c.session();
             let until = Instant::now() + Duration::from_secs(2);
             while c.rtt().is_none() && Instant::now() < until {
                 std::thread::sleep(Duration::from_millis(20));
             }
-            println!(
+            say!(
                 "session {client_id}/{incarnation}: TTL {:?}, tick {:?}, round trip {}",
                 c.ttl(),
                 c.tick(),
                 c.rtt().map_or("unknown".into(), |r| format!("{r:?}"))
             );
-            (c, 0)
+            0
         }
         ClientAction::Submit {
             job,
-            payload,
             delay,
             deadline,
             follow,
+            ..
         } => {
-            let payload = parse_payload(&payload)?;
-            let c = connect(config)?;
             let task = c
                 .submit_with(&job, &payload, SubmitOptions { delay, deadline })
                 .map_err(|e| e.to_string())?;
-            println!("task {task}");
-            if follow {
-                match follow_task(&c, task)? {
-                    Followed::Ended(status) => (c, task_exit(&status)),
-                    Followed::Interrupted => {
-                        // As the user asked to stop: end the session too.
-                        if let Some(saved) = &saved {
-                            let _ = std::fs::remove_file(saved);
-                        }
-                        c.bye().map_err(|e| e.to_string())?;
-                        return Ok(exit::INTERRUPTED);
-                    }
-                }
-            } else {
+            say!("task {task}");
+            if !follow {
                 eprintln!(
                     "the task lives while this client's session does, about {:?} from now unless another command continues it",
                     c.ttl()
                 );
-                (c, 0)
+                return Ok(Acted::Code(0));
+            }
+            match follow_task(c, task)? {
+                Followed::Ended(status) => task_exit(&status),
+                Followed::Interrupted => return Ok(Acted::Interrupted),
             }
         }
         ClientAction::Status { task } => {
-            let c = connect(config)?;
             let status = c.status(TaskId(task)).map_err(|e| e.to_string())?;
-            println!("task {task}: {}", describe(&status));
-            let code = task_exit(&status);
-            (c, code)
+            say!("task {task}: {}", describe(&status));
+            task_exit(&status)
         }
         ClientAction::Cancel { task } => {
-            let c = connect(config)?;
             let outcome = c.cancel(TaskId(task)).map_err(|e| e.to_string())?;
             let (text, code) = match outcome {
                 CancelOutcome::CancelledNow => ("cancelled", 0),
                 CancelOutcome::AlreadyFinished => ("already finished; nothing changed", 0),
                 CancelOutcome::UnknownTask => ("unknown task", exit::TASK_UNKNOWN),
             };
-            println!("task {task}: {text}");
-            (c, code)
+            say!("task {task}: {text}");
+            code
         }
     };
-    if let Some(saved) = &saved {
-        save_resume(saved, &c);
-    }
-    Ok(code)
+    Ok(Acted::Code(code))
 }
 
 enum Followed {
@@ -809,14 +924,25 @@ fn ending(interrupted: bool, status: TaskStatus) -> Followed {
 /// the background); Ctrl-C sends CANCEL, then waits for the cancellation.
 fn follow_task(c: &Client, task: TaskId) -> Result<Followed, String> {
     let interrupted = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&interrupted))
-        .map_err(|e| format!("cannot watch for Ctrl-C: {e}"))?;
+    // In this order: a first Ctrl-C sets the flag (the task is cancelled
+    // and waited for), a second one, with the flag already set, exits at
+    // once with 130 (when the server does not answer, or the job ignores
+    // its flag).
+    signal_hook::flag::register_conditional_shutdown(
+        signal_hook::consts::SIGINT,
+        i32::from(exit::INTERRUPTED),
+        Arc::clone(&interrupted),
+    )
+    .and_then(|_| {
+        signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&interrupted))
+    })
+    .map_err(|e| format!("cannot watch for Ctrl-C: {e}"))?;
     let mut cancel_sent = false;
     let mut last_ask = Instant::now();
     loop {
         match c.next_event(Duration::from_millis(200)) {
             Some(ClientEvent::TaskEnded { task: t, status }) if t == task => {
-                println!("task {task}: {}", describe(&status));
+                say!("task {task}: {}", describe(&status));
                 return Ok(ending(cancel_sent, status));
             }
             Some(ClientEvent::SessionLost { .. }) => {
@@ -826,15 +952,22 @@ fn follow_task(c: &Client, task: TaskId) -> Result<Followed, String> {
         }
         if interrupted.load(Ordering::Acquire) && !cancel_sent {
             cancel_sent = true;
-            eprintln!("interrupted: cancelling task {task}");
-            c.cancel(task).map_err(|e| e.to_string())?;
+            eprintln!("interrupted: cancelling task {task} (Ctrl-C again to stop waiting)");
+            if let Err(e) = c.cancel(task) {
+                eprintln!("could not cancel task {task}: {e}");
+                return Ok(Followed::Interrupted);
+            }
         }
         // The push may have been lost: ask now and then.
         if last_ask.elapsed() >= Duration::from_secs(2) {
             last_ask = Instant::now();
-            let status = c.status(task).map_err(|e| e.to_string())?;
+            let status = match c.status(task) {
+                Ok(status) => status,
+                Err(_) if cancel_sent => return Ok(Followed::Interrupted),
+                Err(e) => return Err(e.to_string()),
+            };
             if status.is_final() || status == TaskStatus::Unknown {
-                println!("task {task}: {}", describe(&status));
+                say!("task {task}: {}", describe(&status));
                 return Ok(ending(cancel_sent, status));
             }
         }

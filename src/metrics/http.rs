@@ -2,16 +2,19 @@
 //! `GET /healthz` (is the event loop making progress?).
 //!
 //! ```text
-//!   GET /healthz ── iterations counter moved within 1 s?  ── 200 ok
-//!                   no: wake the loop (mio Waker), wait up
-//!                   to 1 s for the counter to move          ── 200 ok
+//!   GET /healthz ── answered by a probe <100 ms ago (ok)
+//!                   or <1 s ago (not ok)?                   ── that answer
+//!                   else wake the loop (mio Waker), wait up
+//!                   to 1 s for its iteration count to move  ── 200 ok
 //!                   still not                               ── 503 reason
 //! ```
 //!
 //! An idle loop sleeps in the kernel for as long as nothing is due (no
 //! wake-ups at all), so "it iterated recently" cannot be the test by
 //! itself: the probe wakes it and watches it answer. A loop stuck in one
-//! iteration, or in a deadlock, cannot.
+//! iteration, or in a deadlock, cannot. Reusing a recent answer bounds what
+//! a flood of probes costs the loop (a wake-up per 100 ms) and how long
+//! they hold up `/metrics` behind a stuck loop (a second per second).
 
 use std::io;
 use std::net::SocketAddr;
@@ -39,7 +42,14 @@ pub struct Health {
     iterations: AtomicU64,
     stopping: AtomicBool,
     waker: OnceLock<Arc<Waker>>,
+    /// The last probe's answer and when it was given.
+    last: parking_lot::Mutex<Option<(Instant, Result<(), String>)>>,
 }
+
+/// How long a passing probe's answer is reused.
+const HEALTHY_FOR: Duration = Duration::from_millis(100);
+/// How long a failing probe's answer is reused.
+const UNHEALTHY_FOR: Duration = Duration::from_secs(1);
 
 impl Health {
     /// The loop finished an iteration. Its only writer: one relaxed add.
@@ -69,6 +79,23 @@ impl Health {
         if self.stopping.load(Ordering::Relaxed) {
             return Err("shutting down".into());
         }
+        let mut last = self.last.lock();
+        if let Some((at, answer)) = last.as_ref() {
+            let reuse_for = if answer.is_ok() {
+                HEALTHY_FOR
+            } else {
+                UNHEALTHY_FOR
+            };
+            if at.elapsed() < reuse_for {
+                return answer.clone();
+            }
+        }
+        let answer = self.wait_for_iteration(deadline);
+        *last = Some((Instant::now(), answer.clone()));
+        answer
+    }
+
+    fn wait_for_iteration(&self, deadline: Duration) -> Result<(), String> {
         let before = self.iterations();
         if let Some(waker) = self.waker.get() {
             let _ = waker.wake();
@@ -148,7 +175,8 @@ fn accepts_openmetrics(accept: Option<&str>) -> bool {
         let mut parts = range.split(';').map(str::trim);
         let media = parts.next().unwrap_or_default().to_ascii_lowercase();
         let refused = parts.any(|p| {
-            p.strip_prefix("q=")
+            p.to_ascii_lowercase()
+                .strip_prefix("q=")
                 .and_then(|q| q.parse::<f64>().ok())
                 .is_some_and(|q| q == 0.0)
         });
@@ -187,6 +215,7 @@ mod tests {
         assert!(accepts_openmetrics(Some("text/plain, application/*;q=0.2")));
         assert!(!accepts_openmetrics(Some("text/plain;version=0.0.4")));
         assert!(!accepts_openmetrics(Some("text/plain, */*;q=0")));
+        assert!(!accepts_openmetrics(Some("text/plain, */*;Q=0")));
     }
 
     #[test]
@@ -201,6 +230,8 @@ mod tests {
         });
         assert_eq!(health.probe(Duration::from_secs(5)), Ok(()));
         loop_thread.join().unwrap();
+        // A passing answer is reused for 100 ms, then the loop is asked again.
+        std::thread::sleep(HEALTHY_FOR);
         let stuck = health.probe(Duration::from_millis(50)).unwrap_err();
         assert!(stuck.contains("has not completed an iteration"), "{stuck}");
         health.stopping();

@@ -6,21 +6,23 @@
 
 use std::fs;
 
-/// One reading of the process's figures.
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// One reading of the process's figures; each is `None` where its file
+/// cannot be read (e.g. `/proc/stat` under systemd's `ProcSubset=pid`),
+/// and is then left out rather than exported as zero.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub(super) struct ProcessStats {
     /// User plus system CPU time, in seconds.
-    pub cpu_seconds: f64,
+    pub cpu_seconds: Option<f64>,
     /// Resident set size, in bytes.
-    pub resident_bytes: u64,
+    pub resident_bytes: Option<u64>,
     /// Virtual memory size, in bytes.
-    pub virtual_bytes: u64,
+    pub virtual_bytes: Option<u64>,
     /// Open file descriptors.
-    pub open_fds: u64,
+    pub open_fds: Option<u64>,
     /// The soft limit on open file descriptors.
     pub max_fds: Option<u64>,
     /// When the process started, in seconds since the Unix epoch.
-    pub start_time_seconds: f64,
+    pub start_time_seconds: Option<f64>,
 }
 
 /// The kernel reports process times in USER_HZ ticks, which the ABI fixes
@@ -28,38 +30,43 @@ pub(super) struct ProcessStats {
 /// own HZ may differ; `/proc` converts).
 const TICKS_PER_SECOND: f64 = 100.0;
 
-/// Reads `/proc/self`; `None` where it is not mounted (then the series are
-/// left out rather than exported as zeros).
-pub(super) fn read() -> Option<ProcessStats> {
-    let stat = fs::read_to_string("/proc/self/stat").ok()?;
-    let boot_time = boot_time_seconds(&fs::read_to_string("/proc/stat").ok()?)?;
-    let mut stats = parse_stat(&stat, boot_time)?;
-    stats.resident_bytes = resident_kib(&fs::read_to_string("/proc/self/status").ok()?)? * 1024;
-    stats.open_fds = fs::read_dir("/proc/self/fd").ok()?.count() as u64;
+/// Reads `/proc/self`, each figure on its own.
+pub(super) fn read() -> ProcessStats {
+    let boot_time = fs::read_to_string("/proc/stat")
+        .ok()
+        .and_then(|text| boot_time_seconds(&text));
+    let mut stats = fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|stat| parse_stat(&stat, boot_time))
+        .unwrap_or_default();
+    stats.resident_bytes = fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| resident_kib(&status))
+        .map(|kib| kib * 1024);
+    stats.open_fds = fs::read_dir("/proc/self/fd")
+        .ok()
+        .map(|fds| fds.count() as u64);
     stats.max_fds = fs::read_to_string("/proc/self/limits")
         .ok()
         .and_then(|limits| parse_max_open_files(&limits));
-    Some(stats)
+    stats
 }
 
 /// Parses `/proc/self/stat`. The command name (field 2) is in parentheses
 /// and may itself contain spaces and parentheses, so fields are counted
-/// from the last `)`.
-fn parse_stat(stat: &str, boot_time: u64) -> Option<ProcessStats> {
+/// from the last `)`. The start time needs the boot time.
+fn parse_stat(stat: &str, boot_time: Option<u64>) -> Option<ProcessStats> {
     let after_name = &stat[stat.rfind(')')? + 1..];
     let fields: Vec<&str> = after_name.split_whitespace().collect();
     // Field N of proc(5) is fields[N - 3] here (field 3, the state, is first).
     let field = |n: usize| -> Option<u64> { fields.get(n - 3)?.parse().ok() };
-    let ticks = field(14)? + field(15)?;
     Some(ProcessStats {
-        cpu_seconds: ticks as f64 / TICKS_PER_SECOND,
-        // Field 24 counts pages, whose size varies by machine; the status
-        // file's VmRSS (read by the caller) is in KiB.
-        resident_bytes: 0,
-        virtual_bytes: field(23)?,
-        open_fds: 0,
-        max_fds: None,
-        start_time_seconds: boot_time as f64 + field(22)? as f64 / TICKS_PER_SECOND,
+        cpu_seconds: Some((field(14)? + field(15)?) as f64 / TICKS_PER_SECOND),
+        virtual_bytes: field(23),
+        start_time_seconds: boot_time
+            .zip(field(22))
+            .map(|(boot, ticks)| boot as f64 + ticks as f64 / TICKS_PER_SECOND),
+        ..ProcessStats::default()
     })
 }
 
@@ -93,27 +100,35 @@ mod tests {
 
     #[test]
     fn reads_this_process() {
-        let stats = read().expect("/proc is mounted on Linux");
-        assert!(stats.resident_bytes > 0);
-        assert!(stats.virtual_bytes >= stats.resident_bytes);
-        assert!(stats.open_fds >= 3, "stdin, stdout and stderr at least");
-        assert!(stats.max_fds.is_some_and(|m| m >= stats.open_fds));
+        let stats = read();
+        let resident = stats.resident_bytes.unwrap();
+        assert!(resident > 0);
+        assert!(stats.virtual_bytes.unwrap() >= resident);
+        let open = stats.open_fds.unwrap();
+        assert!(open >= 3, "stdin, stdout and stderr at least");
+        assert!(stats.max_fds.unwrap() >= open);
+        assert!(stats.cpu_seconds.unwrap() >= 0.0);
+        let started = stats.start_time_seconds.unwrap();
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_secs_f64();
-        assert!(stats.start_time_seconds <= now + 1.0);
-        assert!(stats.start_time_seconds > now - 86_400.0 * 365.0);
+        assert!(started <= now + 1.0);
+        assert!(started > now - 86_400.0 * 365.0);
     }
 
     #[test]
     fn a_command_name_with_spaces_and_parentheses_does_not_shift_fields() {
         // pid (comm) state ppid ... utime(14) stime(15) ... starttime(22) vsize(23) rss(24)
         let stat = "42 (a (b) c) S 1 42 42 0 -1 4194560 100 0 0 0 250 150 0 0 20 0 3 0 5000 8192000 300 18446744073709551615";
-        let stats = parse_stat(stat, 1_000_000).unwrap();
-        assert_eq!(stats.cpu_seconds, 4.0);
-        assert_eq!(stats.virtual_bytes, 8_192_000);
-        assert_eq!(stats.start_time_seconds, 1_000_050.0);
+        let stats = parse_stat(stat, Some(1_000_000)).unwrap();
+        assert_eq!(stats.cpu_seconds, Some(4.0));
+        assert_eq!(stats.virtual_bytes, Some(8_192_000));
+        assert_eq!(stats.start_time_seconds, Some(1_000_050.0));
+        // Without the boot time, the rest still stands.
+        let stats = parse_stat(stat, None).unwrap();
+        assert_eq!(stats.start_time_seconds, None);
+        assert_eq!(stats.cpu_seconds, Some(4.0));
     }
 
     #[test]

@@ -230,6 +230,14 @@ impl Server {
             return Err(ServerError::InsecureBind(listen));
         }
         config.validate().map_err(ServerError::InvalidConfig)?;
+        // First, so a $NOTIFY_SOCKET that cannot be used fails the bind
+        // before any thread or port is taken.
+        let notifier = if config.systemd_notify {
+            Notifier::new(&NotifyEnv::from_process(), config.clock.now())
+                .map_err(|e| ServerError::Io("connecting to $NOTIFY_SOCKET", e))?
+        } else {
+            None
+        };
         let listeners =
             socket::listen(listen, config.recv_buffer).map_err(|e| ServerError::Bind(listen, e))?;
         let local_addr = listeners
@@ -298,12 +306,6 @@ impl Server {
         let thresholds = Thresholds {
             slow_loop: config.slow_loop,
             slow_cancel: config.slow_cancel,
-        };
-        let notifier = if config.systemd_notify {
-            Notifier::new(&NotifyEnv::from_process(), start)
-                .map_err(|e| ServerError::Io("connecting to $NOTIFY_SOCKET", e))?
-        } else {
-            None
         };
         let watch = Watch::new(
             metrics,
@@ -634,14 +636,22 @@ impl Server {
                 if !strangers {
                     self.engine.set_backlogged(behind);
                 }
-                let stamped = batch.iter_stamped().map(move |(from, bytes, stamp)| {
+                let heard = &mut self.incoming.heard;
+                heard.clear();
+                heard.extend(batch.iter_stamped().map(|(i, from, stamp)| {
                     let arrived = stamp.and_then(|ns| {
                         let waited = arrivals.waited(ns)?.as_micros() as u64;
                         Some(Timestamp(now.saturating_sub(waited)))
                     });
-                    (from, bytes, arrived)
-                });
-                self.engine.handle_datagrams(Timestamp(now), stamped);
+                    (i, from, arrived)
+                }));
+                let batch = &*batch;
+                self.engine.handle_datagrams(
+                    Timestamp(now),
+                    heard
+                        .iter()
+                        .map(|&(i, from, arrived)| (from, batch.bytes(i), arrived)),
+                );
                 self.watch.iteration.datagrams += n as u64;
                 let edge = &mut self.watch.edge;
                 *if strangers {

@@ -19,6 +19,9 @@ pub struct Notifier {
     /// How often to send `WATCHDOG=1`, when the watchdog is on.
     watchdog_every: Option<Duration>,
     next_watchdog: Option<Instant>,
+    /// Whether a failed send was already reported (once is enough: the
+    /// watchdog would repeat it every few seconds).
+    warned: std::cell::Cell<bool>,
 }
 
 /// `$NOTIFY_SOCKET`, `$WATCHDOG_USEC` and `$WATCHDOG_PID`, as read from the
@@ -73,12 +76,17 @@ impl Notifier {
             to,
             watchdog_every,
             next_watchdog: watchdog_every.map(|every| now + every),
+            warned: std::cell::Cell::new(false),
         }))
     }
 
     fn send(&self, message: &str) {
         if let Err(e) = self.socket.send_to_addr(message.as_bytes(), &self.to) {
-            tracing::warn!("cannot notify the service manager ({message:?}): {e}");
+            if !self.warned.replace(true) {
+                tracing::warn!(
+                    "cannot notify the service manager ({message:?}): {e}; later failures are not reported"
+                );
+            }
         }
     }
 
@@ -164,6 +172,18 @@ mod tests {
         assert_eq!(notifier.wake_at(), Some(start + Duration::from_secs(2)));
         notifier.stopping();
         assert!(receive(&socket).starts_with("STOPPING=1"));
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn without_watchdog_usec_the_loop_is_never_woken_to_ping() {
+        let (_socket, path) = listener("nowatchdog");
+        let env = NotifyEnv {
+            socket: Some(path.to_str().unwrap().into()),
+            ..NotifyEnv::default()
+        };
+        let notifier = Notifier::new(&env, Instant::now()).unwrap().unwrap();
+        assert_eq!(notifier.wake_at(), None);
         let _ = std::fs::remove_file(path);
     }
 

@@ -16,7 +16,7 @@ use mio::net::UdpSocket;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::batch::{RecvBatch, SendBatch};
-use crate::engine::Engine;
+use crate::engine::{Engine, Timestamp};
 use crate::wire::MAX_DATAGRAM;
 
 /// Datagrams read per system call.
@@ -228,6 +228,11 @@ pub(super) struct Incoming {
     /// One byte over the limit per slot, so an oversized datagram shows as
     /// such.
     pub(super) batch: RecvBatch,
+    /// Each datagram of the batch read last: its index in the batch, source
+    /// and arrival, worked out once. The engine walks a batch three times
+    /// (two passes of loads it overlaps, then the work), and this keeps
+    /// the address parsing and stamp conversion out of the first two.
+    pub(super) heard: Vec<(usize, SocketAddr, Option<Timestamp>)>,
     pub(super) members: Inlet,
     pub(super) strangers: Option<Inlet>,
     /// When strangers were last read.
@@ -238,6 +243,7 @@ impl Incoming {
     pub(super) fn new(members: Inlet, strangers: Option<Inlet>) -> Incoming {
         Incoming {
             batch: RecvBatch::new(RECV_BATCH, MAX_DATAGRAM + 1),
+            heard: Vec::with_capacity(RECV_BATCH),
             members,
             strangers,
             strangers_served_at: Instant::now(),

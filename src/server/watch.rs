@@ -159,8 +159,9 @@ impl Watch {
 
     /// Reopens the event stream's file (SIGHUP).
     pub(super) fn reopen_events(&mut self) {
-        if let Some(stream) = self.events.as_mut() {
-            stream.reopen();
+        match self.events.as_mut() {
+            Some(stream) => stream.reopen(),
+            None => tracing::info!("SIGHUP: no --events file to reopen"),
         }
     }
 

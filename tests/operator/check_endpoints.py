@@ -1,6 +1,7 @@
 """What an operator's tools read from a running `tether serve`, checked with
-tools nobody here wrote: Prometheus's own Python parser for /metrics, and
-the Grafana dashboard's queries against the series actually served.
+tools nobody here wrote: the Prometheus Python client's OpenMetrics parser
+for /metrics, and the Grafana dashboard's queries against the series
+actually served.
 
 Run by tests/python.rs (which provides prometheus_client and TETHER_BIN).
 """
@@ -141,9 +142,17 @@ class OperatorEndpoints(unittest.TestCase):
         served = {s.name for f in text_string_to_metric_families(body) for s in f.samples}
         with open(os.path.join(ROOT, "deploy", "grafana", "tether.json")) as f:
             dashboard = json.load(f)
-        exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+        def panels(items):
+            for panel in items:
+                yield panel
+                yield from panels(panel.get("panels", []))  # inside rows
+        exprs = [t["expr"] for p in panels(dashboard["panels"]) for t in p.get("targets", [])]
+        exprs += [v["query"]["query"] if isinstance(v.get("query"), dict) else v.get("query", "")
+                  for v in dashboard.get("templating", {}).get("list", [])
+                  if v.get("type") == "query"]
         self.assertGreater(len(exprs), 10)
-        queried = {name for e in exprs for name in re.findall(r"\b(?:tether|process)_[a-z_]+", e)}
+        queried = {name for e in exprs
+                   for name in re.findall(r"\b(?:tether|process)_[a-zA-Z0-9_]+", e)}
         self.assertIn("tether_sessions_live", queried)
         self.assertEqual(sorted(queried - served), [], "queried by the dashboard, not served")
 
