@@ -432,6 +432,9 @@ pub struct Metrics {
     sockets: std::sync::OnceLock<(SocketAddr, Vec<(&'static str, u64)>)>,
     /// The loop's progress, for `/healthz`.
     pub health: Health,
+    /// The shard these figures are of, when the server has several: a
+    /// `shard` label on every series.
+    shard: Option<String>,
 }
 
 impl Default for Metrics {
@@ -447,6 +450,7 @@ impl Default for Metrics {
             loop_iteration: Histogram::new(SHORT_US),
             sockets: std::sync::OnceLock::new(),
             health: Health::default(),
+            shard: None,
         }
     }
 }
@@ -475,43 +479,78 @@ impl Metrics {
         let _ = self.sockets.set((addr, sockets));
     }
 
+    /// The figures of shard `index` of a sharded server.
+    pub fn for_shard(index: u32) -> Metrics {
+        Metrics {
+            shard: Some(index.to_string()),
+            ..Metrics::default()
+        }
+    }
+
     /// Every metric in the OpenMetrics text format.
     pub fn render(self: &Arc<Metrics>) -> String {
-        let mut registry = Registry::default();
-        registry.register_collector(Box::new(Exporter(Arc::clone(self))));
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
-        out
+        render_all(std::slice::from_ref(self))
+    }
+
+    /// `label` (if any) and, when sharded, this shard's.
+    fn labels<'a>(&'a self, label: Option<(&'a str, &'a str)>) -> Vec<(&'a str, &'a str)> {
+        label
+            .into_iter()
+            .chain(self.shard.as_deref().map(|s| ("shard", s)))
+            .collect()
     }
 }
 
+/// The figures of every shard of a server (each series once, a sample per
+/// shard), with the process-wide ones once, in the OpenMetrics text format.
+pub fn render_all(shards: &[Arc<Metrics>]) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(Exporter(shards.to_vec())));
+    let mut out = String::new();
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
+    out
+}
+
 #[derive(Debug)]
-struct Exporter(Arc<Metrics>);
+struct Exporter(Vec<Arc<Metrics>>);
+
+/// One sample of a counter or gauge, labelled (or not).
+fn encode_value(
+    family: &mut MetricEncoder,
+    labels: &[(&str, &str)],
+    kind: MetricType,
+    value: u64,
+) -> fmt::Result {
+    match (labels.is_empty(), kind) {
+        (false, MetricType::Counter) => family
+            .encode_family(&labels)?
+            .encode_counter::<NoLabelSet, _, u64>(&value, None),
+        (false, _) => family.encode_family(&labels)?.encode_gauge(&value),
+        (true, MetricType::Counter) => family.encode_counter::<NoLabelSet, _, u64>(&value, None),
+        (true, _) => family.encode_gauge(&value),
+    }
+}
 
 impl Collector for Exporter {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
-        let m = &self.0;
+        let shards = &self.0;
         let mut i = 0;
         while i < SERIES.len() {
             let first = &SERIES[i];
             let mut family =
                 encoder.encode_descriptor(first.family, first.help, None, first.kind)?;
-            while i < SERIES.len() && SERIES[i].family == first.family {
-                let value = m.values[i].load(Ordering::Relaxed);
-                let label = SERIES[i].label.map(|(k, v)| [(k, v)]);
-                match (&label, first.kind) {
-                    (Some(label), MetricType::Counter) => family
-                        .encode_family(label)?
-                        .encode_counter::<NoLabelSet, _, u64>(&value, None)?,
-                    (Some(label), _) => family.encode_family(label)?.encode_gauge(&value)?,
-                    (None, MetricType::Counter) => {
-                        family.encode_counter::<NoLabelSet, _, u64>(&value, None)?
-                    }
-                    (None, _) => family.encode_gauge(&value)?,
+            let end = i + SERIES[i..]
+                .iter()
+                .take_while(|s| s.family == first.family)
+                .count();
+            for m in shards {
+                for (j, series) in SERIES.iter().enumerate().take(end).skip(i) {
+                    let value = m.values[j].load(Ordering::Relaxed);
+                    encode_value(&mut family, &m.labels(series.label), first.kind, value)?;
                 }
-                i += 1;
             }
+            i = end;
         }
         let mut family = encoder.encode_descriptor(
             "tether_tasks_cancelled",
@@ -519,38 +558,53 @@ impl Collector for Exporter {
             None,
             MetricType::Counter,
         )?;
-        for (value, &reason) in m.cancelled.iter().zip(CancelReason::ALL) {
-            let value = value.load(Ordering::Relaxed);
-            family
-                .encode_family(&[("reason", reason.name())])?
-                .encode_counter::<NoLabelSet, _, u64>(&value, None)?;
+        for m in shards {
+            for (value, &reason) in m.cancelled.iter().zip(CancelReason::ALL) {
+                let value = value.load(Ordering::Relaxed);
+                let labels = m.labels(Some(("reason", reason.name())));
+                encode_value(&mut family, &labels, MetricType::Counter, value)?;
+            }
         }
         let seconds = Unit::Seconds;
-        for (name, help, histogram) in [
-            ("tether_task_run", "Time tasks spent on a worker.", &m.task_run),
+        type Pick = fn(&Metrics) -> &Histogram;
+        let histograms: [(&str, &str, Pick); 3] = [
+            ("tether_task_run", "Time tasks spent on a worker.", |m| &m.task_run),
             (
                 "tether_expiry_lateness",
                 "How long after its deadline tick (the TTL since its last datagram, rounded up to a tick) each session expiry was decided.",
-                &m.expiry_lateness,
+                |m| &m.expiry_lateness,
             ),
-            ("tether_loop_iteration", "Duration of each event loop iteration.", &m.loop_iteration),
-        ] {
-            let metric = encoder.encode_descriptor(name, help, Some(&seconds), MetricType::Histogram)?;
-            histogram.encode(metric)?;
+            ("tether_loop_iteration", "Duration of each event loop iteration.", |m| &m.loop_iteration),
+        ];
+        for (name, help, pick) in histograms {
+            let mut family =
+                encoder.encode_descriptor(name, help, Some(&seconds), MetricType::Histogram)?;
+            for m in shards {
+                let labels = m.labels(None);
+                if labels.is_empty() {
+                    pick(m).encode(family)?;
+                    break;
+                }
+                pick(m).encode(family.encode_family(&labels)?)?;
+            }
         }
-        if let Some((addr, sockets)) = m.sockets.get() {
-            let table = udp_sockets(addr);
+        if shards.iter().any(|m| m.sockets.get().is_some()) {
             let mut family = encoder.encode_descriptor(
                 "tether_receive_buffer_drops",
                 "Datagrams the kernel dropped because a listening socket's receive buffer was full, by socket (members: every kind but HELLO; strangers: HELLO).",
                 None,
                 MetricType::Counter,
             )?;
-            for (role, inode) in sockets {
-                if let Some(line) = table.iter().find(|l| l.inode == *inode) {
-                    family
-                        .encode_family(&[("socket", *role)])?
-                        .encode_counter::<NoLabelSet, _, u64>(&line.drops, None)?;
+            for m in shards {
+                let Some((addr, sockets)) = m.sockets.get() else {
+                    continue;
+                };
+                let table = udp_sockets(addr);
+                for (role, inode) in sockets {
+                    if let Some(line) = table.iter().find(|l| l.inode == *inode) {
+                        let labels = m.labels(Some(("socket", role)));
+                        encode_value(&mut family, &labels, MetricType::Counter, line.drops)?;
+                    }
                 }
             }
         }

@@ -50,8 +50,9 @@ const EVENT_BUFFER: usize = 65_536;
 
 /// What the loop hands the writer.
 enum Record {
-    /// An event, when it happened, and a failed task's error text.
-    Event(Event, SystemTime, Option<String>),
+    /// An event, when it happened, a failed task's error text, and the
+    /// shard it happened in (when the server has several).
+    Event(Event, SystemTime, Option<String>, Option<u32>),
     /// Reopen the file (sent after setting the flag, to wake the writer).
     Reopen,
 }
@@ -62,6 +63,7 @@ pub struct EventStream {
     thread: Option<JoinHandle<()>>,
     dropped: u64,
     reopen: Arc<AtomicBool>,
+    shard: Option<u32>,
 }
 
 fn open_append(path: &Path) -> io::Result<File> {
@@ -116,8 +118,13 @@ impl EventStream {
                             }
                         }
                     }
-                    if let Record::Event(event, at, error) = record {
-                        let _ = writeln!(out, "{}", json_line(&event, at, &jobs, error.as_deref()));
+                    if let Record::Event(event, at, error, shard) = record {
+                        let line = json_line(&event, at, &jobs, error.as_deref());
+                        let _ = match shard {
+                            // `{"shard":N,` then the rest of the object.
+                            Some(shard) => writeln!(out, "{{\"shard\":{shard},{}", &line[1..]),
+                            None => writeln!(out, "{line}"),
+                        };
                     }
                     // Flush when caught up, so a reader sees events promptly
                     // without a write per event under load.
@@ -132,14 +139,33 @@ impl EventStream {
             thread: Some(thread),
             dropped: 0,
             reopen,
+            shard: None,
         })
+    }
+
+    /// Another shard's end of the same stream: its events carry `"shard"`.
+    /// The writer stops once every end is finished; the end `start`
+    /// returned waits for it.
+    pub fn for_shard(&self, shard: u32) -> EventStream {
+        EventStream {
+            tx: self.tx.clone(),
+            thread: None,
+            dropped: 0,
+            reopen: Arc::clone(&self.reopen),
+            shard: Some(shard),
+        }
+    }
+
+    /// Marks this end's events as shard `shard`'s.
+    pub fn set_shard(&mut self, shard: u32) {
+        self.shard = Some(shard);
     }
 
     /// Hands an event (and a failed task's error text) to the writer
     /// without waiting.
     pub fn send(&mut self, event: Event, at: SystemTime, error: Option<String>) {
         if let Some(tx) = &self.tx {
-            match tx.try_send(Record::Event(event, at, error)) {
+            match tx.try_send(Record::Event(event, at, error, self.shard)) {
                 Ok(()) => {}
                 Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                     self.dropped += 1

@@ -115,9 +115,17 @@ struct ServeArgs {
     /// for one on every heartbeat and sends nothing else.
     #[arg(long, value_enum, default_value = "auto", value_name = "WHEN")]
     amplification_limit: Switch,
-    /// Worker threads running tasks [default: number of cores].
+    /// Worker threads running tasks [default: number of cores], split
+    /// evenly between the shards.
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
+    /// Event loops, each on a thread of its own with its own sockets,
+    /// sessions and workers; the kernel sends every datagram of a client
+    /// to the shard of its client_id. One holds a million clients at half
+    /// a million heartbeats a second in about half a core; add shards when
+    /// the loop's CPU nears a core (README, "Scaling out").
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    shards: usize,
     /// Live sessions at most; further HELLOs get REJECTED 6.
     #[arg(long, default_value_t = 1_000_000, value_name = "N")]
     max_sessions: usize,
@@ -161,7 +169,8 @@ struct ServeArgs {
     /// Under load, let datagrams gather this long between reads, so each
     /// read takes a batch: 40% of the CPU per heartbeat at 100K/s, for
     /// at most this much more round trip. Never delays expiry. 0 reads as
-    /// soon as anything arrives. At most half the tick.
+    /// soon as anything arrives. At most half the tick. With N shards each
+    /// waits N times this (at most half the tick), for the same batches.
     #[arg(long, default_value = "500us", value_parser = parse_duration, value_name = "DURATION")]
     coalesce: Duration,
 }
@@ -450,6 +459,7 @@ fn config(args: &ServeArgs) -> Result<ServerConfig, String> {
         workers: args
             .workers
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+        shards: args.shards,
         grace: args.grace,
         insecure_bind: args.insecure_bind,
         amplification_limit: match args.amplification_limit {
@@ -494,6 +504,10 @@ fn flag_error(e: &ConfigError, args: &ServeArgs) -> String {
             "--max-tasks-per-session must be at least 1".into()
         }
         ConfigError::NoWorkers => "--workers must be at least 1".into(),
+        ConfigError::Shards(_) => format!(
+            "--shards must be between 1 and {}",
+            tether::server::MAX_SHARDS
+        ),
         ConfigError::CoalesceTooLong => format!(
             "--coalesce ({}) must be at most half of --tick ({}): expiry is decided on ticks",
             human(args.coalesce),
@@ -539,6 +553,7 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
     let config = config(&args).map_err(Failure::Error)?;
     let keyed = config.engine.key.is_some();
     let workers = config.workers;
+    let shards = config.shards;
     let server = Server::bind(config, Registry::with_standard_jobs())
         .map_err(|e| Failure::Error(e.to_string()))?;
     let granted = server.recv_buffer_granted();
@@ -547,6 +562,7 @@ fn serve(args: ServeArgs) -> Result<(), Failure> {
         receive_buffer = granted,
         holds_heartbeats = held,
         workers,
+        shards,
         auth = if keyed { "HMAC-SHA256" } else { "none" },
         metrics = server.metrics_addr().map(|a| format!("http://{a}/metrics")),
         "starting"

@@ -8,6 +8,32 @@ use crate::wire::{self, MacKey};
 /// Sessions whose room is reserved when the engine starts, at most.
 pub(crate) const RESERVE_SESSIONS_MAX: usize = 4 << 20;
 
+/// A count of live sessions shared by the engines (shards) of one server.
+#[derive(Debug, Clone, Default)]
+pub struct SharedSessions(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl SharedSessions {
+    /// Takes a place for a new session if fewer than `max` are live.
+    pub fn try_open(&self, max: usize) -> bool {
+        use std::sync::atomic::Ordering;
+        self.0
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Gives a session's place back.
+    pub fn close(&self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Live sessions across the shards.
+    pub fn live(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
 /// The engine's settings. [`Config::default`] holds the server's defaults.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -54,6 +80,10 @@ pub struct Config {
     /// [`Engine::poll_event`](super::Engine::poll_event). Off by default: a caller that sets it must
     /// drain the events.
     pub record_events: bool,
+    /// The live sessions of every shard of one server, when it has more
+    /// than one: `max_sessions` then bounds the whole server. Written when
+    /// a session opens or ends, never per heartbeat.
+    pub shared_sessions: Option<SharedSessions>,
 }
 
 impl Default for Config {
@@ -76,6 +106,7 @@ impl Default for Config {
             amplification_limit: false,
             jobs: JobTable::default(),
             record_events: false,
+            shared_sessions: None,
         }
     }
 }
@@ -179,6 +210,8 @@ pub enum ConfigError {
     OutboxTooSmall(usize),
     /// The server needs at least one worker thread.
     NoWorkers,
+    /// A server's shard count is 0 or more than its group of sockets holds.
+    Shards(usize),
     /// The coalescing wait is longer than half a tick.
     CoalesceTooLong,
     /// Metrics asked for on a non-loopback address without the insecure
@@ -219,6 +252,7 @@ impl fmt::Display for ConfigError {
                 wire::MAX_DATAGRAM
             ),
             ConfigError::NoWorkers => f.write_str("at least one worker thread is needed"),
+            ConfigError::Shards(n) => write!(f, "shards must be between 1 and 128, got {n}"),
             ConfigError::CoalesceTooLong => f.write_str("coalesce must be at most half a tick"),
             ConfigError::InsecureMetrics(addr) => write!(
                 f,

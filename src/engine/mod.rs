@@ -61,7 +61,7 @@ mod submit;
 mod task;
 mod types;
 
-pub use config::{Config, ConfigError, MAX_SESSIONS_LIMIT};
+pub use config::{Config, ConfigError, SharedSessions, MAX_SESSIONS_LIMIT};
 pub use io::{Cause, Dropped, Effect, Ending, Event, JobOutcome, TaskEvent};
 pub use stats::{Footprint, Stats};
 pub use types::{JobId, JobTable, PayloadRule, TaskId, Timestamp};
@@ -699,7 +699,17 @@ impl Engine {
             self.reject_hello(h, from, RejectCode::ShuttingDown);
             return Ok(());
         }
-        if self.live_by_client.len() >= self.config.max_sessions {
+        let shared_full = self
+            .config
+            .shared_sessions
+            .as_ref()
+            .is_some_and(|shared| !shared.try_open(self.config.max_sessions));
+        if shared_full || self.live_by_client.len() >= self.config.max_sessions {
+            if !shared_full {
+                if let Some(shared) = &self.config.shared_sessions {
+                    shared.close();
+                }
+            }
             self.stats.sessions_refused += 1;
             self.reject_hello(h, from, RejectCode::TooManySessions);
             return Ok(());
@@ -901,6 +911,9 @@ impl Engine {
         let sessions = &self.sessions;
         self.live_by_client
             .remove(client_id, |i| sessions[i as usize].client_id);
+        if let Some(shared) = &self.config.shared_sessions {
+            shared.close();
+        }
         self.session_wheel.remove(index.wheel_key());
         // Pinned until the slot is released (release_if_done).
         self.records.retire(client_id, incarnation, self.now);

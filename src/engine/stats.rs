@@ -80,6 +80,47 @@ impl Stats {
 /// (PROTOCOL.md, "Choices"). [`Engine::footprint`](super::Engine::footprint) reads it (in time linear
 /// in sessions and tasks: for tests, fuzzing and capacity checks, not the
 /// hot path); [`Config::client_bound`](super::Config::client_bound) gives what one client may hold.
+/// Sums the counters of two engines (the shards of one server).
+impl std::ops::AddAssign for Stats {
+    fn add_assign(&mut self, other: Stats) {
+        self.datagrams += other.datagrams;
+        self.accepted += other.accepted;
+        self.heartbeats += other.heartbeats;
+        self.dropped_too_large += other.dropped_too_large;
+        self.dropped_malformed += other.dropped_malformed;
+        self.dropped_bad_mac += other.dropped_bad_mac;
+        self.dropped_replay += other.dropped_replay;
+        self.dropped_stale_hello += other.dropped_stale_hello;
+        self.unknown_session += other.unknown_session;
+        self.replies += other.replies;
+        self.replies_dropped += other.replies_dropped;
+        self.replies_unpaid += other.replies_unpaid;
+        self.replies_shed += other.replies_shed;
+        self.sessions_opened += other.sessions_opened;
+        self.sessions_expired += other.sessions_expired;
+        self.sessions_left += other.sessions_left;
+        self.sessions_replaced += other.sessions_replaced;
+        self.sessions_refused += other.sessions_refused;
+        self.tasks_accepted += other.tasks_accepted;
+        self.tasks_rejected += other.tasks_rejected;
+        self.tasks_done += other.tasks_done;
+        self.tasks_failed += other.tasks_failed;
+        self.tasks_cancelled += other.tasks_cancelled;
+        self.finished_evicted_early += other.finished_evicted_early;
+        self.tasks_scheduled_now += other.tasks_scheduled_now;
+        self.tasks_queued_now += other.tasks_queued_now;
+        self.tasks_running_now += other.tasks_running_now;
+        self.sessions_at_shutdown += other.sessions_at_shutdown;
+        for (mine, theirs) in self
+            .tasks_cancelled_by_reason
+            .iter_mut()
+            .zip(other.tasks_cancelled_by_reason)
+        {
+            *mine += theirs;
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Footprint {
     /// Live sessions.

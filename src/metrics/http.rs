@@ -68,6 +68,13 @@ impl Health {
         let _ = self.waker.set(waker);
     }
 
+    /// Wakes the loop (for a watchdog ping that vouches for it).
+    pub fn wake(&self) {
+        if let Some(waker) = self.waker.get() {
+            let _ = waker.wake();
+        }
+    }
+
     /// Loop iterations completed so far.
     pub fn iterations(&self) -> u64 {
         self.iterations.load(Ordering::Relaxed)
@@ -115,7 +122,12 @@ impl Health {
 
 /// Serves `GET /metrics` and `GET /healthz` on `addr` from a thread of its
 /// own. Anything else gets 404, and a method other than GET 405.
-pub fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> io::Result<(SocketAddr, JoinHandle<()>)> {
+/// With several shards, `/metrics` has each one's figures (labelled) and
+/// `/healthz` asks every loop.
+pub fn serve(
+    addr: SocketAddr,
+    shards: Vec<Arc<Metrics>>,
+) -> io::Result<(SocketAddr, JoinHandle<()>)> {
     let server = tiny_http::Server::http(addr).map_err(io::Error::other)?;
     let bound = server
         .server_addr()
@@ -125,14 +137,14 @@ pub fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> io::Result<(SocketAddr,
         .name("tether-metrics".into())
         .spawn(move || {
             for request in server.incoming_requests() {
-                let response = respond(&request, &metrics);
+                let response = respond(&request, &shards);
                 let _ = request.respond(response);
             }
         })?;
     Ok((bound, thread))
 }
 
-fn respond(request: &tiny_http::Request, metrics: &Arc<Metrics>) -> tiny_http::ResponseBox {
+fn respond(request: &tiny_http::Request, shards: &[Arc<Metrics>]) -> tiny_http::ResponseBox {
     let path = request.url().split('?').next().unwrap_or_default();
     let known = matches!(path, "/metrics" | "/healthz");
     if !known {
@@ -154,14 +166,24 @@ fn respond(request: &tiny_http::Request, metrics: &Arc<Metrics>) -> tiny_http::R
                     "this endpoint serves OpenMetrics text only; ask for application/openmetrics-text (or */*)\n",
                 );
             }
-            tiny_http::Response::from_string(metrics.render())
+            tiny_http::Response::from_string(super::render_all(shards))
                 .with_header(header("Content-Type", OPENMETRICS_CONTENT_TYPE))
                 .boxed()
         }
-        _ => match metrics.health.probe(HEALTH_DEADLINE) {
-            Ok(()) => text(200, "ok\n"),
-            Err(reason) => text(503, &format!("unhealthy: {reason}\n")),
-        },
+        _ => {
+            let failing = shards.iter().enumerate().find_map(|(i, m)| {
+                let reason = m.health.probe(HEALTH_DEADLINE).err()?;
+                Some(if shards.len() > 1 {
+                    format!("shard {i}: {reason}")
+                } else {
+                    reason
+                })
+            });
+            match failing {
+                None => text(200, "ok\n"),
+                Some(reason) => text(503, &format!("unhealthy: {reason}\n")),
+            }
+        }
     }
 }
 

@@ -12,6 +12,10 @@ use crate::engine::{self, ConfigError};
 use crate::observe::EventsTarget;
 use crate::pool::Registry;
 
+/// Shards at most: the kernel's reuseport group holds at most 256 sockets,
+/// two a shard.
+pub const MAX_SHARDS: usize = 128;
+
 /// Default for [`ServerConfig::coalesce`]: at 100K heartbeats a second it
 /// brings ~50 datagrams per read and 40% of the CPU per heartbeat of
 /// reading each one as it comes (BENCHMARKS.md), for at most 0.5 ms more
@@ -52,8 +56,12 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Sessions, tasks, limits and the key.
     pub engine: engine::Config,
-    /// Worker threads.
+    /// Worker threads (split evenly between the shards).
     pub workers: usize,
+    /// Event loops, each with its own sockets, engine, sessions and
+    /// workers, on a thread of its own; the kernel sends each client's
+    /// datagrams to the shard of its client_id (see `crate::steer`).
+    pub shards: usize,
     /// How long a shutdown waits for cancelled tasks to stop.
     pub grace: Duration,
     /// Allow a keyless server on a non-loopback address.
@@ -96,6 +104,7 @@ impl Default for ServerConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 7900)),
             engine: engine::Config::default(),
             workers: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            shards: 1,
             grace: Duration::from_secs(5),
             insecure_bind: false,
             amplification_limit: None,
@@ -120,6 +129,9 @@ impl ServerConfig {
         self.engine.validate()?;
         if self.workers == 0 {
             return Err(ConfigError::NoWorkers);
+        }
+        if self.shards == 0 || self.shards > MAX_SHARDS {
+            return Err(ConfigError::Shards(self.shards));
         }
         if self.coalesce.as_micros() * 2 > u128::from(self.engine.tick_us) {
             return Err(ConfigError::CoalesceTooLong);
@@ -206,6 +218,11 @@ impl ServerBuilder {
     /// How long a shutdown waits for tasks to stop (default 5 s).
     pub fn grace(mut self, grace: Duration) -> Self {
         self.config.grace = grace;
+        self
+    }
+    /// Event loops (default 1): see [`ServerConfig::shards`].
+    pub fn shards(mut self, shards: usize) -> Self {
+        self.config.shards = shards;
         self
     }
     /// Stop gracefully on SIGINT/SIGTERM (default off for an embedded

@@ -64,6 +64,14 @@ pub struct ShutdownReport {
     /// Tasks that were still running, ignoring their flag, when the grace
     /// period ran out.
     pub ignored_cancel: Vec<TaskId>,
-    /// The engine's counters at the end.
+    /// The engine's counters at the end (summed over the shards).
     pub stats: engine::Stats,
+}
+
+impl ShutdownReport {
+    /// Adds another shard's report to this one.
+    pub fn absorb(&mut self, other: ShutdownReport) {
+        self.ignored_cancel.extend(other.ignored_cancel);
+        self.stats += other.stats;
+    }
 }

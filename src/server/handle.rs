@@ -12,15 +12,17 @@ use super::{ServerError, ShutdownReport};
 /// Stops a running server from another thread, as SIGTERM would.
 #[derive(Clone, Debug)]
 pub struct ServerHandle {
-    pub(super) stop: Arc<AtomicBool>,
-    pub(super) waker: Arc<Waker>,
+    /// Each shard's stop flag and waker.
+    pub(super) loops: Vec<(Arc<AtomicBool>, Arc<Waker>)>,
 }
 
 impl ServerHandle {
-    /// Begins a graceful shutdown.
+    /// Begins a graceful shutdown (of every shard).
     pub fn shutdown(&self) {
-        self.stop.store(true, Ordering::Release);
-        let _ = self.waker.wake();
+        for (stop, waker) in &self.loops {
+            stop.store(true, Ordering::Release);
+            let _ = waker.wake();
+        }
     }
 }
 

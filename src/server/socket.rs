@@ -92,20 +92,12 @@ const STRANGERS_BUFFER_BYTES: usize = RECV_BUFFER_BYTES;
 /// its group: joining would share its traffic, and attaching a program
 /// would replace its own.
 pub(super) fn listen(listen: SocketAddr, recv_buffer: usize) -> io::Result<Listeners> {
-    if listen.port() != 0 {
-        let others = crate::metrics::udp_sockets(&listen).len();
-        if others > 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::AddrInUse,
-                format!("{others} other socket(s) already listen on {listen} with SO_REUSEPORT (another tether?); they would share its traffic"),
-            ));
-        }
-    }
+    refuse_held(listen)?;
     let members = bind_socket(listen, recv_buffer, true)?;
     let bound = members.0.local_addr()?;
     let strangers =
         bind_socket(bound, recv_buffer.min(STRANGERS_BUFFER_BYTES), true).and_then(|strangers| {
-            crate::steer::attach(&members.0)?;
+            crate::steer::attach(&members.0, 1)?;
             Ok(strangers)
         });
     match strangers {
@@ -126,6 +118,57 @@ pub(super) fn listen(listen: SocketAddr, recv_buffer: usize) -> io::Result<Liste
             })
         }
     }
+}
+
+/// Binds the group on `listen` for `shards` shards: a members' and a
+/// strangers' socket each, in that order (the steering program's indexes),
+/// with the program that picks the shard from the client_id attached.
+/// Without the program there is no sharding: a kernel that refuses it
+/// fails the bind, saying so.
+pub(super) fn listen_sharded(
+    listen: SocketAddr,
+    recv_buffer: usize,
+    shards: u32,
+) -> io::Result<Vec<Listeners>> {
+    refuse_held(listen)?;
+    let first = bind_socket(listen, recv_buffer, true)?;
+    let bound = first.0.local_addr()?;
+    let mut groups = Vec::with_capacity(shards as usize);
+    let mut members = Some(first);
+    for _ in 0..shards {
+        let members = match members.take() {
+            Some(first) => first,
+            None => bind_socket(bound, recv_buffer, true)?,
+        };
+        let strangers = bind_socket(bound, recv_buffer.min(STRANGERS_BUFFER_BYTES), true)?;
+        groups.push(Listeners {
+            members,
+            strangers: Some(strangers),
+            unsteered: None,
+        });
+    }
+    crate::steer::attach(&groups[0].members.0, shards).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("--shards {shards} needs the kernel to steer datagrams by client_id (a reuseport BPF program), and it refused: {e}; run with --shards 1"),
+        )
+    })?;
+    Ok(groups)
+}
+
+/// Refuses an address another process already listens on with
+/// `SO_REUSEPORT`, before joining its group.
+fn refuse_held(listen: SocketAddr) -> io::Result<()> {
+    if listen.port() != 0 {
+        let others = crate::metrics::udp_sockets(&listen).len();
+        if others > 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!("{others} other socket(s) already listen on {listen} with SO_REUSEPORT (another tether?); they would share its traffic"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Strangers' datagrams (HELLOs) read per turn at most, once the members'

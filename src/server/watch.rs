@@ -52,6 +52,9 @@ pub(super) struct Watch {
     next_shed_report: Instant,
     /// systemd, when it asked to be told (readiness, the watchdog).
     notifier: Option<Notifier>,
+    /// The other shards, whose progress the watchdog pings vouch for too:
+    /// each one's iterations when it was last woken for a ping.
+    siblings: Vec<(Arc<Metrics>, Option<u64>)>,
 }
 
 /// What the loop watches for.
@@ -85,6 +88,16 @@ impl Watch {
             shed_reported: 0,
             next_shed_report: now,
             notifier,
+            siblings: Vec::new(),
+        }
+    }
+
+    /// Tells systemd through `notifier` (the first shard does), vouching
+    /// for `siblings` as well as for this loop.
+    pub(super) fn set_notifier(&mut self, notifier: Option<Notifier>, siblings: Vec<Arc<Metrics>>) {
+        if notifier.is_some() {
+            self.notifier = notifier;
+            self.siblings = siblings.into_iter().map(|m| (m, None)).collect();
         }
     }
 
@@ -202,7 +215,22 @@ impl Watch {
         let took = now.saturating_duration_since(woke);
         self.metrics.health.iteration_done();
         if let Some(notifier) = self.notifier.as_mut() {
-            notifier.tick(now);
+            if notifier.wake_at().is_some_and(|due| now >= due) {
+                // A ping vouches for every shard: each was woken at the last
+                // ping and must have completed an iteration since. A stuck
+                // shard stops the pings, and systemd restarts the server.
+                let all_alive = self
+                    .siblings
+                    .iter()
+                    .all(|(m, seen)| seen.is_none_or(|seen| m.health.iterations() != seen));
+                if all_alive {
+                    notifier.tick(now);
+                }
+                for (m, seen) in &mut self.siblings {
+                    *seen = Some(m.health.iterations());
+                    m.health.wake();
+                }
+            }
         }
         self.metrics
             .loop_iteration

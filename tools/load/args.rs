@@ -107,6 +107,12 @@ pub struct Args {
     /// to 64 (to compare the two).
     #[arg(long)]
     pub no_gso: bool,
+    /// The server's shard count (`tether serve --shards`): a GSO run never
+    /// mixes clients of different shards, since the kernel steers a whole
+    /// GSO message by its first datagram. Read from --metrics when not
+    /// given; 1 without either.
+    #[arg(long, value_name = "N")]
+    pub shards: Option<u32>,
     /// Allow a target outside the loopback range.
     #[arg(long)]
     pub allow_remote: bool,

@@ -266,6 +266,18 @@ pub fn hello_flood(
     Ok(report)
 }
 
+/// The sum of `series` over its label sets (a sharded server has one per
+/// shard); `None` if the scrape has none of it.
+pub fn series_sum(scrape: &HashMap<String, f64>, series: &str) -> Option<f64> {
+    let labelled = format!("{series}{{");
+    let values: Vec<f64> = scrape
+        .iter()
+        .filter(|(name, _)| *name == series || name.starts_with(&labelled))
+        .map(|(_, v)| *v)
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
 /// The server's counters from its metrics endpoint (`host:port`), as
 /// `series → value` (series names with their labels).
 pub fn scrape(addr: SocketAddr) -> std::io::Result<HashMap<String, f64>> {

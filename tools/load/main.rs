@@ -52,7 +52,10 @@ use sink::Sink;
 use summary::{summarize, Hostile, RunResult};
 
 fn main() -> ExitCode {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if args.shards.is_none() {
+        args.shards = args.metrics.and_then(detect_shards);
+    }
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -60,6 +63,16 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The server's shard count, from the `shard` labels of its metrics.
+fn detect_shards(metrics: std::net::SocketAddr) -> Option<u32> {
+    let scrape = junk::scrape(metrics).ok()?;
+    let shards = scrape
+        .keys()
+        .filter(|k| k.starts_with("tether_sessions_live{") && k.contains("shard=\""))
+        .count();
+    Some(shards.max(1) as u32)
 }
 
 fn run(args: &Args) -> Result<(), String> {
@@ -468,7 +481,7 @@ fn live_check(run: &Run) -> Option<(u64, u64)> {
         return None;
     }
     let scrape = junk::scrape(metrics).ok()?;
-    let server = *scrape.get("tether_sessions_live")? as u64;
+    let server = junk::series_sum(&scrape, "tether_sessions_live")? as u64;
     let shared = run.shared;
     let alive = (0..shared.flags.len())
         .filter(|&i| shared.flag(i) & (WELCOMED | FALSE_EXPIRY | SILENT) == WELCOMED)

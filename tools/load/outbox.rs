@@ -9,10 +9,12 @@
 //!                               group (kind 3, 45 bytes): submit …       ─┘   message per ≤64
 //! ```
 //!
-//! A run never mixes kinds: the server's steering program reads only the
-//! first datagram of a GSO message, so a HELLO riding behind a heartbeat
-//! would land on the members' socket. Clients are told apart by client_id,
-//! not by source port, so one socket can carry many of them.
+//! A run never mixes kinds, nor clients of different shards of a sharded
+//! server: the server's steering program reads only the first datagram of
+//! a GSO message, so a HELLO riding behind a heartbeat would land on the
+//! members' socket, and a client behind another shard's client in that
+//! shard. Clients are told apart by client_id, not by source port, so one
+//! socket can carry many of them.
 
 use std::net::UdpSocket;
 use std::sync::atomic::Ordering;
@@ -22,10 +24,12 @@ use tether::batch::{Segmented, SendBatch, MAX_SEGMENTS};
 
 use crate::shared::{Shared, WELCOMED};
 
-/// Datagrams of one kind and size, laid end to end, and who sent each.
+/// Datagrams of one kind and size (and shard), laid end to end, and who
+/// sent each.
 struct Group {
     kind: u8,
     len: usize,
+    shard: u32,
     bytes: Vec<u8>,
     clients: Vec<Sent>,
 }
@@ -61,6 +65,8 @@ pub struct Flushed {
 pub struct Outbox {
     groups: Vec<Group>,
     queued: usize,
+    /// The server's shards (0 or 1: not sharded).
+    shards: u32,
 }
 
 /// Datagrams per `sendmmsg` call in single mode, and GSO messages in
@@ -72,20 +78,36 @@ impl Outbox {
         self.queued
     }
 
+    /// An outbox for a server of `shards` shards.
+    pub fn for_shards(shards: u32) -> Outbox {
+        Outbox {
+            shards,
+            ..Outbox::default()
+        }
+    }
+
     /// Queues `datagram` from `sent.client`.
     pub fn queue(&mut self, datagram: &[u8], sent: Sent) {
         let kind = datagram[3];
         let len = datagram.len();
+        let shard = match datagram.get(8..16) {
+            Some(id) if self.shards > 1 => tether::steer::shard_of(
+                u64::from_be_bytes(id.try_into().expect("8 bytes")),
+                self.shards,
+            ),
+            _ => 0,
+        };
         let group = match self
             .groups
             .iter()
-            .position(|g| g.kind == kind && g.len == len)
+            .position(|g| g.kind == kind && g.len == len && g.shard == shard)
         {
             Some(g) => &mut self.groups[g],
             None => {
                 self.groups.push(Group {
                     kind,
                     len,
+                    shard,
                     bytes: Vec::with_capacity(len * MAX_SEGMENTS * 4),
                     clients: Vec::with_capacity(MAX_SEGMENTS * 4),
                 });
@@ -227,6 +249,29 @@ mod tests {
         let mut d = vec![tag; len];
         d[3] = kind;
         d
+    }
+
+    #[test]
+    fn for_a_sharded_server_a_run_never_mixes_shards() {
+        let mut outbox = Outbox::for_shards(3);
+        for id in 1..=90u64 {
+            let mut d = datagram(6, 28, 0);
+            d[8..16].copy_from_slice(&id.to_be_bytes());
+            outbox.queue(
+                &d,
+                Sent {
+                    client: id as u32,
+                    ack: false,
+                },
+            );
+        }
+        assert_eq!(outbox.groups.len(), 3);
+        for g in &outbox.groups {
+            assert!(g.bytes.chunks(g.len).all(|d| {
+                let id = u64::from_be_bytes(d[8..16].try_into().unwrap());
+                tether::steer::shard_of(id, 3) == g.shard
+            }));
+        }
     }
 
     #[test]

@@ -116,7 +116,9 @@ impl Sender {
             due: Vec::new(),
         });
         Sender {
-            outboxes: (0..k).map(|_| Outbox::default()).collect(),
+            outboxes: (0..k)
+                .map(|_| Outbox::for_shards(args.shards.unwrap_or(1)))
+                .collect(),
             sockets,
             batch: SendBatch::new(64),
             mode: if args.no_gso {

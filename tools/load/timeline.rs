@@ -56,12 +56,22 @@ pub struct Timeline {
 /// sockets, else from /proc/net/udp for the address (by inode).
 fn server_drops(server: SocketAddr, metrics: Option<SocketAddr>) -> Vec<(String, u64)> {
     if let Some(scrape) = metrics.and_then(|m| junk::scrape(m).ok()) {
-        let prefix = "tether_receive_buffer_drops_total{socket=\"";
+        let prefix = "tether_receive_buffer_drops_total{";
         let mut named: Vec<(String, u64)> = scrape
             .iter()
             .filter_map(|(k, v)| {
-                let name = k.strip_prefix(prefix)?.strip_suffix("\"}")?;
-                Some((name.to_owned(), *v as u64))
+                let labels = k.strip_prefix(prefix)?.strip_suffix('}')?;
+                let label = |key: &str| {
+                    labels
+                        .split(',')
+                        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix("=\"")?.strip_suffix('"'))
+                };
+                let socket = label("socket")?;
+                let name = match label("shard") {
+                    Some(shard) => format!("{socket} {shard}"),
+                    None => socket.to_owned(),
+                };
+                Some((name, *v as u64))
             })
             .collect();
         named.sort();
