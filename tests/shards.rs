@@ -86,8 +86,11 @@ fn every_client_lands_on_the_shard_of_its_client_id() {
 
 #[test]
 fn a_client_that_changes_source_port_keeps_its_session_and_tasks() {
-    let (server, _metrics) = sharded(2, 1_000);
-    let mut raw = Raw::new(server.local_addr(), 0x5eed_0000_0000_0001);
+    let (server, metrics) = sharded(2, 1_000);
+    // A client of shard 1: were everything sent to one loop, it would
+    // show on shard 0.
+    let id = (1..).find(|&id| shard_of(id, 2) == 1).unwrap();
+    let mut raw = Raw::new(server.local_addr(), id);
     raw.incarnation = 7;
     raw.ask(Message::Hello {
         ttl_ms: 600,
@@ -123,6 +126,10 @@ fn a_client_that_changes_source_port_keeps_its_session_and_tasks() {
             report: TaskReport::Running
         },
         "the session and its task outlived four address changes"
+    );
+    assert_eq!(
+        per_shard(&metrics, "tether_sessions_live", &[0.0, 1.0]),
+        [0.0, 1.0]
     );
     server.shutdown().unwrap();
 }

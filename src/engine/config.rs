@@ -84,6 +84,10 @@ pub struct Config {
     /// than one: `max_sessions` then bounds the whole server. Written when
     /// a session opens or ends, never per heartbeat.
     pub shared_sessions: Option<SharedSessions>,
+    /// Sessions to reserve room for up front (default: `max_sessions`): a
+    /// shard of N expects about 1/N of the server's. More still fit; the
+    /// index grows.
+    pub reserve_sessions: Option<usize>,
 }
 
 impl Default for Config {
@@ -107,6 +111,7 @@ impl Default for Config {
             jobs: JobTable::default(),
             record_events: false,
             shared_sessions: None,
+            reserve_sessions: None,
         }
     }
 }
@@ -252,7 +257,10 @@ impl fmt::Display for ConfigError {
                 wire::MAX_DATAGRAM
             ),
             ConfigError::NoWorkers => f.write_str("at least one worker thread is needed"),
-            ConfigError::Shards(n) => write!(f, "shards must be between 1 and 128, got {n}"),
+            ConfigError::Shards(n) => write!(
+                f,
+                "shards must be between 1 and 128 (the server's MAX_SHARDS), got {n}"
+            ),
             ConfigError::CoalesceTooLong => f.write_str("coalesce must be at most half a tick"),
             ConfigError::InsecureMetrics(addr) => write!(
                 f,

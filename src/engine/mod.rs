@@ -110,6 +110,10 @@ pub struct Engine {
     events: VecDeque<Event>,
     task_scratch: Vec<TaskId>,
     stats: Stats,
+    /// A replacing HELLO ended the old session keeping its place in the
+    /// shared session count, for the new one to take (another shard must
+    /// not slip in between and leave the client refused).
+    place_kept: bool,
 }
 
 impl Engine {
@@ -123,7 +127,11 @@ impl Engine {
         // triggers a large reallocation (or a rehash of a million entries)
         // in the loop; untouched pages cost address space, not memory. The
         // cap keeps an absurd --max-sessions from failing the allocation.
-        let expected_sessions = config.max_sessions.min(RESERVE_SESSIONS_MAX);
+        let expected_sessions = config
+            .reserve_sessions
+            .unwrap_or(config.max_sessions)
+            .min(config.max_sessions)
+            .min(RESERVE_SESSIONS_MAX);
         let mut session_wheel = Wheel::new(start);
         session_wheel.reserve_keys(expected_sessions);
         Ok(Engine {
@@ -151,6 +159,7 @@ impl Engine {
             stats: Stats::default(),
             now,
             config,
+            place_kept: false,
         })
     }
 
@@ -688,6 +697,7 @@ impl Engine {
                     incarnation,
                     by: h.incarnation,
                 };
+                self.place_kept = self.config.shared_sessions.is_some();
                 self.end_session(index, cause, None);
             }
         } else if let Some(largest) = self.records.largest_ended(h.client_id) {
@@ -699,11 +709,13 @@ impl Engine {
             self.reject_hello(h, from, RejectCode::ShuttingDown);
             return Ok(());
         }
-        let shared_full = self
-            .config
-            .shared_sessions
-            .as_ref()
-            .is_some_and(|shared| !shared.try_open(self.config.max_sessions));
+        let kept = std::mem::take(&mut self.place_kept);
+        let shared_full = !kept
+            && self
+                .config
+                .shared_sessions
+                .as_ref()
+                .is_some_and(|shared| !shared.try_open(self.config.max_sessions));
         if shared_full || self.live_by_client.len() >= self.config.max_sessions {
             if !shared_full {
                 if let Some(shared) = &self.config.shared_sessions {
@@ -911,8 +923,10 @@ impl Engine {
         let sessions = &self.sessions;
         self.live_by_client
             .remove(client_id, |i| sessions[i as usize].client_id);
-        if let Some(shared) = &self.config.shared_sessions {
-            shared.close();
+        match &self.config.shared_sessions {
+            Some(_) if self.place_kept => {}
+            Some(shared) => shared.close(),
+            None => {}
         }
         self.session_wheel.remove(index.wheel_key());
         // Pinned until the slot is released (release_if_done).

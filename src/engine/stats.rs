@@ -76,10 +76,6 @@ impl Stats {
     }
 }
 
-/// What the engine holds, counted the way its memory bounds are stated
-/// (PROTOCOL.md, "Choices"). [`Engine::footprint`](super::Engine::footprint) reads it (in time linear
-/// in sessions and tasks: for tests, fuzzing and capacity checks, not the
-/// hot path); [`Config::client_bound`](super::Config::client_bound) gives what one client may hold.
 /// Sums the counters of two engines (the shards of one server).
 impl std::ops::AddAssign for Stats {
     fn add_assign(&mut self, other: Stats) {
@@ -121,6 +117,10 @@ impl std::ops::AddAssign for Stats {
     }
 }
 
+/// What the engine holds, counted the way its memory bounds are stated
+/// (PROTOCOL.md, "Choices"). [`Engine::footprint`](super::Engine::footprint) reads it (in time linear
+/// in sessions and tasks: for tests, fuzzing and capacity checks, not the
+/// hot path); [`Config::client_bound`](super::Config::client_bound) gives what one client may hold.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Footprint {
     /// Live sessions.

@@ -75,6 +75,11 @@ impl Health {
         }
     }
 
+    /// Whether the server is shutting down.
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Relaxed)
+    }
+
     /// Loop iterations completed so far.
     pub fn iterations(&self) -> u64 {
         self.iterations.load(Ordering::Relaxed)

@@ -12,8 +12,8 @@ use crate::engine::{self, ConfigError};
 use crate::observe::EventsTarget;
 use crate::pool::Registry;
 
-/// Shards at most: the kernel's reuseport group holds at most 256 sockets,
-/// two a shard.
+/// Shards at most (two sockets each in the reuseport group): more loops
+/// than this are more than any machine has cores for.
 pub const MAX_SHARDS: usize = 128;
 
 /// Default for [`ServerConfig::coalesce`]: at 100K heartbeats a second it
@@ -56,7 +56,7 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     /// Sessions, tasks, limits and the key.
     pub engine: engine::Config,
-    /// Worker threads (split evenly between the shards).
+    /// Worker threads, dealt out between the shards (at least one each).
     pub workers: usize,
     /// Event loops, each with its own sockets, engine, sessions and
     /// workers, on a thread of its own; the kernel sends each client's

@@ -104,10 +104,22 @@ const STRANGERS: Token = Token(3);
 /// see 1/N of the traffic, so each waits N times `--coalesce` (at most half
 /// a tick) to read batches as large as one loop's, and pays its wake-ups
 /// as rarely. Measured at 100K heartbeats/s on 2 shards: 1.29x one loop's
-/// CPU per heartbeat with the wait unscaled, 1.0x scaled (BENCHMARKS.md).
+/// CPU per heartbeat with the wait unscaled, 1.04x scaled (BENCHMARKS.md).
 fn shard_coalesce(config: &ServerConfig) -> Duration {
     let half_tick = Duration::from_micros(config.engine.tick_us / 2);
     (config.coalesce * config.shards as u32).min(half_tick.max(config.coalesce))
+}
+
+/// Runs one of several shards. A shard that fails or panics tells every
+/// other to stop, so the server stops as a whole (and its supervisor
+/// restarts it) instead of running on with part of its clients unserved.
+fn run_guarded(shard: Server, all: &ServerHandle) -> Result<ShutdownReport, ServerError> {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shard.run_shard()))
+        .unwrap_or(Err(ServerError::Panicked));
+    if outcome.is_err() {
+        all.shutdown();
+    }
+    outcome
 }
 
 /// Worker reports applied per turn at most.
@@ -136,6 +148,13 @@ pub struct Server {
     /// The other shards: the first owns them until `run` starts each on a
     /// thread of its own.
     siblings: Vec<Server>,
+    /// With shards, a second handle on every listening socket, held by the
+    /// first shard until all have stopped: when a socket leaves a reuseport
+    /// group the kernel moves the group's last socket into its place, and
+    /// the steering program's indexes would then send other shards'
+    /// clients to the wrong loop. A shard that stops first (or panics)
+    /// must not close its sockets under the others.
+    group: Vec<std::net::UdpSocket>,
 }
 
 /// What one shard is built from.
@@ -287,6 +306,10 @@ impl Server {
             .unwrap_or(!local_addr.ip().is_loopback());
         if shards > 1 {
             config.engine.shared_sessions = Some(SharedSessions::default());
+            // Each shard expects its share, with room for some skew: an
+            // index and slab reserved for the whole server in every shard
+            // would cost N times the memory once their pages are touched.
+            config.engine.reserve_sessions = Some(config.engine.max_sessions / shards * 5 / 4 + 1);
             tracing::info!(
                 shards,
                 "sharded: each client's datagrams go to the shard of its client_id"
@@ -323,10 +346,26 @@ impl Server {
             ),
             None => None,
         };
+        let mut group = Vec::new();
+        if shards > 1 {
+            for listeners in &groups {
+                let sockets = std::iter::once(&listeners.members.0)
+                    .chain(listeners.strangers.as_ref().map(|s| &s.0));
+                for socket in sockets {
+                    group.push(
+                        socket
+                            .try_clone()
+                            .map_err(|e| ServerError::Io("holding the socket group", e))?,
+                    );
+                }
+            }
+        }
         let registry = Arc::new(registry);
         // Each shard its own pool: a worker's report goes back to its own
-        // loop with no lock or channel shared between shards.
-        let workers = (config.workers / shards).max(1);
+        // loop with no lock or channel shared between shards. The workers
+        // are dealt out (3 on 2 shards: 2 and 1), at least one a shard.
+        let workers_of =
+            |i: usize| (config.workers / shards + usize::from(i < config.workers % shards)).max(1);
         let mut servers = Vec::with_capacity(shards);
         for (i, listeners) in groups.into_iter().enumerate().rev() {
             // Shards after the first get ends of the first's stream; the
@@ -345,7 +384,7 @@ impl Server {
                 metrics: Arc::clone(&metrics[i]),
                 events: shard_events,
                 registry: Arc::clone(&registry),
-                workers,
+                workers: workers_of(i),
                 notifier: None,
             };
             servers.push(Server::shard(&config, local_addr, metrics_addr, parts)?);
@@ -356,6 +395,7 @@ impl Server {
             .watch
             .set_notifier(notifier, servers.iter().map(|s| s.metrics()).collect());
         first.siblings = servers;
+        first.group = group;
         Ok(first)
     }
 
@@ -429,6 +469,7 @@ impl Server {
             clock,
             shard: parts.index,
             siblings: Vec::new(),
+            group: Vec::new(),
         })
     }
 
@@ -482,16 +523,31 @@ impl Server {
     /// With shards, each other shard runs on a thread of its own and this
     /// returns once all have stopped, with their reports summed.
     pub fn run(mut self) -> Result<ShutdownReport, ServerError> {
+        if self.siblings.is_empty() {
+            return self.run_shard();
+        }
+        // Dropped only once every shard has stopped (see `group`).
+        let _group = std::mem::take(&mut self.group);
+        let all = self.handle();
         let mut threads = Vec::with_capacity(self.siblings.len());
         for sibling in std::mem::take(&mut self.siblings) {
             let name = format!("tether-shard-{}", sibling.shard.unwrap_or_default());
-            let thread = std::thread::Builder::new()
+            let stop_all = all.clone();
+            let spawned = std::thread::Builder::new()
                 .name(name)
-                .spawn(move || sibling.run_shard())
-                .map_err(|e| ServerError::Io("starting a shard's thread", e))?;
-            threads.push(thread);
+                .spawn(move || run_guarded(sibling, &stop_all));
+            match spawned {
+                Ok(thread) => threads.push(thread),
+                Err(e) => {
+                    all.shutdown();
+                    for thread in threads {
+                        let _ = thread.join();
+                    }
+                    return Err(ServerError::Io("starting a shard's thread", e));
+                }
+            }
         }
-        let mut outcome = self.run_shard();
+        let mut outcome = run_guarded(self, &all);
         for thread in threads {
             let other = thread.join().unwrap_or(Err(ServerError::Panicked));
             outcome = match (outcome, other) {

@@ -108,6 +108,13 @@ impl Notifier {
         self.next_watchdog
     }
 
+    /// Moves the next ping's check to `at`, without pinging.
+    pub fn postpone(&mut self, at: Instant) {
+        if self.next_watchdog.is_some() {
+            self.next_watchdog = Some(at);
+        }
+    }
+
     /// Pings the watchdog if a ping is due at `now`.
     pub fn tick(&mut self, now: Instant) {
         if let (Some(due), Some(every)) = (self.next_watchdog, self.watchdog_every) {

@@ -219,16 +219,21 @@ impl Watch {
                 // A ping vouches for every shard: each was woken at the last
                 // ping and must have completed an iteration since. A stuck
                 // shard stops the pings, and systemd restarts the server.
-                let all_alive = self
-                    .siblings
-                    .iter()
-                    .all(|(m, seen)| seen.is_none_or(|seen| m.health.iterations() != seen));
+                // A shard already shutting down has nothing left to prove.
+                let all_alive = self.siblings.iter().all(|(m, seen)| {
+                    m.health.is_stopping() || seen.is_none_or(|seen| m.health.iterations() != seen)
+                });
                 if all_alive {
                     notifier.tick(now);
-                }
-                for (m, seen) in &mut self.siblings {
-                    *seen = Some(m.health.iterations());
-                    m.health.wake();
+                    for (m, seen) in &mut self.siblings {
+                        *seen = Some(m.health.iterations());
+                        m.health.wake();
+                    }
+                } else {
+                    // Look again shortly, rather than at once (which would
+                    // spin): no ping meanwhile, so a shard that stays stuck
+                    // lets the watchdog fire.
+                    notifier.postpone(now + Duration::from_millis(100));
                 }
             }
         }

@@ -266,13 +266,33 @@ pub fn hello_flood(
     Ok(report)
 }
 
-/// The sum of `series` over its label sets (a sharded server has one per
-/// shard); `None` if the scrape has none of it.
+/// A sample's name and its `key="value"` labels.
+fn split_labels(sample: &str) -> (&str, Vec<&str>) {
+    match sample.split_once('{') {
+        Some((name, labels)) => (
+            name,
+            labels
+                .trim_end_matches('}')
+                .split(',')
+                .filter(|l| !l.is_empty())
+                .collect(),
+        ),
+        None => (sample, Vec::new()),
+    }
+}
+
+/// The sum of every sample of `series` whose labels include the ones
+/// `series` names (`tether_sessions_live`, or
+/// `tether_datagrams_dropped_total{cause="replay"}`): a sharded server
+/// has a sample per shard. `None` if the scrape has none of it.
 pub fn series_sum(scrape: &HashMap<String, f64>, series: &str) -> Option<f64> {
-    let labelled = format!("{series}{{");
+    let (name, wanted) = split_labels(series);
     let values: Vec<f64> = scrape
         .iter()
-        .filter(|(name, _)| *name == series || name.starts_with(&labelled))
+        .filter(|(sample, _)| {
+            let (n, labels) = split_labels(sample);
+            n == name && wanted.iter().all(|w| labels.contains(w))
+        })
         .map(|(_, v)| *v)
         .collect();
     (!values.is_empty()).then(|| values.iter().sum())
@@ -294,4 +314,40 @@ pub fn scrape(addr: SocketAddr) -> std::io::Result<HashMap<String, f64>> {
             Some((name.to_owned(), value.parse().ok()?))
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_series_sums_over_shards_and_keeps_to_the_labels_asked_for() {
+        let scrape: HashMap<String, f64> = [
+            ("tether_sessions_live{shard=\"0\"}", 3.0),
+            ("tether_sessions_live{shard=\"1\"}", 4.0),
+            (
+                "tether_datagrams_dropped_total{cause=\"replay\",shard=\"0\"}",
+                1.0,
+            ),
+            (
+                "tether_datagrams_dropped_total{cause=\"replay\",shard=\"1\"}",
+                2.0,
+            ),
+            (
+                "tether_datagrams_dropped_total{cause=\"malformed\",shard=\"1\"}",
+                9.0,
+            ),
+            ("tether_heartbeats_total", 5.0),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        assert_eq!(series_sum(&scrape, "tether_sessions_live"), Some(7.0));
+        assert_eq!(
+            series_sum(&scrape, "tether_datagrams_dropped_total{cause=\"replay\"}"),
+            Some(3.0)
+        );
+        assert_eq!(series_sum(&scrape, "tether_heartbeats_total"), Some(5.0));
+        assert_eq!(series_sum(&scrape, "tether_sessions_opened_total"), None);
+    }
 }

@@ -55,6 +55,11 @@ fn main() -> ExitCode {
     let mut args = Args::parse();
     if args.shards.is_none() {
         args.shards = args.metrics.and_then(detect_shards);
+        if args.shards.is_none() && args.idle.is_none() {
+            eprintln!(
+                "tether-load: assuming an unsharded server (no --shards, and no --metrics to read it from): against `tether serve --shards N`, pass --shards N or the GSO runs will mix shards"
+            );
+        }
     }
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,

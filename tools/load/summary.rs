@@ -85,14 +85,7 @@ const CAUSES: [&str; 5] = [
 /// How much `series` grew between two scrapes, summed over its labels (the
 /// drop counter has one per listening socket).
 fn counter_delta(before: &HashMap<String, f64>, after: &HashMap<String, f64>, series: &str) -> u64 {
-    let labelled = format!("{series}{{");
-    let value = |scrape: &HashMap<String, f64>| -> f64 {
-        scrape
-            .iter()
-            .filter(|(name, _)| *name == series || name.starts_with(&labelled))
-            .map(|(_, v)| v)
-            .sum()
-    };
+    let value = |scrape| junk::series_sum(scrape, series).unwrap_or(0.0);
     (value(after) - value(before)).max(0.0) as u64
 }
 

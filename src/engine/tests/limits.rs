@@ -557,3 +557,49 @@ fn an_ended_session_held_for_its_running_task_keeps_no_request_ids() {
         held.remembered_requests
     );
 }
+
+#[test]
+fn shards_share_one_session_count_and_a_replacement_at_the_bound_is_welcomed() {
+    let shared = crate::engine::SharedSessions::default();
+    let shard = || {
+        Sim::new(Config {
+            max_sessions: 2,
+            shared_sessions: Some(shared.clone()),
+            ..config()
+        })
+    };
+    let (mut a, mut b) = (shard(), shard());
+    let (mut one, mut two, mut three) = (Client::new(1), Client::new(2), Client::new(3));
+    assert!(matches!(
+        a.hello(&mut one, 600).message(),
+        Message::Welcome { .. }
+    ));
+    assert!(matches!(
+        b.hello(&mut two, 600).message(),
+        Message::Welcome { .. }
+    ));
+    assert_eq!(shared.live(), 2);
+    // Shard a holds one session, under its own bound, but the server is full.
+    assert_eq!(
+        rejected_code(&a.hello(&mut three, 600)),
+        RejectCode::TooManySessions
+    );
+    assert_eq!(shared.live(), 2);
+    // At the bound, a client's newer incarnation replaces its session.
+    let mut again = one.next_incarnation();
+    assert!(matches!(
+        a.hello(&mut again, 600).message(),
+        Message::Welcome { .. }
+    ));
+    assert_eq!(shared.live(), 2);
+    // Ending (expiry on b, a BYE on a) gives the places back.
+    b.run_ms(2_000);
+    assert_eq!(shared.live(), 1);
+    a.ask(&mut again, Message::Bye);
+    assert_eq!(shared.live(), 0);
+    assert!(matches!(
+        b.hello(&mut three, 600).message(),
+        Message::Welcome { .. }
+    ));
+    assert_eq!(shared.live(), 1);
+}
