@@ -595,11 +595,16 @@ impl Collector for Exporter {
                 None,
                 MetricType::Counter,
             )?;
+            // The shards share one address: one read of the kernel's table.
+            let table = shards
+                .iter()
+                .find_map(|m| m.sockets.get())
+                .map(|(addr, _)| udp_sockets(addr))
+                .unwrap_or_default();
             for m in shards {
-                let Some((addr, sockets)) = m.sockets.get() else {
+                let Some((_, sockets)) = m.sockets.get() else {
                     continue;
                 };
-                let table = udp_sockets(addr);
                 for (role, inode) in sockets {
                     if let Some(line) = table.iter().find(|l| l.inode == *inode) {
                         let labels = m.labels(Some(("socket", role)));

@@ -176,6 +176,11 @@ fn respond(request: &tiny_http::Request, shards: &[Arc<Metrics>]) -> tiny_http::
                 .boxed()
         }
         _ => {
+            // Every loop woken first, so that their answers are awaited
+            // together rather than one after another.
+            for m in shards {
+                m.health.wake();
+            }
             let failing = shards.iter().enumerate().find_map(|(i, m)| {
                 let reason = m.health.probe(HEALTH_DEADLINE).err()?;
                 Some(if shards.len() > 1 {

@@ -673,7 +673,11 @@ impl Server {
                     if let Some(signals) = self.signals.as_mut() {
                         for signal in signals.pending() {
                             if signal == SIGHUP {
-                                self.watch.reopen_events();
+                                // The shards share one stream: the first
+                                // shard reopens it.
+                                if self.shard.unwrap_or(0) == 0 {
+                                    self.watch.reopen_events();
+                                }
                             } else {
                                 signalled += 1;
                             }

@@ -29,9 +29,9 @@ PROMETHEUS_ACCEPT = ("application/openmetrics-text;version=1.0.0,application/ope
 
 
 class Server:
-    def __init__(self):
+    def __init__(self, *extra):
         self.proc = subprocess.Popen(
-            [BIN, "serve", "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0"],
+            [BIN, "serve", "--listen", "127.0.0.1:0", "--metrics", "127.0.0.1:0", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         lines = []
         reader = threading.Thread(
@@ -155,6 +155,25 @@ class OperatorEndpoints(unittest.TestCase):
                    for name in re.findall(r"\b(?:tether|process)_[a-zA-Z0-9_]+", e)}
         self.assertIn("tether_sessions_live", queried)
         self.assertEqual(sorted(queried - served), [], "queried by the dashboard, not served")
+
+
+class ShardedEndpoints(unittest.TestCase):
+    def test_a_sharded_server_serves_valid_openmetrics_with_a_shard_label(self):
+        server = Server("--shards", "2")
+        try:
+            status, headers, body = get(server.http + "/metrics", accept=PROMETHEUS_ACCEPT)
+            self.assertEqual(status, 200, body)
+            # One family each (the parser refuses a family split in two),
+            # a sample per shard.
+            families = {f.name: f for f in text_string_to_metric_families(body)}
+            live = families["tether_sessions_live"].samples
+            self.assertEqual(sorted(s.labels["shard"] for s in live), ["0", "1"])
+            lateness = families["tether_expiry_lateness_seconds"].samples
+            self.assertEqual({s.labels["shard"] for s in lateness}, {"0", "1"})
+            self.assertEqual(len(families["tether_build"].samples), 1)
+            self.assertEqual(get(server.http + "/healthz")[:1], (200,))
+        finally:
+            server.close()
 
 
 if __name__ == "__main__":
