@@ -16,7 +16,19 @@ fn sharded(
     shards: usize,
     max_sessions: usize,
 ) -> (tether::RunningServer, Vec<std::sync::Arc<Metrics>>) {
-    let server = Server::builder()
+    sharded_with(shards, max_sessions, None)
+}
+
+fn sharded_with(
+    shards: usize,
+    max_sessions: usize,
+    events: Option<std::path::PathBuf>,
+) -> (tether::RunningServer, Vec<std::sync::Arc<Metrics>>) {
+    let mut builder = Server::builder();
+    if let Some(path) = events {
+        builder = builder.events(tether::EventsTarget::File(path));
+    }
+    let server = builder
         .listen("127.0.0.1:0".parse().unwrap())
         .shards(shards)
         .workers(2)
@@ -55,7 +67,9 @@ fn per_shard(metrics: &[std::sync::Arc<Metrics>], series: &str, expected: &[f64]
 
 #[test]
 fn every_client_lands_on_the_shard_of_its_client_id() {
-    let (server, metrics) = sharded(3, 1_000);
+    let events = std::env::temp_dir().join(format!("tether-shards-{}.jsonl", std::process::id()));
+    let _ = std::fs::remove_file(&events);
+    let (server, metrics) = sharded_with(3, 1_000, Some(events.clone()));
     let mut expected = vec![0.0; 3];
     let mut clients = Vec::new();
     for id in 1..=60u64 {
@@ -81,7 +95,35 @@ fn every_client_lands_on_the_shard_of_its_client_id() {
         per_shard(&metrics, "tether_heartbeats_total", &expected),
         expected
     );
-    server.shutdown().unwrap();
+    let report = server.shutdown().unwrap();
+    assert_eq!(
+        report.stats.sessions_opened, 60,
+        "the shards' reports are summed"
+    );
+    // One stream for all shards, each line naming its shard: the shard of
+    // the line's client.
+    let text = std::fs::read_to_string(&events).unwrap();
+    let opened: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("session_opened"))
+        .collect();
+    assert_eq!(opened.len(), 60, "{text}");
+    for line in opened {
+        let field = |name: &str| -> u64 {
+            let rest = line.split(&format!("\"{name}\":")).nth(1).unwrap();
+            rest.trim_start_matches('"')
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap()
+        };
+        assert_eq!(
+            field("shard"),
+            u64::from(shard_of(field("client_id"), 3)),
+            "{line}"
+        );
+    }
 }
 
 #[test]
