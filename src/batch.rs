@@ -22,22 +22,8 @@ use std::os::fd::{AsRawFd, RawFd};
 /// reports twice what it grants, counting its bookkeeping).
 pub fn set_recv_buffer(socket: &impl AsRawFd, bytes: usize) -> io::Result<usize> {
     let value = bytes.min(i32::MAX as usize / 2) as libc::c_int;
-    let set = |option: libc::c_int| {
-        // SAFETY: `value` is a live c_int and its exact size is passed; the
-        // kernel only reads it.
-        unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                option,
-                (&value as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        }
-    };
-    if set(libc::SO_RCVBUFFORCE) != 0 && set(libc::SO_RCVBUF) != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    set_socket_option(socket, libc::SO_RCVBUFFORCE, &value)
+        .or_else(|_| set_socket_option(socket, libc::SO_RCVBUF, &value))?;
     let mut granted: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `granted` and `len` are live and sized as declared; the kernel
@@ -66,16 +52,28 @@ pub fn set_recv_buffer(socket: &impl AsRawFd, bytes: usize) -> io::Result<usize>
 /// (a control message per datagram, a measurable share of a read), so it
 /// can be turned back on for datagrams that are already queued.
 pub fn set_arrival_stamps(socket: &impl AsRawFd, on: bool) -> io::Result<()> {
-    let on = libc::c_int::from(on);
-    // SAFETY: `on` is a live c_int and its exact size is passed; the kernel
-    // only reads it.
+    set_socket_option(socket, libc::SO_TIMESTAMPNS, &libc::c_int::from(on))
+}
+
+/// Sets the `SOL_SOCKET` option `name` of `socket` to `value`, passed to
+/// the kernel as `size_of::<T>()` bytes: the one `setsockopt` of the crate.
+/// `T` is the plain C value the option takes (a `c_int`, a
+/// `sock_fprog`); pointers inside it are the kernel's to check (a bad one
+/// is `EFAULT`).
+pub(crate) fn set_socket_option<T>(
+    socket: &impl AsRawFd,
+    name: libc::c_int,
+    value: &T,
+) -> io::Result<()> {
+    // SAFETY: `value` is a live `T` for the whole call and its exact size
+    // is passed; the kernel only reads it (copying what it keeps).
     let rc = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_TIMESTAMPNS,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            name,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
         )
     };
     if rc == 0 {

@@ -143,22 +143,9 @@ pub fn attach(socket: &impl AsRawFd, shards: u32) -> io::Result<()> {
         len: filter.len() as u16,
         filter: filter.as_mut_ptr(),
     };
-    // SAFETY: `prog` points at `filter`, which lives until the call returns
-    // (the kernel copies the program); the size passed is the struct's own.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ATTACH_REUSEPORT_CBPF,
-            (&prog as *const libc::sock_fprog).cast(),
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    // `prog` points at `filter`, which lives until the call returns (the
+    // kernel copies the program).
+    crate::batch::set_socket_option(socket, libc::SO_ATTACH_REUSEPORT_CBPF, &prog)
 }
 
 /// The inode of a socket, which names it in `/proc/net/udp` (where the

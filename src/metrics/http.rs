@@ -109,9 +109,7 @@ impl Health {
 
     fn wait_for_iteration(&self, deadline: Duration) -> Result<(), String> {
         let before = self.iterations();
-        if let Some(waker) = self.waker.get() {
-            let _ = waker.wake();
-        }
+        self.wake();
         let started = Instant::now();
         while started.elapsed() < deadline {
             if self.iterations() != before {

@@ -165,7 +165,6 @@ struct ShardParts {
     events: Option<EventStream>,
     registry: Arc<Registry>,
     workers: usize,
-    notifier: Option<Notifier>,
 }
 
 /// What the loop carries from one turn to the next.
@@ -385,7 +384,6 @@ impl Server {
                 events: shard_events,
                 registry: Arc::clone(&registry),
                 workers: workers_of(i),
-                notifier: None,
             };
             servers.push(Server::shard(&config, local_addr, metrics_addr, parts)?);
         }
@@ -448,7 +446,6 @@ impl Server {
             jobs,
             thresholds,
             start,
-            parts.notifier,
         );
         Ok(Server {
             poll,

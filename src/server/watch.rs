@@ -71,7 +71,6 @@ impl Watch {
         jobs: JobTable,
         thresholds: Thresholds,
         now: Instant,
-        notifier: Option<Notifier>,
     ) -> Watch {
         Watch {
             metrics,
@@ -87,7 +86,7 @@ impl Watch {
             last_publish: now,
             shed_reported: 0,
             next_shed_report: now,
-            notifier,
+            notifier: None,
             siblings: Vec::new(),
         }
     }
