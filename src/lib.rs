@@ -102,7 +102,7 @@ pub mod wheel;
 pub mod wire;
 
 pub use client::{
-    Client, ClientConfig, ClientError, ClientEvent, Resume, SubmitOptions, TaskStatus,
+    Client, ClientConfig, ClientError, ClientEvent, Resume, ServerNames, SubmitOptions, TaskStatus,
 };
 pub use engine::{Config as EngineConfig, ConfigError, PayloadRule, Stats, TaskId};
 pub use keyfile::{load as load_key_file, KeyFileError};

@@ -678,6 +678,14 @@ struct Shared {
     closed: AtomicBool,
 }
 
+/// Where a worker sends a task's reports, and how it wakes their reader.
+pub struct Route {
+    /// The reader's channel.
+    pub reports: Sender<Report>,
+    /// Called after each report (the server wakes its event loop there).
+    pub notify: Arc<dyn Fn() + Send + Sync>,
+}
+
 /// A fixed set of worker threads taking tasks from a [`WorkQueue`].
 pub struct Pool {
     shared: Arc<Shared>,
@@ -694,6 +702,21 @@ impl Pool {
         reports: Sender<Report>,
         notify: Arc<dyn Fn() + Send + Sync>,
     ) -> std::io::Result<Pool> {
+        Pool::start_routed(workers, registry, vec![Route { reports, notify }], |_| 0)
+    }
+
+    /// One pool for several readers: each task's reports go to
+    /// `routes[route_of(task)]`. The server runs a pool per shard instead
+    /// (a shared queue costs every task more than it balances, see
+    /// BENCHMARKS.md "The worker pool"); `cargo bench --bench pool`
+    /// measures the two with this.
+    pub fn start_routed(
+        workers: usize,
+        registry: Arc<Registry>,
+        routes: Vec<Route>,
+        route_of: fn(TaskId) -> usize,
+    ) -> std::io::Result<Pool> {
+        let routes: Arc<[Route]> = routes.into();
         let shared = Arc::new(Shared {
             queue: Mutex::new(WorkQueue::new()),
             ready: Condvar::new(),
@@ -706,12 +729,11 @@ impl Pool {
         for i in 0..workers.max(1) {
             let shared = Arc::clone(&pool.shared);
             let registry = Arc::clone(&registry);
-            let reports = reports.clone();
-            let notify = Arc::clone(&notify);
+            let routes = Arc::clone(&routes);
             pool.threads.push(
                 std::thread::Builder::new()
                     .name(format!("{WORKER_PREFIX}{i}"))
-                    .spawn(move || worker(&shared, &registry, &reports, &*notify))?,
+                    .spawn(move || worker(&shared, &registry, &routes, route_of))?,
             );
         }
         Ok(pool)
@@ -776,10 +798,11 @@ impl Drop for Pool {
     }
 }
 
-fn worker(shared: &Shared, registry: &Registry, reports: &Sender<Report>, notify: &dyn Fn()) {
+fn worker(shared: &Shared, registry: &Registry, routes: &[Route], route_of: fn(TaskId) -> usize) {
     let report = |task, event| {
-        if reports.send((task, event, Instant::now())).is_ok() {
-            notify();
+        let route = &routes[route_of(task) % routes.len()];
+        if route.reports.send((task, event, Instant::now())).is_ok() {
+            (route.notify)();
         }
     };
     loop {

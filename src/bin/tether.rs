@@ -16,8 +16,8 @@ use tether::observe::EventsTarget;
 use tether::server::{datagrams_held, Server, ServerConfig, ServerError};
 use tether::wire::MacKey;
 use tether::{
-    CancelOutcome, Client, ClientConfig, ClientError, ClientEvent, Registry, Resume, SubmitOptions,
-    TaskId, TaskStatus,
+    CancelOutcome, Client, ClientConfig, ClientError, ClientEvent, Registry, Resume, ServerNames,
+    SubmitOptions, TaskId, TaskStatus,
 };
 
 #[derive(Parser)]
@@ -177,9 +177,17 @@ struct ServeArgs {
 
 #[derive(Args)]
 struct ClientArgs {
-    /// The server.
-    #[arg(long, default_value = "127.0.0.1:7900", value_name = "ADDR")]
-    server: SocketAddr,
+    /// The server, or several separated by commas (HOST:PORT each; a DNS
+    /// name with several addresses gives them all). With several, the
+    /// client picks its host by rendezvous hashing of its id, and moves to
+    /// the next in its order if the host stays silent for a TTL.
+    #[arg(
+        long,
+        default_value = "127.0.0.1:7900",
+        value_name = "ADDR[,ADDR...]",
+        value_delimiter = ','
+    )]
+    server: Vec<String>,
     /// The server's key file, if it has one.
     #[arg(long, value_name = "PATH")]
     key_file: Option<PathBuf>,
@@ -677,13 +685,16 @@ fn describe(status: &TaskStatus) -> String {
 /// so `status` or `cancel` continue the session a `submit` opened instead
 /// of replacing it (a new incarnation would cancel the submitted task).
 /// `None` (said once) when there is no private place for it.
-fn session_file(server: SocketAddr, client_id: u64) -> Option<PathBuf> {
+fn session_file(servers: &[String], client_id: u64) -> Option<PathBuf> {
     let dir = private_dir()
         .map_err(|why| {
             eprintln!("note: the session cannot be kept for the next command: {why}");
         })
         .ok()?;
-    let server = server.to_string().replace([':', '[', ']', '.'], "_");
+    let mut servers = servers.to_vec();
+    servers.sort();
+    servers.dedup();
+    let server = servers.join("+").replace([':', '[', ']', '.', '/'], "_");
     Some(dir.join(format!("client-{client_id}-{server}.session")))
 }
 
@@ -772,6 +783,9 @@ fn load_resume(path: &Path) -> Option<Resume> {
         incarnation: fields.next()?.parse().ok()?,
         next_seq: fields.next()?.parse().ok()?,
         next_request_id: fields.next()?.parse().ok()?,
+        // Older files have no host: the session is looked for on the
+        // client's first choice.
+        server: fields.next().and_then(|s| s.parse().ok()),
     })
 }
 
@@ -786,7 +800,14 @@ fn save_resume(path: &Path, client: &Client) {
         .create_new(true)
         .mode(0o600)
         .open(&temporary)
-        .and_then(|mut f| writeln!(f, "{} {} {}", r.incarnation, r.next_seq, r.next_request_id))
+        .and_then(|mut f| {
+            let server = r.server.map(|s| s.to_string()).unwrap_or_default();
+            writeln!(
+                f,
+                "{} {} {} {server}",
+                r.incarnation, r.next_seq, r.next_request_id
+            )
+        })
         .and_then(|()| std::fs::rename(&temporary, path));
     // Best effort: without it the next command opens a new session.
     if written.is_err() {
@@ -808,8 +829,19 @@ fn task_exit(status: &TaskStatus) -> u8 {
 /// Runs one client command; the exit code says how it went (see `exit`).
 fn client(args: ClientArgs) -> Result<u8, String> {
     let client_id = args.client_id.unwrap_or_else(default_client_id);
-    let saved = session_file(args.server, client_id);
-    let mut config = ClientConfig::new(args.server, client_id);
+    let saved = session_file(&args.server, client_id);
+    let names = ServerNames::new(args.server.clone());
+    let servers = names.resolve().map_err(|e| {
+        format!(
+            "cannot find the server {}: {e} (give HOST:PORT, e.g. 127.0.0.1:7900)",
+            args.server.join(",")
+        )
+    })?;
+    let mut config = ClientConfig::with_servers(servers, client_id);
+    // Names (not addresses) are looked up again while the command runs.
+    if args.server.iter().any(|s| s.parse::<SocketAddr>().is_err()) {
+        config.names = Some(names);
+    }
     config.ttl = args.ttl;
     config.key = load_key(args.key_file.as_ref())?;
     config.name = "tether-cli".into();
@@ -818,7 +850,7 @@ fn client(args: ClientArgs) -> Result<u8, String> {
         Client::connect(config).map_err(|e| match e {
             ClientError::Timeout => format!(
                 "no answer from {}: is `tether serve` running there, and is the key file right?",
-                args.server
+                args.server.join(", ")
             ),
             e => e.to_string(),
         })
@@ -872,10 +904,11 @@ fn run_action(c: &Client, action: ClientAction, payload: Vec<u8>) -> Result<Acte
                 std::thread::sleep(Duration::from_millis(20));
             }
             say!(
-                "session {client_id}/{incarnation}: TTL {:?}, tick {:?}, round trip {}",
+                "session {client_id}/{incarnation}: TTL {:?}, tick {:?}, round trip {}, host {}",
                 c.ttl(),
                 c.tick(),
-                c.rtt().map_or("unknown".into(), |r| format!("{r:?}"))
+                c.rtt().map_or("unknown".into(), |r| format!("{r:?}")),
+                c.server()
             );
             0
         }
@@ -960,6 +993,11 @@ fn follow_task(c: &Client, task: TaskId) -> Result<Followed, String> {
             Some(ClientEvent::TaskEnded { task: t, status }) if t == task => {
                 say!("task {task}: {}", describe(&status));
                 return Ok(ending(cancel_sent, status));
+            }
+            Some(ClientEvent::Moved { from, to }) => {
+                eprintln!(
+                    "{from} stopped answering; moving to {to} (a task on {from} ends when its session expires there)"
+                );
             }
             Some(ClientEvent::SessionLost { .. }) => {
                 eprintln!("the server lost the session (it expired); opening a new one");

@@ -13,13 +13,14 @@
 //! and time in and out of it, so an async client can be the same session
 //! under another runtime.
 
+pub mod hosts;
 mod session;
 
 pub use session::{hello_backoff, Answer, ClientSession, Request, RequestId, State};
 
 use std::fmt;
 use std::io;
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{SocketAddr, SocketAddrV6, ToSocketAddrs, UdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -35,8 +36,14 @@ use crate::wire::{
 /// How a client connects.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// The server.
-    pub server: SocketAddr,
+    /// The servers. With more than one, the client picks its host by
+    /// rendezvous hashing of its id and moves to the next in its order when
+    /// the host falls silent for a TTL (see [`hosts`]).
+    pub servers: Vec<SocketAddr>,
+    /// Names to look up for the servers (`host:port`; a DNS name with
+    /// several addresses gives them all): at connect when `servers` is
+    /// empty, then again every [`ServerNames::every`].
+    pub names: Option<ServerNames>,
     /// This client's id; stable across restarts of the same client.
     pub client_id: u64,
     /// Requested TTL; zero takes the server's default.
@@ -72,13 +79,59 @@ pub struct Resume {
     /// The next SUBMIT `request_id`: the session remembers the ids it has
     /// answered, so a reused one would get the old task back.
     pub next_request_id: u32,
+    /// The host the session is on, when there are several.
+    pub server: Option<SocketAddr>,
+}
+
+/// Server names to look up, and how often to look them up again: what a
+/// DNS name with one record per host (a Kubernetes headless Service) needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerNames {
+    /// `host:port` each; `host` a name or an address.
+    pub names: Vec<String>,
+    /// How often to look the names up again (at least a second; a name
+    /// whose lookup fails keeps its addresses).
+    pub every: Duration,
+}
+
+impl ServerNames {
+    /// `names`, looked up again every 30 s.
+    pub fn new(names: Vec<String>) -> ServerNames {
+        ServerNames {
+            names,
+            every: Duration::from_secs(30),
+        }
+    }
+
+    /// Every address the names have now (blocking: the system resolver).
+    /// An error if any name has none.
+    pub fn resolve(&self) -> io::Result<Vec<SocketAddr>> {
+        let mut servers = Vec::new();
+        for name in &self.names {
+            let found: Vec<SocketAddr> = name.to_socket_addrs()?.collect();
+            if found.is_empty() {
+                return Err(io::Error::new(
+                    io::ErrorKind::NotFound,
+                    format!("{name} has no address"),
+                ));
+            }
+            servers.extend(found);
+        }
+        Ok(servers)
+    }
 }
 
 impl ClientConfig {
     /// Defaults for talking to `server` as `client_id`.
     pub fn new(server: SocketAddr, client_id: u64) -> ClientConfig {
+        ClientConfig::with_servers(vec![server], client_id)
+    }
+
+    /// Defaults for talking to whichever of `servers` is `client_id`'s host.
+    pub fn with_servers(servers: Vec<SocketAddr>, client_id: u64) -> ClientConfig {
         ClientConfig {
-            server,
+            servers,
+            names: None,
             client_id,
             ttl: Duration::ZERO,
             name: "tether-client".into(),
@@ -155,6 +208,15 @@ pub enum ClientEvent {
         /// The new session's incarnation.
         incarnation: u64,
     },
+    /// The client left a host (silent for a TTL, refusing, or gone from
+    /// the list) for the next in its order; a new session is being opened
+    /// there.
+    Moved {
+        /// The host left.
+        from: SocketAddr,
+        /// The host now used.
+        to: SocketAddr,
+    },
 }
 
 /// Why a client call failed.
@@ -228,10 +290,14 @@ pub struct SubmitOptions {
 pub struct Client {
     inner: Arc<Inner>,
     io: Option<JoinHandle<()>>,
+    resolver: Option<JoinHandle<()>>,
 }
 
 struct Inner {
+    /// Unconnected: the host can change. IPv6 (taking IPv4 too) when any
+    /// server is IPv6.
     socket: UdpSocket,
+    dual_stack: bool,
     session: Mutex<ClientSession>,
     /// Signalled whenever the session took something in.
     changed: Condvar,
@@ -244,21 +310,43 @@ const IO_SLICE: Duration = Duration::from_millis(20);
 
 impl Client {
     /// Opens a session (HELLO, waiting for WELCOME) and starts heartbeating.
-    pub fn connect(config: ClientConfig) -> Result<Client, ClientError> {
-        let bind: SocketAddr = if config.server.is_ipv4() {
-            ([0, 0, 0, 0], 0).into()
+    ///
+    /// With [`ClientConfig::names`], looks them up first if
+    /// [`ClientConfig::servers`] is empty (an error if one has no address),
+    /// and again every [`ServerNames::every`] on a thread of its own, so a
+    /// slow resolver never delays a heartbeat.
+    pub fn connect(mut config: ClientConfig) -> Result<Client, ClientError> {
+        if let (Some(names), true) = (&config.names, config.servers.is_empty()) {
+            config.servers = names.resolve()?;
+        }
+        if config.servers.is_empty() {
+            return Err(ClientError::Io(Arc::new(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "no server given",
+            ))));
+        }
+        let dual_stack = config.servers.iter().any(SocketAddr::is_ipv6);
+        let socket = if dual_stack {
+            let socket = socket2::Socket::new(
+                socket2::Domain::IPV6,
+                socket2::Type::DGRAM,
+                Some(socket2::Protocol::UDP),
+            )?;
+            socket.set_only_v6(false)?;
+            socket.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)).into())?;
+            UdpSocket::from(socket)
         } else {
-            (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+            UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0)))?
         };
-        let socket = UdpSocket::bind(bind)?;
-        socket.connect(config.server)?;
         socket.set_read_timeout(Some(IO_SLICE))?;
+        let names = config.names.clone();
         let wall_ns = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(1, |d| d.as_nanos() as u64);
         let session = ClientSession::new(config, Instant::now(), wall_ns);
         let inner = Arc::new(Inner {
             socket,
+            dual_stack,
             session: Mutex::new(session),
             changed: Condvar::new(),
             stop: AtomicBool::new(false),
@@ -270,9 +358,21 @@ impl Client {
                 .name("tether-client-io".into())
                 .spawn(move || inner.io_loop())?
         };
+        let resolver = match names {
+            Some(names) => {
+                let inner = Arc::clone(&inner);
+                Some(
+                    std::thread::Builder::new()
+                        .name("tether-client-dns".into())
+                        .spawn(move || inner.resolve_loop(&names))?,
+                )
+            }
+            None => None,
+        };
         let mut client = Client {
             inner,
             io: Some(io),
+            resolver,
         };
         let opened = {
             let mut s = client.inner.session.lock();
@@ -299,6 +399,11 @@ impl Client {
     /// process (the command-line client keeps it between invocations).
     pub fn resume_point(&self) -> Resume {
         self.inner.session.lock().resume_point()
+    }
+
+    /// The host the session is on.
+    pub fn server(&self) -> SocketAddr {
+        self.inner.session.lock().server()
     }
 
     /// The TTL the server granted.
@@ -457,6 +562,10 @@ impl Client {
         if let Some(io) = self.io.take() {
             let _ = io.join();
         }
+        // The resolver is not waited for: it may be inside a slow lookup,
+        // and sees `stop` when that returns (it holds the socket until
+        // then, nothing else).
+        self.resolver.take();
     }
 }
 
@@ -466,14 +575,59 @@ impl Drop for Client {
     }
 }
 
+/// `from` as the session lists servers: an IPv4 peer of the dual-stack
+/// socket arrives IPv4-mapped.
+fn canonical(from: SocketAddr) -> SocketAddr {
+    SocketAddr::new(from.ip().to_canonical(), from.port())
+}
+
 impl Inner {
     /// Sends every datagram the session has ready (the lock is held: each
     /// is one non-blocking system call).
     fn send_queued(&self, s: &mut ClientSession) {
+        let to = match s.server() {
+            SocketAddr::V4(v4) if self.dual_stack => {
+                SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0).into()
+            }
+            to => to,
+        };
         while let Some(datagram) = s.poll_transmit() {
-            // A refused port (ICMP) just means the server is not there
-            // yet: the session retries.
-            let _ = self.socket.send(&datagram);
+            // A failed send is a lost datagram: the session retries.
+            let _ = self.socket.send_to(&datagram, to);
+        }
+    }
+
+    /// Looks the names up again every `names.every` (at least a second)
+    /// and hands a changed list to the session. A name whose lookup fails
+    /// keeps the addresses it had.
+    fn resolve_loop(&self, names: &ServerNames) {
+        let every = names.every.max(Duration::from_secs(1));
+        let mut known: Vec<Vec<SocketAddr>> = vec![Vec::new(); names.names.len()];
+        let mut next = Instant::now() + every;
+        while !self.stop.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_millis(100));
+            if Instant::now() < next {
+                continue;
+            }
+            next = Instant::now() + every;
+            for (name, addresses) in names.names.iter().zip(&mut known) {
+                if let Ok(found) = name.to_socket_addrs() {
+                    let found: Vec<SocketAddr> = found.collect();
+                    if !found.is_empty() {
+                        *addresses = found;
+                    }
+                }
+            }
+            // This socket reaches IPv6 hosts only if it was opened for one.
+            let servers: Vec<SocketAddr> = known
+                .iter()
+                .flatten()
+                .copied()
+                .filter(|s| self.dual_stack || s.is_ipv4())
+                .collect();
+            let mut s = self.session.lock();
+            s.set_servers(Instant::now(), &servers);
+            self.send_queued(&mut s);
         }
     }
 
@@ -489,11 +643,20 @@ impl Inner {
                     .clamp(Duration::from_millis(1), IO_SLICE)
             };
             let _ = self.socket.set_read_timeout(Some(wait));
-            let received = self.socket.recv(&mut buf);
+            let received = self.socket.recv_from(&mut buf);
             let now = Instant::now();
             let mut s = self.session.lock();
-            if let Ok(n) = received {
-                s.handle_datagram(now, &buf[..n]);
+            if let Ok((n, from)) = received {
+                s.handle_datagram(now, canonical(from), &buf[..n]);
+                // Whatever else waits is taken in before any timeout is
+                // judged: after a stall of this process, the host's answers
+                // queued meanwhile count before its silence does.
+                if self.socket.set_nonblocking(true).is_ok() {
+                    while let Ok((n, from)) = self.socket.recv_from(&mut buf) {
+                        s.handle_datagram(now, canonical(from), &buf[..n]);
+                    }
+                    let _ = self.socket.set_nonblocking(false);
+                }
             }
             s.handle_timeout(now);
             self.send_queued(&mut s);

@@ -18,17 +18,24 @@
 //! jitter (capped at the TTL), so a fleet that reconnects together spreads
 //! out instead of retrying in lockstep.
 //!
+//! With several servers it also picks the host (rendezvous hashing of the
+//! client_id, see `hosts.rs`) and moves to the next in its order when the
+//! host has been silent for a TTL; every datagram it hands out goes to
+//! [`ClientSession::server`].
+//!
 //! Time is an [`Instant`] the caller passes in; the wall clock is read once,
 //! by the caller, to seed incarnations. A test drives hours of it in
 //! microseconds (see the tests at the bottom).
 
 use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+use super::hosts;
 use super::{ClientConfig, ClientError, ClientEvent, Resume, TaskStatus};
 use crate::engine::TaskId;
 use crate::wire::{
-    self, CancelOutcome, Datagram, Flags, Header, Message, ReplayWindow, MAX_DATAGRAM,
+    self, CancelOutcome, Datagram, Flags, Header, Message, RejectCode, ReplayWindow, MAX_DATAGRAM,
 };
 
 /// Unclaimed events, and final states, kept at most.
@@ -197,6 +204,21 @@ pub struct ClientSession {
     rng: u64,
     /// The outcome of the first HELLO, for [`ClientSession::opened`].
     opened: Option<Result<(), ClientError>>,
+    /// The servers in this client's order of preference (one, when the
+    /// client was given one).
+    ranked: Vec<SocketAddr>,
+    /// The one in `ranked` that the session is on.
+    current: usize,
+    /// When the current host last answered, or when the client turned to
+    /// it: a TTL past this, it moves on.
+    heard: Instant,
+    /// Hosts turned to without a WELCOME since the last one: opening gives
+    /// up once it has tried them all.
+    unwelcomed_hosts: usize,
+    /// When the client last asked its host for an answer (a HELLO, or a
+    /// heartbeat asking for an ACK) and has not heard from it since: only
+    /// a host that leaves asks unanswered is judged silent.
+    unanswered: Option<Instant>,
 }
 
 impl ClientSession {
@@ -206,7 +228,18 @@ impl ClientSession {
     /// incarnations it makes start there, and only grow.
     pub fn new(config: ClientConfig, now: Instant, wall_ns: u64) -> ClientSession {
         let resume = config.resume;
+        let ranked = hosts::rank(config.client_id, &config.servers);
+        // A resumed session is on the host it was on, if that is listed.
+        let current = resume
+            .and_then(|r| r.server)
+            .and_then(|server| ranked.iter().position(|&s| s == server))
+            .unwrap_or(0);
         let mut s = ClientSession {
+            ranked,
+            current,
+            heard: now,
+            unwelcomed_hosts: 1,
+            unanswered: None,
             state: State::Opening,
             incarnation: wall_ns.max(1),
             tx_seq: 0,
@@ -273,6 +306,45 @@ impl ClientSession {
             incarnation: self.incarnation,
             next_seq: self.tx_seq.wrapping_add(1).max(1),
             next_request_id: self.next_request_id,
+            server: self.ranked.get(self.current).copied(),
+        }
+    }
+
+    /// The host every datagram from [`ClientSession::poll_transmit`] goes
+    /// to.
+    ///
+    /// # Panics
+    ///
+    /// If the configuration listed no server.
+    pub fn server(&self) -> SocketAddr {
+        self.ranked[self.current]
+    }
+
+    /// The servers, in this client's order of preference.
+    pub fn servers(&self) -> &[SocketAddr] {
+        &self.ranked
+    }
+
+    /// A new list of servers (from a DNS name looked up again). The client
+    /// stays on its host if it is still listed: moving a live session would
+    /// cancel its tasks there, so a host that joins gains new clients and
+    /// those of hosts that fail, not the clients of hosts that answer. If
+    /// its host left the list, it moves at once to its first choice of the
+    /// new list. An empty list changes nothing.
+    pub fn set_servers(&mut self, now: Instant, servers: &[SocketAddr]) {
+        let ranked = hosts::rank(self.config.client_id, servers);
+        if ranked.is_empty() || ranked == self.ranked || self.state == State::Closed {
+            return;
+        }
+        let server = self.server();
+        let still_listed = ranked.iter().position(|&s| s == server);
+        self.ranked = ranked;
+        match still_listed {
+            Some(i) => self.current = i,
+            None => {
+                self.unwelcomed_hosts = 0;
+                self.move_to(now, server, 0);
+            }
         }
     }
 
@@ -405,7 +477,116 @@ impl ClientSession {
             .chain(self.hello.as_ref())
             .map(|p| p.next_try);
         let heartbeat = self.next_heartbeat.filter(|_| self.state == State::Live);
-        retries.chain(heartbeat).min()
+        retries
+            .chain(heartbeat)
+            .chain(self.silence_deadline())
+            .chain(self.probe_due())
+            .min()
+    }
+
+    /// When the client gives up on a silent host, if it has another: a
+    /// TTL after it last heard from the host, and not before an ask has
+    /// gone unanswered for `retry_after`. So a client that was itself
+    /// quiet (heartbeats paused, the process stopped or starved) asks
+    /// before it judges, rather than leaving a host that never had the
+    /// chance to answer.
+    fn silence_deadline(&self) -> Option<Instant> {
+        let waiting = match self.state {
+            State::Live => !self.paused,
+            State::Opening | State::Lost => true,
+            State::Closed => false,
+        };
+        if !waiting || self.ranked.len() < 2 {
+            return None;
+        }
+        let asked = self.unanswered?;
+        Some((self.heard + self.silence_limit()).max(asked + self.config.retry_after))
+    }
+
+    /// How long a host may stay silent: the TTL granted (a session heard
+    /// from less often than that has expired there), or asked for, or 3 s.
+    fn silence_limit(&self) -> Duration {
+        [self.ttl(), self.config.ttl, Duration::from_secs(3)]
+            .into_iter()
+            .find(|ttl| !ttl.is_zero())
+            .unwrap_or_default()
+    }
+
+    /// When to probe the host again: with another host to go to, a
+    /// heartbeat that asked for an ACK and was not answered within
+    /// `retry_after` is followed by another, and so on until one is. A host
+    /// is left only when it answered none of a TTL's probes, so lost ACKs
+    /// move a client far less often than lost heartbeats expire it.
+    fn probe_due(&self) -> Option<Instant> {
+        let asked = self.unanswered?;
+        let waiting = self.ranked.len() > 1 && self.state == State::Live && !self.paused;
+        waiting.then(|| asked + self.config.retry_after)
+    }
+
+    /// A datagram of the current session came from the host.
+    fn heard_from_host(&mut self, now: Instant) {
+        self.heard = now;
+        self.unanswered = None;
+    }
+
+    /// Moves to the next host in this client's order (after the last, the
+    /// first again).
+    fn fail_over(&mut self, now: Instant) {
+        let from = self.server();
+        let next = (self.current + 1) % self.ranked.len();
+        self.move_to(now, from, next);
+    }
+
+    /// Leaves `from` for `ranked[to]` with a new incarnation and a fresh
+    /// HELLO. Nothing is said to `from`: if it is alive it expires the old
+    /// session as it would any silent client, cancelling its tasks
+    /// (reason `expired`). Requests in flight fail with
+    /// [`ClientError::SessionLost`], for their callers to retry on the new
+    /// host.
+    fn move_to(&mut self, now: Instant, from: SocketAddr, to: usize) {
+        match self.state {
+            State::Closed => return,
+            State::Opening if self.unwelcomed_hosts >= self.ranked.len() => {
+                // Every host had its chance: opening fails.
+                self.hello = None;
+                self.opened = Some(Err(ClientError::Timeout));
+                self.state = State::Closed;
+                return;
+            }
+            _ => {}
+        }
+        self.current = to;
+        self.heard = now;
+        self.unanswered = None;
+        self.transmits.clear();
+        let to = self.server();
+        push_bounded(&mut self.events, ClientEvent::Moved { from, to });
+        match self.state {
+            State::Closed => {}
+            State::Opening => {
+                self.unwelcomed_hosts += 1;
+                self.resuming = false;
+                self.new_incarnation(now);
+                let tries = self.config.tries;
+                self.send_hello(now, tries);
+            }
+            State::Live | State::Lost => {
+                if self.state == State::Live {
+                    push_bounded(
+                        &mut self.events,
+                        ClientEvent::SessionLost {
+                            incarnation: self.incarnation,
+                        },
+                    );
+                }
+                self.state = State::Lost;
+                for p in self.requests.drain(..) {
+                    self.done.insert(p.id, Err(ClientError::SessionLost));
+                }
+                self.unwelcomed_hosts += 1;
+                self.reopen(now);
+            }
+        }
     }
 
     /// Closes the session without a BYE: nothing more is sent, and every
@@ -427,6 +608,20 @@ impl ClientSession {
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.state == State::Closed {
             return;
+        }
+        if let Some(due) = self.silence_deadline().filter(|due| *due <= now) {
+            if now.saturating_duration_since(due) > self.config.retry_after {
+                // Called long after the host was due to be judged: this
+                // client was not running (stopped, starved), so the
+                // silence is its own as much as the host's. Ask again
+                // (the heartbeat or HELLO due now asks) before judging.
+                self.unanswered = None;
+            } else {
+                self.fail_over(now);
+                if self.state == State::Closed {
+                    return;
+                }
+            }
         }
         self.retry_hello(now);
         let mut requests = std::mem::take(&mut self.requests);
@@ -466,13 +661,21 @@ impl ClientSession {
                 if !self.paused {
                     self.heartbeat(now);
                 }
+            } else if self.probe_due().is_some_and(|due| due <= now) {
+                self.heartbeat(now);
             }
         }
     }
 
-    /// Takes in a datagram from the server, read at `now`. Anything that is
-    /// not a valid datagram of this client's sessions is dropped.
-    pub fn handle_datagram(&mut self, now: Instant, bytes: &[u8]) {
+    /// Takes in a datagram that came from `from`, read at `now`. Anything
+    /// that is not a valid datagram of this client's sessions, or did not
+    /// come from the current host ([`ClientSession::server`]), is dropped:
+    /// a host the client left has nothing more to tell it (its task ids
+    /// would collide with the new host's).
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        if from != self.server() {
+            return;
+        }
         let Ok(d) = Datagram::decode(bytes, self.config.key.as_ref()) else {
             return;
         };
@@ -481,6 +684,9 @@ impl ClientSession {
             return;
         }
         if let Message::UnknownSession = d.message {
+            if h.incarnation == self.incarnation {
+                self.heard_from_host(now);
+            }
             self.on_unknown_session(now, &h);
             return;
         }
@@ -496,6 +702,20 @@ impl ClientSession {
                     }
                 }
                 None => self.server_window = Some(ReplayWindow::new(h.seq)),
+            }
+            self.heard_from_host(now);
+        } else if h.incarnation == self.incarnation {
+            // A refusal for want of room, or because the host is stopping,
+            // does not keep the client there: only a WELCOME does.
+            let unavailable = matches!(
+                d.message,
+                Message::Rejected {
+                    code: RejectCode::ShuttingDown | RejectCode::TooManySessions,
+                    ..
+                }
+            );
+            if !unavailable {
+                self.heard_from_host(now);
             }
         } else if h.incarnation != self.incarnation
             && !matches!(d.message, Message::TaskState { report, .. } if report.is_final())
@@ -630,6 +850,7 @@ impl ClientSession {
         self.ttl_ms = ttl_ms;
         self.tick_ms = tick_ms;
         self.resuming = false;
+        self.unwelcomed_hosts = 0;
         let reopened = self.state == State::Lost;
         self.state = State::Live;
         self.next_heartbeat = Some(now + self.interval());
@@ -651,6 +872,18 @@ impl ClientSession {
     }
 
     fn on_hello_refused(&mut self, now: Instant, refused: ClientError) {
+        let host_unavailable = matches!(
+            refused,
+            ClientError::Rejected {
+                code: RejectCode::ShuttingDown | RejectCode::TooManySessions,
+                ..
+            }
+        );
+        if host_unavailable && self.ranked.len() > 1 && self.unwelcomed_hosts < self.ranked.len() {
+            // Another host may have room (or not be stopping).
+            self.fail_over(now);
+            return;
+        }
         if self.opened.is_none() {
             self.hello = None;
             self.opened = Some(Err(refused));
@@ -683,6 +916,7 @@ impl ClientSession {
 
     fn try_hello(&mut self, now: Instant, hello: &mut Pending) {
         let _ = self.encode(now, Flags::empty(), &hello.message.borrow());
+        self.unanswered = Some(now);
         hello.tries_left = hello.tries_left.saturating_sub(1);
         hello.next_try = now + self.hello_backoff(hello.attempts);
         hello.attempts += 1;
@@ -699,15 +933,25 @@ impl ClientSession {
         }
         if hello.tries_left == 0 {
             if self.resuming {
-                // The server does not have the resumed session: open anew.
+                // The server does not have the resumed session (its HELLO
+                // is stale there): open anew on the same host, where the
+                // session's tasks and their final states are.
                 self.resuming = false;
                 self.new_incarnation(now);
                 let tries = self.config.tries;
                 self.send_hello(now, tries);
-            } else {
-                self.opened = Some(Err(ClientError::Timeout));
-                self.state = State::Closed;
+                return;
             }
+            if self.state == State::Opening
+                && self.ranked.len() > 1
+                && self.unwelcomed_hosts < self.ranked.len()
+            {
+                self.hello = Some(hello);
+                self.fail_over(now);
+                return;
+            }
+            self.opened = Some(Err(ClientError::Timeout));
+            self.state = State::Closed;
             return;
         }
         if self.state == State::Lost && hello.attempts % self.config.tries.max(1) == 0 {
@@ -773,11 +1017,19 @@ impl ClientSession {
 
     fn heartbeat(&mut self, now: Instant) {
         self.heartbeats = self.heartbeats.wrapping_add(1);
-        let ack =
-            self.config.ack_every > 0 && self.heartbeats.is_multiple_of(self.config.ack_every);
+        // With another host to go to, a host unheard from for half an
+        // interval is asked to answer, so a live one is heard from several
+        // times a TTL however rarely ACKs are asked for otherwise.
+        let unheard = self.ranked.len() > 1
+            && now.saturating_duration_since(self.heard) >= self.interval() / 2;
+        let probing = self.probe_due().is_some_and(|due| due <= now);
+        let ack = unheard
+            || probing
+            || (self.config.ack_every > 0 && self.heartbeats.is_multiple_of(self.config.ack_every));
         let flags = if ack { Flags::ACK } else { Flags::empty() };
         if let Ok(seq) = self.encode(now, flags, &Message::Heartbeat) {
             if ack {
+                self.unanswered = Some(now);
                 if self.acks.len() >= ACKS_REMEMBERED {
                     self.acks.pop_front();
                 }

@@ -270,4 +270,38 @@ mod tests {
             Err("shutting down".into())
         );
     }
+
+    /// Two shards, the second stuck: `/healthz` fails and names it, though
+    /// the first answers every probe.
+    #[test]
+    fn healthz_names_the_stuck_shard() {
+        use std::io::{Read, Write};
+        let shards: Vec<Arc<Metrics>> = (0..2).map(|i| Arc::new(Metrics::for_shard(i))).collect();
+        let live = Arc::clone(&shards[0]);
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::clone(&stop);
+        let looping = std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                live.health.iteration_done();
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        let (addr, _server) = serve("127.0.0.1:0".parse().unwrap(), shards).unwrap();
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).unwrap();
+        stop.store(true, Ordering::Relaxed);
+        looping.join().unwrap();
+        assert!(response.starts_with("HTTP/1.1 503"), "{response}");
+        assert!(
+            response.contains("unhealthy: shard 1: the event loop has not completed"),
+            "{response}"
+        );
+    }
 }

@@ -113,6 +113,17 @@ pub struct Args {
     /// given; 1 without either.
     #[arg(long, value_name = "N")]
     pub shards: Option<u32>,
+    /// Several servers (comma-separated): each client picks its host by
+    /// rendezvous hashing of its id and moves to the next in its order when
+    /// the host is silent for a TTL, as the tether clients do. Takes
+    /// --clients, --interval, --ttl, --duration, --sockets, --key-file,
+    /// --hello-retry, --json, --kill-at with --pid, and --allow-remote.
+    #[arg(long, value_name = "ADDR,ADDR...", value_delimiter = ',', num_args = 1..)]
+    pub servers: Vec<SocketAddr>,
+    /// With --servers: SIGKILL the server --pid this long into the measured
+    /// phase, and report how its clients moved.
+    #[arg(long, value_parser = parse_duration, value_name = "D", requires = "servers", requires = "pid")]
+    pub kill_at: Option<Duration>,
     /// Allow a target outside the loopback range.
     #[arg(long)]
     pub allow_remote: bool,

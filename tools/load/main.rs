@@ -19,6 +19,7 @@
 //! (loopback unless `--allow-remote`).
 
 mod args;
+mod cluster;
 mod junk;
 mod outbox;
 mod procfs;
@@ -55,7 +56,7 @@ fn main() -> ExitCode {
     let mut args = Args::parse();
     if args.shards.is_none() {
         args.shards = args.metrics.and_then(detect_shards);
-        if args.shards.is_none() && args.idle.is_none() {
+        if args.shards.is_none() && args.idle.is_none() && args.servers.is_empty() {
             eprintln!(
                 "tether-load: assuming an unsharded server (no --shards, and no --metrics to read it from): against `tether serve --shards N`, pass --shards N or the GSO runs will mix shards"
             );
@@ -81,6 +82,9 @@ fn detect_shards(metrics: std::net::SocketAddr) -> Option<u32> {
 }
 
 fn run(args: &Args) -> Result<(), String> {
+    if !args.servers.is_empty() {
+        return run_cluster(args);
+    }
     if !args.server.ip().is_loopback() && !args.allow_remote {
         return Err(format!(
             "{} is not a loopback address; pass --allow-remote to load a server elsewhere",
@@ -119,6 +123,54 @@ fn run(args: &Args) -> Result<(), String> {
     }
     summarize(args, &results);
     Ok(())
+}
+
+/// `--servers`: the multi-host scenario (see `cluster.rs`), which takes
+/// only the flags that mean something there.
+fn run_cluster(args: &Args) -> Result<(), String> {
+    if let Some(remote) = args
+        .servers
+        .iter()
+        .find(|s| !s.ip().is_loopback() && !args.allow_remote)
+    {
+        return Err(format!(
+            "{remote} is not a loopback address; pass --allow-remote to load servers elsewhere"
+        ));
+    }
+    let unsupported = [
+        (args.herd, "--herd"),
+        (
+            args.compare_raw || args.raw_only,
+            "--compare-raw/--raw-only",
+        ),
+        (
+            args.junk.is_some() || args.hello_flood.is_some(),
+            "--junk/--hello-flood",
+        ),
+        (args.stall.is_some(), "--stall"),
+        (args.idle.is_some(), "--idle"),
+        (
+            args.silent > 0.0 || args.ack > 0.0 || args.loss > 0.0,
+            "--silent/--ack/--loss",
+        ),
+        (
+            args.metrics.is_some() || args.plot.is_some(),
+            "--metrics/--plot",
+        ),
+    ];
+    if let Some((_, flag)) = unsupported.iter().find(|(given, _)| *given) {
+        return Err(format!(
+            "{flag} measures one server; with --servers give --clients, --interval, --ttl, --duration, --kill-at and --pid"
+        ));
+    }
+    if !(1..=1_000_000).contains(&args.clients) {
+        return Err("--clients must be 1 to 1000000".into());
+    }
+    let key = match &args.key_file {
+        Some(path) => Some(tether::keyfile::load(path).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    cluster::run(args, &args.servers, key)
 }
 
 /// What the steps of one run against one target share.

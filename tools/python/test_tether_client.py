@@ -107,6 +107,57 @@ class CodecTests(unittest.TestCase):
         self.assertTrue(w.accept(137))
 
 
+class RankingTests(unittest.TestCase):
+    """The choice of host is part of the protocol: these hold in the Rust
+    client's tests too (src/client/hosts.rs)."""
+
+    V4, V6 = ("10.0.0.1", 7900), ("fd00::2", 7900)
+
+    def test_weights_match_the_published_vectors(self):
+        self.assertEqual(tc._fnv1a64(tc._identity(self.V4)), 0x6D3083F77039B59E)
+        self.assertEqual(tc.weight(1, self.V4), 0x8AACCBB049FDE5DD)
+        self.assertEqual(tc.weight(42, self.V4), 0x5B20B37587B9881B)
+        self.assertEqual(tc.weight(42, self.V6), 0x9467C84C503B192B)
+        self.assertEqual(tc.weight(2 ** 64 - 1, self.V6), 0x93E6378CF555EE9A)
+
+    def test_ranking_is_a_permutation_without_duplicates(self):
+        servers = [("10.0.0.1", 7900), ("10.0.0.2", 7900), ("fd00::2", 7900), ("10.0.0.1", 7901)]
+        rng = random.Random(5)
+        for client_id in (1, 7, 42, 2 ** 64 - 1):
+            ranked = tc.rank(client_id, servers + servers[:2])
+            self.assertEqual(sorted(ranked), sorted(servers))
+            weights = [tc.weight(client_id, s) for s in ranked]
+            self.assertEqual(weights, sorted(weights, reverse=True))
+            # The order is the client's own, not the list's.
+            for _ in range(5):
+                shuffled = servers[:]
+                rng.shuffle(shuffled)
+                self.assertEqual(tc.rank(client_id, shuffled), ranked)
+        # One address written two ways is one server.
+        self.assertEqual(tc.rank(7, [("FD00:0::2", 7900), ("fd00::2", 7900)]), [("fd00::2", 7900)])
+
+    def test_spread_and_minimal_movement(self):
+        three = [("10.0.0.1", 7900), ("10.0.0.2", 7900), ("10.0.0.3", 7900)]
+        survivors = three[1:]
+        ids = range(1000, 31000)
+        before = {i: tc.rank(i, three) for i in ids}
+        for s in three:
+            held = sum(1 for r in before.values() if r[0] == s)
+            self.assertTrue(9700 <= held <= 10300, f"{s} holds {held} of 30000")
+        gained = {s: 0 for s in survivors}
+        for i in ids:
+            after = tc.rank(i, survivors)[0]
+            if before[i][0] != three[0]:
+                self.assertEqual(after, before[i][0], f"client {i} moved between survivors")
+            else:
+                # It goes where its own order says next.
+                self.assertEqual(after, before[i][1])
+                gained[after] += 1
+        lost = sum(gained.values())
+        for s, g in gained.items():
+            self.assertTrue(45 <= 100 * g / lost <= 55, f"{s} gained {g} of {lost}")
+
+
 def _valid_server_datagrams():
     """One well-formed datagram of every server kind, keyless."""
     bodies = [
@@ -252,6 +303,97 @@ class ScriptedServerTests(unittest.TestCase):
         finally:
             c.close()
 
+    def test_a_datagram_from_an_address_not_listed_is_dropped(self):
+        client = _in_thread(lambda: tc.Client(self.fake.addr, client_id=13, retry_after=0.1))
+        hello = self.fake.welcome()
+        c = client()
+        stranger = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            # A final state for this very session, but from another port.
+            final = tc.encode(tc.TASK_STATE, 13, hello[2], 50, struct.pack(">QB", 5, 3))
+            stranger.sendto(final, hello[4])
+            deadline = time.monotonic() + 5
+            while c.dropped < 1:
+                self.assertLess(time.monotonic(), deadline, "not dropped")
+                time.sleep(0.01)
+            self.assertNotIn(5, c.finals)
+            self.fake.sock.sendto(final, hello[4])
+            self.assertEqual(c.wait(5, timeout=5).state, "done", "the same from the server is filed")
+        finally:
+            stranger.close()
+            c.close()
+
+    def test_lost_acks_bring_probes_and_an_answered_probe_keeps_the_host(self):
+        # Two scripted hosts; the client's first choice welcomes it, then
+        # answers nothing for two seconds (of a 3 s TTL): the heartbeats
+        # that follow ask for an ACK every retry_after, and one answer
+        # keeps the client where it is.
+        other = FakeServer()
+        try:
+            servers = [self.fake.addr, other.addr]
+            first = tc.rank(77, servers)[0]
+            home = self.fake if first == self.fake.addr else other
+            client = _in_thread(lambda: tc.Client(servers, client_id=77, retry_after=0.1))
+            hello = home.welcome()
+            c = client()
+            try:
+                quiet_until = time.monotonic() + 2.0
+                asks = []
+                while time.monotonic() < quiet_until:
+                    try:
+                        data, _ = home.sock.recvfrom(2048)
+                    except socket.timeout:
+                        break
+                    _, _, kind, flags, _, _, _, _, seq = tc.HEADER.unpack_from(data)
+                    if kind == tc.HEARTBEAT and flags & tc.FLAG_ACK:
+                        asks.append(time.monotonic())
+                gaps = [b - a for a, b in zip(asks, asks[1:])]
+                self.assertGreaterEqual(len(asks), 8, f"asks at {asks}")
+                self.assertLess(min(gaps[1:]), 0.3, f"probes every retry_after: {gaps}")
+                beat = home.expect(tc.HEARTBEAT)
+                home.reply(beat, tc.HEARTBEAT_ACK, struct.pack(">I", beat[3]))
+                time.sleep(2.0)
+                self.assertEqual(c.server, first)
+                self.assertNotIn("server_changed", [e[0] for e in c.events])
+                self.assertEqual(hello[2], c.session[1], "the same session")
+            finally:
+                c.close()
+        finally:
+            other.close()
+
+    def test_a_host_that_refuses_for_want_of_room_is_passed_over(self):
+        # The client's first choice is full (REJECTED 6 to its HELLO): it
+        # opens on its second, and a host refusing while it reopens moves
+        # it on one host a heartbeat interval, never faster.
+        other = FakeServer()
+        try:
+            servers = [self.fake.addr, other.addr]
+            first = tc.rank(78, servers)[0]
+            full, spare = (self.fake, other) if first == self.fake.addr else (other, self.fake)
+            refusal = struct.pack(">IHB", 0, 6, 4) + b"full"
+            client = _in_thread(lambda: tc.Client(servers, client_id=78, retry_after=0.1))
+            hello = full.expect(tc.HELLO)
+            full.reply(hello, tc.REJECTED, refusal)
+            welcomed = spare.welcome()
+            c = client()
+            try:
+                self.assertEqual(c.server, spare.addr)
+                # The spare host loses the session and then refuses too: the
+                # client moves back to the first, not in a tight loop.
+                beat = spare.expect(tc.HEARTBEAT)
+                spare.unknown_session(beat)
+                again = spare.expect(tc.HELLO)
+                spare.reply(again, tc.REJECTED, refusal)
+                started = time.monotonic()
+                back = full.expect(tc.HELLO)
+                self.assertGreater(time.monotonic() - started, 0.5, "at the next interval")
+                self.assertEqual(back[2], c.session[1])
+                self.assertNotEqual(back[2], welcomed[2])
+            finally:
+                c.close()
+        finally:
+            other.close()
+
     def test_unanswered_hellos_back_off(self):
         # The waits come from hello_backoff, try by try, with the client's
         # retry_after as base and its TTL as cap; recorded here, and kept
@@ -334,7 +476,7 @@ class AsyncFinalsTests(unittest.TestCase):
             async with tc.AsyncSession(fake.addr, client_id=12, retry_after=0.1) as s:
                 for task_id in range(1, 2 * tc.MAX_EVENTS):
                     s._on_datagram(tc.encode(tc.TASK_STATE, 12, s.session[1], 10 + task_id,
-                                             struct.pack(">QB", task_id, 3)))
+                                             struct.pack(">QB", task_id, 3)), fake.addr)
                 held = len(s._finals)
                 done = await s.wait(2 * tc.MAX_EVENTS - 1)
                 return held, done, len(s._finals)
@@ -517,6 +659,218 @@ class AsyncSessionTests(unittest.TestCase):
 
         final = asyncio.run(main())
         self.assertEqual((final.state, final.reason), ("cancelled", "expired"))
+
+
+def _closed_port():
+    """A loopback address where nothing listens (UDP)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    addr = sock.getsockname()
+    sock.close()
+    return addr
+
+
+def _first_choice(servers, wanted, start):
+    """A client id from ``start`` on whose first choice is ``wanted``."""
+    client_id = start
+    while tc.rank(client_id, servers)[0] != wanted:
+        client_id += 1
+    return client_id
+
+
+class FailoverTests(unittest.TestCase):
+    """Several servers: the client opens on its first choice, and when that
+    host falls silent for a TTL it opens a new session on its next one."""
+
+    TTL = 1.0
+
+    def two_servers(self):
+        a = Server()
+        self.addCleanup(a.__exit__, None, None, None)
+        b = Server()
+        self.addCleanup(b.__exit__, None, None, None)
+        return a, b
+
+    def test_blocking_client_moves_when_its_host_falls_silent(self):
+        a, b = self.two_servers()
+        by_addr = {a.addr: a, b.addr: b}
+        first, second = tc.rank(501, [a.addr, b.addr])
+        c = tc.Client([a.addr, b.addr], client_id=501, ttl=self.TTL)
+        try:
+            self.assertEqual(c.server, first)
+            old = c.session
+            self.assertEqual(c.wait(c.submit("echo", b"before")).result, b"before")
+            killed = time.monotonic()
+            by_addr[first].__exit__(None, None, None)
+            while c.server != second or not c._live:
+                self.assertLess(time.monotonic() - killed, 2 * self.TTL + 0.3, "not moved within 2 TTLs")
+                time.sleep(0.01)
+            events = list(c.events)
+            self.assertIn(("server_changed", (first, second)), events)
+            self.assertIn(("session_lost", old[1]), events)
+            self.assertIn(("session_reopened", c.session[1]), events)
+            self.assertGreater(c.session[1], old[1])
+            self.assertEqual(c.wait(c.submit("echo", b"after")).result, b"after")
+            self.assertEqual(c.server, second)
+            c.bye()
+        finally:
+            c.close()
+
+    def test_async_session_moves_when_its_host_falls_silent(self):
+        a, b = self.two_servers()
+        by_addr = {a.addr: a, b.addr: b}
+        first, second = tc.rank(502, [a.addr, b.addr])
+
+        async def main():
+            async with tc.AsyncSession([a.addr, b.addr], client_id=502, ttl=self.TTL) as s:
+                self.assertEqual(s.server, first)
+                old = s.session
+                self.assertEqual((await s.submit("echo", b"before")).result, b"before")
+                killed = time.monotonic()
+                stop = by_addr[first].__exit__
+                await asyncio.get_running_loop().run_in_executor(None, stop, None, None, None)
+                while s.server != second or not s._live:
+                    self.assertLess(time.monotonic() - killed, 2 * self.TTL + 0.3, "not moved within 2 TTLs")
+                    await asyncio.sleep(0.01)
+                events = list(s.events)
+                self.assertIn(("server_changed", (first, second)), events)
+                self.assertIn(("session_lost", old[1]), events)
+                self.assertIn(("session_reopened", s.session[1]), events)
+                self.assertGreater(s.session[1], old[1])
+                result = (await s.submit("echo", b"after")).result
+                self.assertEqual(s.server, second)
+                return result
+
+        self.assertEqual(asyncio.run(main()), b"after")
+
+    def test_a_quiet_host_that_answers_is_kept(self):
+        # No calls, only heartbeats: each asks for an ACK once the host has
+        # been quiet for an interval, so a live host is heard within a TTL.
+        a, b = self.two_servers()
+        servers = [a.addr, b.addr]
+
+        async def idle():
+            async with tc.AsyncSession(servers, client_id=503, ttl=self.TTL) as s:
+                await asyncio.sleep(3 * self.TTL)
+                return list(s.events), s.server
+
+        run = _in_thread(lambda: asyncio.run(idle()))
+        with tc.Client(servers, client_id=504, ttl=self.TTL) as c:
+            time.sleep(3 * self.TTL)
+            self.assertEqual((list(c.events), c.server), ([], tc.rank(504, servers)[0]))
+        self.assertEqual(run(), ([], tc.rank(503, servers)[0]))
+
+    def test_ipv4_and_ipv6_servers_in_one_list(self):
+        try:
+            v6 = Server(listen="[::1]:0")
+        except RuntimeError:
+            self.skipTest("no IPv6 loopback")
+        self.addCleanup(v6.__exit__, None, None, None)
+        v4 = Server()
+        self.addCleanup(v4.__exit__, None, None, None)
+        servers = [v4.addr, ("::1", v6.addr[1])]
+        on_v4 = _first_choice(servers, servers[0], 1000)
+        on_v6 = _first_choice(servers, servers[1], 1000)
+
+        async def on_ipv6():
+            async with tc.AsyncSession(servers, client_id=on_v6, ttl=self.TTL) as s:
+                return s.server, (await s.submit("echo", b"six")).result
+
+        self.assertEqual(asyncio.run(on_ipv6()), (servers[1], b"six"))
+        # One socket reaches both: IPv4 through v4-mapped addresses.
+        c = tc.Client(servers, client_id=on_v4, ttl=self.TTL)
+        try:
+            self.assertEqual((c.server, c.wait(c.submit("echo", b"four")).result), (servers[0], b"four"))
+            killed = time.monotonic()
+            v4.__exit__(None, None, None)
+            while c.server != servers[1] or not c._live:
+                self.assertLess(time.monotonic() - killed, 2 * self.TTL + 0.3, "not moved within 2 TTLs")
+                time.sleep(0.01)
+            self.assertEqual(c.wait(c.submit("echo", b"six")).result, b"six")
+            c.bye()
+        finally:
+            c.close()
+
+    def test_blocking_client_opens_on_its_second_choice_if_the_first_is_silent(self):
+        with Server() as live:
+            closed = _closed_port()
+            client_id = _first_choice([closed, live.addr], closed, 600)
+            started = time.monotonic()
+            with tc.Client([live.addr, closed], client_id=client_id, ttl=0.5) as c:
+                opened = time.monotonic() - started
+                self.assertEqual(c.server, live.addr)
+                self.assertGreaterEqual(opened, 0.45, "the first choice gets a TTL to answer")
+                self.assertLess(opened, 1.0)
+                self.assertEqual(list(c.events), [("server_changed", (closed, live.addr))])
+                self.assertEqual(c.wait(c.submit("echo", b"second")).result, b"second")
+
+    def test_async_session_opens_on_its_second_choice_if_the_first_is_silent(self):
+        with Server() as live:
+            closed = _closed_port()
+            client_id = _first_choice([closed, live.addr], closed, 700)
+
+            async def main():
+                async with tc.AsyncSession([closed, live.addr], client_id=client_id, ttl=0.5) as s:
+                    self.assertEqual(s.server, live.addr)
+                    return (await s.submit("echo", b"second")).result
+
+            self.assertEqual(asyncio.run(main()), b"second")
+
+    def test_opening_fails_only_once_every_host_was_tried(self):
+        silent = [_closed_port(), _closed_port()]
+        started = time.monotonic()
+        with self.assertRaises(tc.TimeoutError_) as raised:
+            tc.Client(silent, client_id=801, ttl=0.3)
+        self.assertGreaterEqual(time.monotonic() - started, 0.55, "a TTL for each host")
+        self.assertIn("any of the 2 servers", str(raised.exception))
+
+        async def main():
+            async with tc.AsyncSession(silent, client_id=802, ttl=0.3):
+                pass
+
+        with self.assertRaises(tc.TimeoutError_):
+            asyncio.run(main())
+
+    def test_a_name_is_resolved_again_and_a_host_that_left_is_left_at_once(self):
+        # One name with two A records, as a DNS server would give them: the
+        # same port on 127.0.0.1 and 127.0.0.2 (loopback, both).
+        a = Server()
+        self.addCleanup(a.__exit__, None, None, None)
+        port = a.addr[1]
+        b = Server(listen=f"127.0.0.2:{port}")
+        self.addCleanup(b.__exit__, None, None, None)
+        first, second = tc.rank(901, [a.addr, b.addr])
+        answer = [[first, second]]  # what the name resolves to; None: failure
+        real = socket.getaddrinfo
+
+        def getaddrinfo(host, port, *args, **kwargs):
+            if host != "tether.test":
+                return real(host, port, *args, **kwargs)
+            if answer[0] is None:
+                raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+            return [(socket.AF_INET, socket.SOCK_DGRAM, 17, "", (ip, port)) for ip, _ in answer[0]]
+
+        socket.getaddrinfo = getaddrinfo
+        self.addCleanup(setattr, socket, "getaddrinfo", real)
+        # A long TTL: only the list change can explain a move.
+        with tc.Client(("tether.test", port), client_id=901, ttl=10.0, resolve_every=0.05) as c:
+            self.assertEqual(c.server, first)
+            answer[0] = [second]
+            changed = time.monotonic()
+            while c.server != second or not c._live:
+                self.assertLess(time.monotonic() - changed, 2.0, "did not leave a host gone from the list")
+                time.sleep(0.01)
+            self.assertIn(("server_changed", (first, second)), list(c.events))
+            moved = c.session
+            # The first choice is back, but the live session stays put; a
+            # failed lookup keeps the list.
+            answer[0] = [first, second]
+            time.sleep(0.3)
+            answer[0] = None
+            time.sleep(0.3)
+            self.assertEqual((c.server, c.session), (second, moved))
+            self.assertEqual(c._hosts.ranked, [first, second])
+            self.assertEqual(c.wait(c.submit("echo", b"stayed")).result, b"stayed")
 
 
 if __name__ == "__main__":

@@ -9,14 +9,27 @@ Two interfaces over one wire codec:
   payload)`` returns the task's final state, and cancelling the awaiting
   coroutine sends CANCEL to the server.
 
+Both take one server ``(host, port)`` or a list of them; a name stands for
+all its A/AAAA records. With several servers, each client ranks them by
+rendezvous (highest-random-weight) hashing of its client_id (``rank``, the
+same bit for bit as the Rust client's) and talks to its first choice only.
+When that host has been silent for a TTL, the client moves to its next
+choice and opens a fresh session there; it stays on a host that answers,
+so a host that joins takes only new clients and those of lost hosts. Names
+are resolved again every ``resolve_every`` seconds, and a client whose host
+has left the list moves at once. A task is never moved: on the lost host it
+is cancelled (reason expired) when the abandoned session expires there.
+
 The wire format is described in PROTOCOL.md at the top of the repository.
 """
 
 import asyncio
 import collections
 import dataclasses
+import functools
 import hashlib
 import hmac
+import ipaddress
 import itertools
 import os
 import random
@@ -24,7 +37,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 __all__ = [
     "AsyncSession",
@@ -34,6 +47,8 @@ __all__ = [
     "TaskResult",
     "TetherError",
     "TimeoutError_",
+    "rank",
+    "weight",
 ]
 
 MAX_EVENTS = 1024  # unclaimed events kept by the blocking client, newest last
@@ -244,6 +259,236 @@ def hello_backoff(attempt: int, base: float, cap: float,
     return max(base / 4, rand() * ceiling)
 
 
+# --- several servers --------------------------------------------------------
+
+Address = Tuple[str, int]  # (ip, port) of one server
+Servers = Union[Tuple[str, int], Sequence[Tuple[str, int]]]
+
+_U64 = (1 << 64) - 1
+
+
+def _ip(host: str) -> Optional[str]:
+    """``host`` as ipaddress writes it if it is an IP literal, else None."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return None
+
+
+def _identity(server: Address) -> bytes:
+    """A server's bytes for hashing: its IP (4 or 16 bytes), then its port,
+    big-endian."""
+    return ipaddress.ip_address(server[0]).packed + struct.pack(">H", server[1])
+
+
+def _fnv1a64(data: bytes) -> int:
+    h = 0xCBF29CE484222325
+    for b in data:
+        h = ((h ^ b) * 0x100000001B3) & _U64
+    return h
+
+
+def _fmix64(k: int) -> int:
+    """MurmurHash3's 64-bit finalizer: every output bit depends on every
+    input bit, so nearby client ids (a fleet numbered 1..N) get unrelated
+    weights."""
+    k ^= k >> 33
+    k = (k * 0xFF51AFD7ED558CCD) & _U64
+    k ^= k >> 33
+    k = (k * 0xC4CEB9FE1A85EC53) & _U64
+    return k ^ (k >> 33)
+
+
+@functools.lru_cache(maxsize=1024)
+def _server_key(server: Address) -> Tuple[Address, bytes, int]:
+    """``server`` as ipaddress writes it, its identity bytes and their
+    FNV-1a hash: kept, as a client ranks the same few servers again and
+    again."""
+    identity = _identity(server)
+    return (str(ipaddress.ip_address(server[0])), int(server[1])), identity, _fnv1a64(identity)
+
+
+def _check_client_id(client_id: int):
+    if not 0 <= client_id <= _U64:
+        raise ValueError("client_id must be a 64-bit number")
+
+
+def weight(client_id: int, server: Address) -> int:
+    """How much ``client_id`` wants ``server`` (an (ip, port) pair): its host
+    is the server of highest weight. ``fmix64(client_id ^ fnv1a64(ip bytes +
+    port))``, as the Rust client computes it, so clients in any language
+    that share a client_id choose the same host."""
+    _check_client_id(client_id)
+    return _fmix64(client_id ^ _server_key((server[0], server[1]))[2])
+
+
+def rank(client_id: int, servers: Sequence[Address]) -> List[Address]:
+    """``servers`` ((ip, port) pairs) in ``client_id``'s order of
+    preference, duplicates removed: the first is its host, the next where
+    it goes when that one falls silent. Ties (two equal 64-bit weights) go
+    to the smaller identity bytes. A server that leaves the list takes only
+    its own clients with it, each to its own next choice."""
+    _check_client_id(client_id)
+    keyed = []
+    for ip, port in servers:
+        server, identity, h = _server_key((ip, port))
+        keyed.append((-_fmix64(client_id ^ h), identity, server))
+    keyed.sort(key=lambda k: (k[0], k[1]))
+    ranked: List[Address] = []
+    for _, _, server in keyed:
+        if server not in ranked[-1:]:  # equal servers sort next to each other
+            ranked.append(server)
+    return ranked
+
+
+class _Hosts:
+    """The servers one client may talk to: the (host, port) pairs it was
+    given, what they resolve to, its ranking of those, the one it talks to
+    (``current``) and when that one last answered (``heard``, monotonic).
+    Not thread-safe: the blocking client holds its lock around every use."""
+
+    def __init__(self, client_id: int, server: Servers):
+        if isinstance(server, tuple) and server and isinstance(server[0], str):
+            server = [server]
+        self.entries: List[Tuple[str, int]] = [(host, int(port)) for host, port in server]
+        if not self.entries:
+            raise ValueError("no server given")
+        self.client_id = client_id
+        # (index, host, port) of each entry that is a name, not an IP.
+        self.names = [(i, host, port) for i, (host, port) in enumerate(self.entries) if _ip(host) is None]
+        # Each entry's addresses: an IP's at once, a name's once resolved.
+        self._found: List[List[Address]] = [
+            [(_ip(host), port)] if _ip(host) else [] for host, port in self.entries]
+        self.family = socket.AF_INET
+        self.dual = False  # an IPv6 socket that reaches IPv4 addresses too
+        self.ranked: List[Address] = []
+        self._listed = frozenset()
+        self.current: Optional[Address] = None
+        self.heard = time.monotonic()
+
+    @property
+    def multi(self) -> bool:
+        """Several servers: failover is on."""
+        return len(self.ranked) > 1
+
+    def _take(self, found: dict) -> List[Address]:
+        """All addresses, after the lookups in ``found`` ({index:
+        getaddrinfo's list, or the exception it raised}). A failed lookup
+        keeps the entry's last addresses: a DNS outage must not empty the
+        list."""
+        for i, infos in found.items():
+            if isinstance(infos, BaseException):
+                continue
+            addrs = []
+            for family, _, _, _, sockaddr in infos:
+                ip = _ip(sockaddr[0]) if family in (socket.AF_INET, socket.AF_INET6) else None
+                if ip is not None and (ip, sockaddr[1]) not in addrs:
+                    addrs.append((ip, sockaddr[1]))
+            if addrs:
+                self._found[i] = addrs
+        return [addr for addrs in self._found for addr in addrs]
+
+    def start(self, found: dict):
+        """Takes the first lookups' results: the socket family and the host.
+        Raises the first lookup's error if no address is known at all."""
+        addrs = self._take(found)
+        if not addrs:
+            errors = [e for e in found.values() if isinstance(e, BaseException)]
+            raise errors[0] if errors else TetherError("no address for any server")
+        v6 = [":" in ip for ip, _ in addrs]
+        self.family = socket.AF_INET6 if any(v6) else socket.AF_INET
+        self.dual = any(v6) and not all(v6)
+        self._rank(addrs)
+        self.move(self.ranked[0])
+
+    def update(self, found: dict) -> bool:
+        """Takes a re-resolution's results; True if the current host has
+        left the list (the client then moves to the new first choice).
+        Addresses the socket cannot reach (IPv6 on an IPv4 socket) are left
+        out: the socket's family was fixed by the first list."""
+        addrs = [a for a in self._take(found)
+                 if self.dual or (":" in a[0]) == (self.family == socket.AF_INET6)]
+        if not addrs:
+            return False
+        self._rank(addrs)
+        return self.current not in self._listed
+
+    def _rank(self, addrs: List[Address]):
+        self.ranked = rank(self.client_id, addrs)
+        self._listed = frozenset(self.ranked)
+
+    def after(self, server: Address) -> Address:
+        """The host after ``server`` in this client's ranking, wrapping."""
+        try:
+            return self.ranked[(self.ranked.index(server) + 1) % len(self.ranked)]
+        except ValueError:
+            return self.ranked[0]
+
+    def move(self, server: Address):
+        self.current = server
+        self.heard = time.monotonic()  # a new host gets a whole TTL to answer
+
+    def socket(self) -> socket.socket:
+        """An unconnected UDP socket of the list's family (the destination
+        changes on failover): IPv4 if every address is, else IPv6, which
+        also reaches IPv4 addresses through v4-mapped ones."""
+        sock = socket.socket(self.family, socket.SOCK_DGRAM)
+        try:
+            if self.family == socket.AF_INET6:
+                try:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                    self.dual = True
+                except (OSError, AttributeError):
+                    if self.dual:  # a mixed list needs it
+                        raise
+            sock.bind(("::" if self.family == socket.AF_INET6 else "0.0.0.0", 0))
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def sockaddr(self) -> tuple:
+        """Where to send to reach the current host from this socket."""
+        ip, port = self.current
+        if self.family == socket.AF_INET6 and ":" not in ip:
+            return "::ffff:" + ip, port
+        return ip, port
+
+    def known(self, addr: tuple) -> Optional[Address]:
+        """The listed server a datagram came from (``addr`` as recvfrom gives
+        it, v4-mapped on a dual socket), or None."""
+        server = (addr[0], addr[1])
+        if server in self._listed:
+            return server
+        try:
+            ip = ipaddress.ip_address(addr[0])
+        except ValueError:
+            return None
+        server = (str(getattr(ip, "ipv4_mapped", None) or ip), addr[1])
+        return server if server in self._listed else None
+
+
+def _lookup(hosts: _Hosts) -> dict:
+    """Resolves ``hosts``' names now: {index: getaddrinfo's list, or the
+    exception it raised}."""
+    found = {}
+    for i, host, port in hosts.names:
+        try:
+            found[i] = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        except (OSError, UnicodeError) as e:
+            found[i] = e
+    return found
+
+
+async def _lookup_async(hosts: _Hosts) -> dict:
+    """As ``_lookup``, on the loop's executor."""
+    loop = asyncio.get_running_loop()
+    got = await asyncio.gather(
+        *(loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM) for _, host, port in hosts.names),
+        return_exceptions=True)
+    return {i: infos for (i, _, _), infos in zip(hosts.names, got)}
+
+
 def _submit_body(request_id: int, job: str, payload: bytes, delay: float, deadline: float) -> bytes:
     job_bytes = job.encode("utf-8")
     if len(job_bytes) > 32 or len(payload) > 1024:
@@ -309,6 +554,13 @@ class _SessionView:
     """What both clients tell about their session."""
 
     _s: _Session
+    _hosts: _Hosts
+
+    @property
+    def server(self) -> Optional[Address]:
+        """(ip, port) of the host the session is on (None until an
+        AsyncSession is opened)."""
+        return self._hosts.current
 
     @property
     def session(self) -> Tuple[int, int]:
@@ -317,8 +569,64 @@ class _SessionView:
 
     @property
     def dropped(self) -> int:
-        """Datagrams received and dropped (malformed, bad MAC, replays)."""
+        """Datagrams received and dropped (malformed, bad MAC, replays, or
+        from an address that is not a listed server)."""
         return self._s.dropped
+
+    def _ask(self, now: float) -> bool:
+        """With several servers: whether the host has been quiet for half a
+        heartbeat interval, so the heartbeat asks it for an ACK (a live host
+        is then heard from several times a TTL). As the Rust client."""
+        if not self._hosts.multi or not self.ttl:
+            return False
+        return now - self._hosts.heard >= self.ttl / 6
+
+    def _probe_at(self) -> Optional[float]:
+        """With several servers: when to probe the host again, if the last
+        heartbeat that asked for an ACK is unanswered. Probes follow every
+        ``retry_after`` until one is answered, so a host is left only when
+        it answered none of a TTL's probes: a lost ACK or two never moves a
+        client. As the Rust client."""
+        asked = self._asked_at
+        if not self._hosts.multi or asked is None or self._hosts.heard >= asked:
+            return None
+        return asked + self._retry_after
+
+    def _silence_due(self) -> Optional[float]:
+        """With several servers: when the host counts as silent, a TTL after
+        it was last heard from and not before an ask (HELLO, or heartbeat
+        asking an ACK) has gone unanswered for ``retry_after``, so a client
+        that was itself quiet asks before it judges. As the Rust client."""
+        asked = self._asked_at
+        if not self._hosts.multi or asked is None or self._hosts.heard >= asked:
+            return None
+        return max(self._hosts.heard + self._silence_limit(), asked + self._retry_after)
+
+    def _judge_silence(self, now: float) -> bool:
+        """Whether to leave the host now. Woken long after the host was due
+        to be judged, this client was not running (stopped, starved): it
+        asks again instead of judging a silence it did not watch."""
+        due = self._silence_due()
+        if due is None or now < due or not self._watching():
+            return False
+        if now - due > self._retry_after:
+            self._asked_at = None
+            return False
+        return True
+
+    def _silence_limit(self) -> float:
+        """How long the host may be silent: the granted TTL (kept while a
+        lost session is reopened), else the one asked for, else 3 s."""
+        return self.ttl or self._ttl_asked or 3.0
+
+    def _counts_as_heard(self, server: Address, kind: int, incarnation: int, fields) -> bool:
+        """Whether a datagram shows the host answering: a datagram of the
+        current session from the current host, but not a refusal for want of
+        room or because the host is stopping (only a WELCOME keeps a client
+        there)."""
+        if server != self._hosts.current or incarnation != self._s.incarnation:
+            return False
+        return not (kind == REJECTED and fields[0] == 0 and fields[1] in (5, 6))
 
 
 # --- blocking client --------------------------------------------------------
@@ -331,29 +639,36 @@ class Client(_SessionView):
     the client opens a new one at once, with a larger incarnation; the call
     that learnt of the loss raises ``SessionLost`` and can be retried.
 
+    ``server`` is one ``(host, port)`` or a list of them (see the module's
+    docstring): with several, the client opens on its first choice (or, if
+    that one stays silent for a TTL, the next), and moves on when its host
+    has been silent for a TTL; calls in flight then raise ``SessionLost``.
+    Names are resolved again every ``resolve_every`` seconds.
+
     >>> with Client(("127.0.0.1", 7900), client_id=42) as c:   # doctest: +SKIP
     ...     task = c.submit("echo", b"hi")
     ...     c.wait(task).result
     b'hi'
     """
 
-    def __init__(self, server: Tuple[str, int], client_id: int, ttl: float = 3.0,
+    def __init__(self, server: Servers, client_id: int, ttl: float = 3.0,
                  key: Optional[bytes] = None, retry_after: float = 0.25, tries: int = 8,
-                 name: str = "python"):
+                 name: str = "python", resolve_every: float = 30.0):
         self._s = _Session(client_id, key)
         self._ttl_asked = ttl
         self._name = name
         self._retry_after, self._tries = retry_after, tries
-        family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
-        self._sock = socket.socket(family, socket.SOCK_DGRAM)
-        self._sock.connect(server)
+        self._resolve_every = resolve_every
+        self._hosts = _Hosts(client_id, server)
+        self._hosts.start(_lookup(self._hosts))
+        self._sock = self._hosts.socket()
         self._sock.settimeout(0.05)
         self._lock = threading.Condition()
         self._replies: List[tuple] = []
         self.finals: Dict[int, TaskResult] = {}
         # Unclaimed events, oldest dropped first: ("session_lost",
         # incarnation), ("session_reopened", incarnation), ("task_ended",
-        # TaskResult).
+        # TaskResult), ("server_changed", (old (ip, port), new (ip, port))).
         self.events: collections.deque = collections.deque(maxlen=MAX_EVENTS)
         self.rtt: Optional[float] = None
         self._acks: Dict[int, float] = {}
@@ -364,19 +679,28 @@ class Client(_SessionView):
         self._live = False
         self._closing = False
         self._paused = False
+        self._asked_at: Optional[float] = None  # last heartbeat asking an ACK
+        # Moves to another host so far: a call in flight across one raises
+        # SessionLost (its session was left behind on the old host).
+        self._moves = 0
+        self.ttl: Optional[float] = None
+        self.tick: Optional[float] = None
         # The incarnation each kept final state was pushed under: a restarted
         # server numbers its tasks afresh, so an id can come back.
         self._final_incarnation: Dict[int, int] = {}
         self._rx = threading.Thread(target=self._receive, name="tether-rx", daemon=True)
         self._rx.start()
         try:
-            self.ttl, self.tick = self._hello()
+            self.ttl, self.tick = self._open()
         except BaseException:
             self.close()
             raise
         self._live = True
+        self._wake.clear()  # set by moves while opening; nothing to wake for
         self._hb = threading.Thread(target=self._heartbeat, name="tether-hb", daemon=True)
         self._hb.start()
+        if self._hosts.names:
+            threading.Thread(target=self._resolve, name="tether-resolve", daemon=True).start()
 
     # context manager: BYE on a clean exit, plain close otherwise
     def __enter__(self):
@@ -396,32 +720,51 @@ class Client(_SessionView):
         self._paused = paused
 
     def _send(self, kind: int, body: bytes = b"", flags: int = 0) -> Tuple[int, int]:
-        """Sends one datagram; returns its (incarnation, seq)."""
+        """Sends one datagram to the current host; returns its (incarnation,
+        seq)."""
         with self._lock:
             seq, data = self._s.datagram(kind, body, flags)
             incarnation = self._s.incarnation
             if kind == HEARTBEAT and flags & FLAG_ACK:
                 self._acks = {s: t for s, t in self._acks.items() if s > seq - 64}
                 self._acks[seq] = time.monotonic()
-        self._sock.send(data)
+            if kind == HELLO or (kind == HEARTBEAT and flags & FLAG_ACK):
+                self._asked_at = time.monotonic()
+            to, multi = self._hosts.sockaddr(), self._hosts.multi
+        try:
+            self._sock.sendto(data, to)
+        except OSError:
+            if not multi:
+                raise
+            # With several servers an unreachable host is as good as a
+            # silent one: the silence check moves on from it.
         return incarnation, seq
 
     def _request(self, kind: int, body: bytes, wanted: Callable[[int, tuple], bool],
-                 backoff: Optional[Callable[[int], float]] = None):
+                 backoff: Optional[Callable[[int], float]] = None, until: Optional[float] = None):
         """Sends and retries until ``wanted`` matches a reply: every
-        ``retry_after``, or for a HELLO after ``backoff(try)``. A reopening
-        client takes a new incarnation for each such round of tries (see
-        ``_reopen``), as the Rust client does, so a session that expired
-        while its WELCOME was lost never makes the next round stale."""
+        ``retry_after``, or for a HELLO after ``backoff(try)``, and never
+        past ``until`` (monotonic). A reopening client takes a new
+        incarnation for each such round of tries (see ``_reopen``), as the
+        Rust client does, so a session that expired while its WELCOME was
+        lost never makes the next round stale."""
         sent: List[Tuple[int, int]] = []  # (incarnation, seq) of each try
+        with self._lock:
+            moves = self._moves
         for attempt in range(self._tries):
             if self._closed.is_set():
                 raise TetherError("client is closed")
+            if until is not None and time.monotonic() >= until:
+                break
             sent.append(self._send(kind, body))
             wait = self._retry_after if backoff is None else backoff(attempt)
             deadline = time.monotonic() + wait
+            if until is not None:
+                deadline = min(deadline, until)
             with self._lock:
                 while True:
+                    if self._moves != moves:
+                        raise SessionLost("the client moved to another server", first_try=False)
                     for i, (k, incarnation, seq, fields) in enumerate(self._replies):
                         if k == UNKNOWN_SESSION and (incarnation, seq) in sent:
                             del self._replies[i]
@@ -441,24 +784,94 @@ class Client(_SessionView):
 
     def _hello(self):
         body = struct.pack(">I", int(self._ttl_asked * 1000)) + _text(self._name)
+        with self._lock:
+            # With several servers a round of HELLOs ends when the host has
+            # been silent for a TTL: the next host is tried instead.
+            until = self._hosts.heard + self._silence_limit() if self._hosts.multi else None
         kind, fields = self._request(HELLO, body, lambda k, f: k == WELCOME or (k == REJECTED and f[0] == 0),
-                                     backoff=self._hello_wait)
+                                     backoff=self._hello_wait, until=until)
         if kind == REJECTED:
             raise Rejected(fields[1], fields[2])
         return fields[0] / 1000.0, fields[1] / 1000.0
+
+    def _open(self):
+        """The first HELLO: on the host, then, with several servers, on each
+        next one in turn while the one tried stays silent for a TTL."""
+        n = len(self._hosts.ranked)
+        for left in reversed(range(n)):
+            try:
+                return self._hello()
+            except Rejected as refused:
+                # Full or stopping: another host may take the client.
+                if refused.code not in (5, 6) or not left:
+                    raise
+            except TimeoutError_:
+                if not left:
+                    if n == 1:
+                        raise
+                    raise TimeoutError_(f"no reply from any of the {n} servers "
+                                        "(are they running, and is the key right?)") from None
+            with self._lock:
+                self._move(self._hosts.after(self._hosts.current))
 
     def _reopen(self):
         """Opens a new session, with a larger incarnation, after a loss."""
         with self._lock:
             self._s.renew()
+            incarnation = self._s.incarnation
         try:
-            self.ttl, self.tick = self._hello()
+            ttl, tick = self._hello()
+        except Rejected as refused:
+            # Full or stopping: with several servers the next is tried at
+            # the next heartbeat interval (one host an interval, no faster).
+            if refused.code in (5, 6) and self._hosts.multi:
+                with self._lock:
+                    if self._s.incarnation == incarnation:
+                        self._move(self._hosts.after(self._hosts.current))
+                        self._wake.clear()  # not at once: at the next interval
+            return
         except TetherError:
             return  # still lost: the next heartbeat interval tries again
         with self._lock:
+            if self._s.incarnation != incarnation:
+                return  # moved to another host meanwhile: that one is next
+            self.ttl, self.tick = ttl, tick
             self._live = True
             self.events.append(("session_reopened", self._s.incarnation))
             self._lock.notify_all()
+
+    def _watching(self) -> bool:
+        """Whether a silent host is left: several servers, and the client
+        neither playing dead nor ending its session. Called with the lock."""
+        return self._hosts.multi and not self._paused and not self._closing
+
+    def _move(self, to: Address):
+        """Leaves the current host for ``to``, with a new incarnation; the
+        old host is told nothing and expires the session on its own. Called
+        with the lock."""
+        old = self._hosts.current
+        self._hosts.move(to)
+        self.events.append(("server_changed", (old, to)))
+        if self._live:
+            self.events.append(("session_lost", self._s.incarnation))
+        self._live = False
+        self._s.renew()
+        self._moves += 1
+        self._replies.clear()  # the old session's: a new one reuses request ids
+        self._lock.notify_all()
+        self._wake.set()
+
+    def _resolve(self):
+        """Resolves the names again every ``resolve_every`` seconds. A host
+        still listed is kept even if no longer the first choice: moving a
+        live session would cancel its tasks on the old host."""
+        while not self._closed.wait(self._resolve_every):
+            found = _lookup(self._hosts)
+            with self._lock:
+                if self._closed.is_set() or self._closing:
+                    return
+                if self._hosts.update(found):
+                    self._move(self._hosts.ranked[0])
 
     def submit(self, job: str, payload: bytes = b"", delay: float = 0.0, deadline: float = 0.0) -> int:
         """Starts ``job``; returns its task id. Raises ``Rejected``."""
@@ -527,46 +940,84 @@ class Client(_SessionView):
                 t.join(timeout=2)
         self._sock.close()
 
+    def _next_wait(self, beat_at: float) -> float:
+        """Seconds until the next heartbeat, or sooner, until the host has
+        been silent for a TTL."""
+        with self._lock:
+            now = time.monotonic()
+            wait = beat_at - now
+            due = self._silence_due()
+            if self._watching() and due is not None:
+                wait = min(wait, due - now)
+            if self._watching():
+                probe = self._probe_at()
+                if probe is not None and self._live:
+                    wait = min(wait, probe - now)
+        return max(wait, 0.0)
+
     def _heartbeat(self):
         count = 0
+        beat_at = time.monotonic() + self.ttl / 3
         while True:
-            self._wake.wait(self.ttl / 3)
+            self._wake.wait(self._next_wait(beat_at))
             self._wake.clear()
             if self._closed.is_set():
                 return
             with self._lock:
+                if self._judge_silence(time.monotonic()):
+                    self._move(self._hosts.after(self._hosts.current))
                 live = self._live
             if self._closing:
+                beat_at = time.monotonic() + self.ttl / 3
                 continue
             if not live:
                 self._reopen()
+                beat_at = time.monotonic() + self.ttl / 3
                 continue
+            now = time.monotonic()
+            with self._lock:
+                probe = self._probe_at()
+                ask = self._ask(now)
+            probing = probe is not None and now >= probe
+            if now < beat_at and not probing:
+                continue  # woken early (a move, or the silence check)
+            if not probing:
+                beat_at = now + self.ttl / 3
+                count += 1
             if self._paused:
                 continue
-            count += 1
             try:
-                self._send(HEARTBEAT, flags=FLAG_ACK if count % 4 == 0 else 0)
+                self._send(HEARTBEAT, flags=FLAG_ACK if count % 4 == 0 or ask or probing else 0)
             except OSError:
                 pass
 
     def _receive(self):
         while not self._closed.is_set():
             try:
-                data = self._sock.recv(2048)
+                data, addr = self._sock.recvfrom(2048)
             except (socket.timeout, OSError):
                 continue
             try:
-                self._file(data)
+                self._file(data, addr)
             except Exception:  # noqa: BLE001 - a datagram must never kill this thread
                 with self._lock:
                     self._s.dropped += 1
 
-    def _file(self, data: bytes):
+    def _file(self, data: bytes, addr: tuple):
         with self._lock:
+            server = self._hosts.known(addr)
+            if server is None:
+                self._s.dropped += 1  # not from a listed server
+                return
+            if server != self._hosts.current:
+                self._s.dropped += 1  # a host this client left: nothing more to say
+                return
             d = self._s.accept(data)
             if d is None:
                 return
             kind, _, _, incarnation, seq, fields = d
+            if self._counts_as_heard(server, kind, incarnation, fields):
+                self._hosts.heard = time.monotonic()
             if kind == HEARTBEAT_ACK:
                 sent = self._acks.pop(fields[0], None)
                 if sent is not None:
@@ -601,7 +1052,7 @@ class _Protocol(asyncio.DatagramProtocol):
         self.on_datagram = on_datagram
 
     def datagram_received(self, data, addr):
-        self.on_datagram(data)
+        self.on_datagram(data, addr)
 
 
 class AsyncSession(_SessionView):
@@ -616,41 +1067,63 @@ class AsyncSession(_SessionView):
     (``await s.start(...)`` only starts it and returns its id).
     Cancelling the coroutine that awaits it (``task.cancel()``,
     ``asyncio.wait_for`` timing out) sends CANCEL for the server-side task.
+
+    ``server`` is one ``(host, port)`` or a list of them, as for ``Client``:
+    with several, opening tries each in turn while the one tried stays
+    silent for a TTL, and a host silent for a TTL is left for the next.
+    ``events`` holds ("session_lost", incarnation), ("session_reopened",
+    incarnation) and ("server_changed", (old, new)), oldest dropped first.
     """
 
-    def __init__(self, server: Tuple[str, int], client_id: int, ttl: float = 3.0,
+    def __init__(self, server: Servers, client_id: int, ttl: float = 3.0,
                  key: Optional[bytes] = None, retry_after: float = 0.25, tries: int = 8,
-                 name: str = "python-asyncio"):
-        self._server = server
+                 name: str = "python-asyncio", resolve_every: float = 30.0):
         self._s = _Session(client_id, key)
+        self._hosts = _Hosts(client_id, server)
         self._ttl_asked, self._name = ttl, name
         self._retry_after, self._tries = retry_after, tries
+        self._resolve_every = resolve_every
         self._waiters: List[Tuple[Callable[..., bool], asyncio.Future]] = []
         self._finals: Dict[int, asyncio.Future] = {}
         self._final_incarnation: Dict[int, int] = {}
         self._transport = None
-        self._heartbeat_task = None
-        self._reopen_task: Optional[asyncio.Future] = None
+        self._heartbeat_task: Optional[asyncio.Future] = None
+        self._resolve_task: Optional[asyncio.Future] = None
+        # Made on entry: before Python 3.10 an Event binds to the loop
+        # current when it is made.
+        self._wake: Optional[asyncio.Event] = None
         self._live = False
         self._closing = False
         self.ttl = self.tick = None
         self.paused = False
+        self._asked_at: Optional[float] = None  # last heartbeat asking an ACK
+        self.events: collections.deque = collections.deque(maxlen=MAX_EVENTS)
 
     async def __aenter__(self):
         loop = asyncio.get_running_loop()
-        self._transport, _ = await loop.create_datagram_endpoint(
-            lambda: _Protocol(self._on_datagram), remote_addr=self._server)
+        self._wake = asyncio.Event()
+        self._hosts.start(await _lookup_async(self._hosts))
+        sock = self._hosts.socket()
         try:
-            await self._hello()
+            self._transport, _ = await loop.create_datagram_endpoint(
+                lambda: _Protocol(self._on_datagram), sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            await self._open()
         except BaseException:
             self._transport.close()
             raise
+        self._wake.clear()  # set by moves while opening; nothing to wake for
         self._heartbeat_task = asyncio.ensure_future(self._heartbeat())
+        if self._hosts.names:
+            self._resolve_task = asyncio.ensure_future(self._resolve())
         return self
 
     async def __aexit__(self, exc_type, exc, tb):
         self._closing = True
-        for task in (self._heartbeat_task, self._reopen_task):
+        for task in (self._heartbeat_task, self._resolve_task):
             if task is not None:
                 task.cancel()
         try:
@@ -666,31 +1139,91 @@ class AsyncSession(_SessionView):
 
     async def _hello(self):
         body = struct.pack(">I", int(self._ttl_asked * 1000)) + _text(self._name)
+        # With several servers a round of HELLOs ends when the host has been
+        # silent for a TTL: the next host is tried instead.
+        until = self._hosts.heard + self._silence_limit() if self._hosts.multi else None
         kind, fields = await self._request(
             HELLO, body, lambda k, f: k == WELCOME or (k == REJECTED and f[0] == 0),
-            backoff=lambda attempt: hello_backoff(attempt, self._retry_after, self._ttl_asked or 3.0))
+            backoff=lambda attempt: hello_backoff(attempt, self._retry_after, self._ttl_asked or 3.0),
+            until=until)
         if kind == REJECTED:
             raise Rejected(fields[1], fields[2])
         self.ttl, self.tick = fields[0] / 1000.0, fields[1] / 1000.0
         self._live = True
 
-    async def _reopen(self):
-        """Opens a new session after a loss, trying again every ttl/3."""
-        while True:
-            self._s.renew()
+    async def _open(self):
+        """As the blocking client's: each host in turn while the one tried
+        stays silent for a TTL."""
+        n = len(self._hosts.ranked)
+        for left in reversed(range(n)):
             try:
-                await self._hello()
+                return await self._hello()
+            except Rejected as refused:
+                # Full or stopping: another host may take the client.
+                if refused.code not in (5, 6) or not left:
+                    raise
+            except TimeoutError_:
+                if not left:
+                    if n == 1:
+                        raise
+                    raise TimeoutError_(f"no reply from any of the {n} servers "
+                                        "(are they running, and is the key right?)") from None
+            self._move(self._hosts.after(self._hosts.current))
+
+    async def _reopen(self):
+        """Opens a new session, with a larger incarnation, after a loss."""
+        self._s.renew()
+        incarnation = self._s.incarnation
+        try:
+            await self._hello()
+        except Rejected as refused:
+            # As the blocking client's: full or stopping, the next host is
+            # tried at the next heartbeat interval.
+            if refused.code in (5, 6) and self._hosts.multi and self._s.incarnation == incarnation:
+                self._move(self._hosts.after(self._hosts.current))
+                self._wake.clear()  # not at once: at the next interval
+            return
+        except TetherError:
+            return  # still lost: the next heartbeat interval tries again
+        self.events.append(("session_reopened", self._s.incarnation))
+
+    def _watching(self) -> bool:
+        """As the blocking client's."""
+        return self._hosts.multi and not self.paused and not self._closing
+
+    def _move(self, to: Address):
+        """As the blocking client's: calls in flight raise SessionLost."""
+        old = self._hosts.current
+        self._hosts.move(to)
+        self.events.append(("server_changed", (old, to)))
+        if self._live:
+            self.events.append(("session_lost", self._s.incarnation))
+        self._live = False
+        self._s.renew()
+        for _, future in self._waiters:
+            if not future.done():
+                future.set_exception(SessionLost("the client moved to another server", first_try=False))
+        self._wake.set()
+
+    async def _resolve(self):
+        """As the blocking client's."""
+        while True:
+            await asyncio.sleep(self._resolve_every)
+            found = await _lookup_async(self._hosts)
+            if self._closing:
                 return
-            except TetherError:
-                await asyncio.sleep(self.ttl / 3)
+            if self._hosts.update(found):
+                self._move(self._hosts.ranked[0])
 
     def _send(self, kind: int, body: bytes = b"", flags: int = 0) -> int:
         seq, data = self._s.datagram(kind, body, flags)
-        self._transport.sendto(data)
+        if kind == HELLO or (kind == HEARTBEAT and flags & FLAG_ACK):
+            self._asked_at = time.monotonic()
+        self._transport.sendto(data, self._hosts.sockaddr())
         return seq
 
     async def _request(self, kind: int, body: bytes, wanted: Callable[[int, tuple], bool],
-                       backoff: Optional[Callable[[int], float]] = None):
+                       backoff: Optional[Callable[[int], float]] = None, until: Optional[float] = None):
         """As the blocking client's: HELLO retries back off."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
@@ -705,9 +1238,13 @@ class AsyncSession(_SessionView):
         self._waiters.append(entry)
         try:
             for attempt in range(self._tries):
+                if until is not None and time.monotonic() >= until:
+                    break
                 sent.append((self._s.incarnation, self._send(kind, body)))
                 wait = self._retry_after if backoff is None else backoff(attempt)
-                done, _ = await asyncio.wait({future}, timeout=wait)
+                if until is not None:
+                    wait = min(wait, until - time.monotonic())
+                done, _ = await asyncio.wait({future}, timeout=max(wait, 0.0))
                 if done:
                     k, fields, answered = future.result()
                     if k == UNKNOWN_SESSION:
@@ -719,21 +1256,31 @@ class AsyncSession(_SessionView):
             if entry in self._waiters:
                 self._waiters.remove(entry)
 
-    def _on_datagram(self, data: bytes):
+    def _on_datagram(self, data: bytes, addr: tuple):
         try:
-            self._file(data)
+            self._file(data, addr)
         except Exception:  # noqa: BLE001 - a datagram must never break the session
             self._s.dropped += 1
 
-    def _file(self, data: bytes):
+    def _file(self, data: bytes, addr: tuple):
+        server = self._hosts.known(addr)
+        if server is None:
+            self._s.dropped += 1  # not from a listed server
+            return
+        if server != self._hosts.current:
+            self._s.dropped += 1  # a host this client left: nothing more to say
+            return
         d = self._s.accept(data)
         if d is None:
             return
         kind, _, _, incarnation, seq, fields = d
+        if self._counts_as_heard(server, kind, incarnation, fields):
+            self._hosts.heard = time.monotonic()
         if kind == UNKNOWN_SESSION and self._live:
+            # The heartbeat task reopens it (not while the block is ending).
             self._live = False
-            if not self._closing and (self._reopen_task is None or self._reopen_task.done()):
-                self._reopen_task = asyncio.ensure_future(self._reopen())
+            self.events.append(("session_lost", self._s.incarnation))
+            self._wake.set()
         if kind == ACCEPTED and self._final_incarnation.get(fields[1], incarnation) != incarnation:
             # The id was reused by a restarted server: the old state is
             # another task's.
@@ -749,11 +1296,45 @@ class AsyncSession(_SessionView):
                 future.set_result((kind, fields, (incarnation, seq)))
                 break
 
+    def _next_wait(self, beat_at: float) -> float:
+        """As the blocking client's."""
+        now = time.monotonic()
+        wait = beat_at - now
+        due = self._silence_due()
+        if self._watching() and due is not None:
+            wait = min(wait, due - now)
+        if self._watching():
+            probe = self._probe_at()
+            if probe is not None and self._live:
+                wait = min(wait, probe - now)
+        return max(wait, 0.0)
+
     async def _heartbeat(self):
+        """Heartbeats every ttl/3; reopens a lost session; leaves a host
+        silent for a TTL (with several servers)."""
+        beat_at = time.monotonic() + self.ttl / 3
         while True:
-            await asyncio.sleep(self.ttl / 3)
-            if not self.paused and self._live:
-                self._send(HEARTBEAT)
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._next_wait(beat_at))
+            except asyncio.TimeoutError:
+                pass
+            self._wake.clear()
+            if self._judge_silence(time.monotonic()):
+                self._move(self._hosts.after(self._hosts.current))
+            if not self._live:
+                await self._reopen()
+                beat_at = time.monotonic() + self.ttl / 3
+                continue
+            now = time.monotonic()
+            probe = self._probe_at()
+            probing = probe is not None and now >= probe
+            if now < beat_at and not probing:
+                continue  # woken early (a move, or the silence check)
+            if not probing:
+                beat_at = now + self.ttl / 3
+            if self.paused:
+                continue
+            self._send(HEARTBEAT, flags=FLAG_ACK if self._ask(now) or probing else 0)
 
     async def start(self, job: str, payload: bytes = b"", delay: float = 0.0, deadline: float = 0.0) -> int:
         """Starts ``job`` and returns its task id without waiting for it.

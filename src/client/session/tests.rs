@@ -16,6 +16,8 @@ struct Harness {
 /// A datagram the client sent.
 #[derive(Debug, Clone)]
 struct Sent {
+    /// The host it went to.
+    to: SocketAddr,
     header: Header,
     kind: Kind,
     request_id: Option<u32>,
@@ -41,6 +43,7 @@ impl Harness {
 
     /// Everything the client has to send now.
     fn sent(&mut self) -> Vec<Sent> {
+        let to = self.session.server();
         std::iter::from_fn(|| self.session.poll_transmit())
             .map(|bytes| {
                 let d = Datagram::decode(&bytes, None).expect("the client sent a valid datagram");
@@ -49,6 +52,7 @@ impl Harness {
                     _ => None,
                 };
                 Sent {
+                    to,
                     header: d.header,
                     kind: d.message.kind(),
                     request_id,
@@ -95,9 +99,14 @@ impl Harness {
     }
 
     fn deliver(&mut self, header: Header, message: Message<'_>) {
+        let from = self.session.server();
+        self.deliver_from(from, header, message);
+    }
+
+    fn deliver_from(&mut self, from: SocketAddr, header: Header, message: Message<'_>) {
         let mut buf = [0u8; 1200];
         let n = Datagram { header, message }.emit(None, &mut buf).unwrap();
-        self.session.handle_datagram(self.now, &buf[..n]);
+        self.session.handle_datagram(self.now, from, &buf[..n]);
         self.session.handle_timeout(self.now);
     }
 
@@ -468,6 +477,7 @@ fn a_resumed_session_the_server_no_longer_has_is_replaced_by_a_new_one() {
         incarnation: 500,
         next_seq: 10,
         next_request_id: 3,
+        server: None,
     });
     let mut h = Harness::new(c);
     let start = h.now;
@@ -561,4 +571,513 @@ fn a_bye_that_finds_the_session_gone_does_not_open_another() {
         "no HELLO from a client that is leaving"
     );
     assert_eq!(h.session.poll_timeout(), None);
+}
+
+// --- several hosts ---------------------------------------------------------
+
+fn hosts() -> Vec<SocketAddr> {
+    ["10.0.0.1:7900", "10.0.0.2:7900", "10.0.0.3:7900"]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect()
+}
+
+fn cluster_config() -> ClientConfig {
+    let mut c = ClientConfig::with_servers(hosts(), 42);
+    c.retry_after = Duration::from_millis(250);
+    c.tries = 4;
+    c
+}
+
+impl Harness {
+    /// Runs to `until`, the host answering each heartbeat that asks for an
+    /// ACK; returns the heartbeats sent.
+    fn run_answered(&mut self, until: Instant) -> Vec<Sent> {
+        let mut beats = Vec::new();
+        while let Some(due) = self.session.poll_timeout() {
+            if due > until {
+                break;
+            }
+            self.now = self.now.max(due);
+            self.session.handle_timeout(self.now);
+            for s in self.sent() {
+                if s.kind == Kind::Heartbeat && s.header.flags.contains(Flags::ACK) {
+                    let acked_seq = s.header.seq;
+                    self.reply(&s.header, Message::HeartbeatAck { acked_seq });
+                }
+                beats.push(s);
+            }
+        }
+        self.now = until;
+        beats
+    }
+
+    fn events(&mut self) -> Vec<ClientEvent> {
+        std::iter::from_fn(|| self.session.poll_event()).collect()
+    }
+}
+
+#[test]
+fn the_host_is_the_first_in_the_clients_own_order() {
+    let mut h = Harness::new(cluster_config());
+    let ranked = super::hosts::rank(42, &hosts());
+    assert_eq!(h.session.servers(), &ranked[..]);
+    let hello = h.sent().pop().unwrap();
+    assert_eq!((hello.kind, hello.to), (Kind::Hello, ranked[0]));
+}
+
+#[test]
+fn a_host_that_answers_is_kept_for_an_hour_even_with_acks_off() {
+    let mut c = cluster_config();
+    c.ack_every = 0;
+    let mut h = Harness::new(c);
+    let start = h.now;
+    h.open(3000);
+    let beats = h.run_answered(start + Duration::from_secs(3600));
+    assert!(beats.len() >= 3599, "{} heartbeats", beats.len());
+    let home = h.session.servers()[0];
+    assert!(beats.iter().all(|b| b.to == home));
+    // With nothing else heard, each heartbeat asks for its answer, so a
+    // live host is heard from three times a TTL.
+    assert!(beats.iter().all(|b| b.header.flags.contains(Flags::ACK)));
+    assert!(h.events().is_empty(), "no move, no loss");
+}
+
+#[test]
+fn a_host_silent_for_a_ttl_is_left_for_the_next_in_order() {
+    let mut c = cluster_config();
+    c.tries = 20; // the submit is still being retried when the client moves
+    let mut h = Harness::new(c);
+    let start = h.now;
+    let first = h.open(3000);
+    let ranked = h.session.servers().to_vec();
+    h.run_answered(start + Duration::from_secs(10));
+    let heard_last = h.now;
+    // The host goes silent; a submit is in flight when the client leaves.
+    let submit = h.session.start(
+        h.now,
+        Request::Submit {
+            job: "echo".into(),
+            payload: vec![],
+            delay: Duration::ZERO,
+            deadline: Duration::ZERO,
+        },
+    );
+    h.sent();
+    let sent = h.run(heard_last + Duration::from_secs(4));
+    let hello = sent
+        .iter()
+        .find(|(_, s)| s.kind == Kind::Hello)
+        .expect("a HELLO elsewhere");
+    // The limit counts from the last datagram heard, here the last ACK.
+    assert!(
+        hello.0 <= Duration::from_secs(3) + Duration::from_millis(1),
+        "{:?}",
+        hello.0
+    );
+    assert!(hello.0 >= Duration::from_millis(2000), "{:?}", hello.0);
+    assert_eq!(hello.1.to, ranked[1]);
+    assert!(hello.1.header.incarnation > first.incarnation);
+    assert!(sent
+        .iter()
+        .all(|(_, s)| s.kind != Kind::Hello || s.to == ranked[1]));
+    assert_eq!(
+        h.session.completion(submit),
+        Some(Err(ClientError::SessionLost))
+    );
+    assert_eq!(
+        h.events(),
+        vec![
+            ClientEvent::Moved {
+                from: ranked[0],
+                to: ranked[1]
+            },
+            ClientEvent::SessionLost {
+                incarnation: first.incarnation
+            }
+        ]
+    );
+    h.welcome(&hello.1.header);
+    assert_eq!(h.session.state(), State::Live);
+    assert_eq!(
+        h.events(),
+        vec![ClientEvent::SessionReopened {
+            incarnation: hello.1.header.incarnation
+        }]
+    );
+    let beats = h.run_answered(h.now + Duration::from_secs(30));
+    assert!(
+        beats.iter().all(|b| b.to == ranked[1]),
+        "stays on its new host"
+    );
+    // A datagram from the old incarnation's host (a late ACK) changes nothing.
+    h.deliver(
+        Header {
+            flags: Flags::empty(),
+            seq: 99,
+            ..first
+        },
+        Message::HeartbeatAck { acked_seq: 1 },
+    );
+    assert_eq!(h.session.server(), ranked[1]);
+}
+
+#[test]
+fn opening_tries_every_host_for_a_ttl_then_gives_up() {
+    let mut c = cluster_config();
+    c.tries = 100; // the hosts' silence, not the tries, ends each round
+    let mut h = Harness::new(c);
+    let start = h.now;
+    let ranked = h.session.servers().to_vec();
+    let mut sent = vec![(Duration::ZERO, h.sent().pop().unwrap())];
+    sent.extend(h.run(start + Duration::from_secs(60)));
+    let first_on = |host: SocketAddr| sent.iter().find(|(_, s)| s.to == host).unwrap().0;
+    assert_eq!(first_on(ranked[0]), Duration::ZERO);
+    assert_eq!(first_on(ranked[1]), Duration::from_secs(3));
+    assert_eq!(first_on(ranked[2]), Duration::from_secs(6));
+    assert!(sent.iter().all(|(_, s)| s.kind == Kind::Hello));
+    assert!(sent.last().unwrap().0 < Duration::from_secs(9));
+    assert_eq!(h.session.opened(), Some(Err(ClientError::Timeout)));
+}
+
+#[test]
+fn a_host_that_refuses_for_want_of_room_is_passed_over_when_opening() {
+    let mut h = Harness::new(cluster_config());
+    let ranked = h.session.servers().to_vec();
+    let hello = h.sent().pop().unwrap();
+    h.reply(
+        &hello.header,
+        Message::Rejected {
+            request_id: 0,
+            code: RejectCode::TooManySessions,
+            message: "full",
+        },
+    );
+    let next = h.sent().pop().expect("a HELLO to the next host");
+    assert_eq!((next.kind, next.to), (Kind::Hello, ranked[1]));
+    h.welcome(&next.header);
+    assert_eq!(h.session.opened(), Some(Ok(())));
+    // Refused by every host, opening fails with the last refusal.
+    let mut h = Harness::new(cluster_config());
+    for _ in 0..3 {
+        let hello = h.sent().pop().unwrap();
+        h.reply(
+            &hello.header,
+            Message::Rejected {
+                request_id: 0,
+                code: RejectCode::TooManySessions,
+                message: "full",
+            },
+        );
+    }
+    assert!(matches!(
+        h.session.opened(),
+        Some(Err(ClientError::Rejected {
+            code: RejectCode::TooManySessions,
+            ..
+        }))
+    ));
+}
+
+#[test]
+fn a_new_list_moves_the_client_only_if_its_host_left_it() {
+    let mut h = Harness::new(cluster_config());
+    h.open(3000);
+    let home = h.session.server();
+    // A host joins that this client ranks first: a live session stays.
+    let joined: SocketAddr = (1..255u8)
+        .map(|i| SocketAddr::from(([10, 0, 1, i], 7900)))
+        .find(|&s| {
+            let mut list = hosts();
+            list.push(s);
+            super::hosts::rank(42, &list)[0] == s
+        })
+        .unwrap();
+    let mut list = hosts();
+    list.push(joined);
+    h.session.set_servers(h.now, &list);
+    assert_eq!(h.session.server(), home);
+    assert!(h.events().is_empty() && h.sent().is_empty());
+    // Its host leaves the list: it moves at once to its first choice.
+    list.retain(|&s| s != home);
+    h.session.set_servers(h.now, &list);
+    assert_eq!(h.session.server(), joined);
+    let hello = h.sent().pop().expect("a HELLO");
+    assert_eq!((hello.kind, hello.to), (Kind::Hello, joined));
+    assert!(
+        matches!(h.events()[0], ClientEvent::Moved { from, to } if from == home && to == joined)
+    );
+}
+
+#[test]
+fn one_host_is_never_left_however_long_it_is_silent() {
+    let mut h = Harness::new(config());
+    let start = h.now;
+    let first = h.open(3000);
+    let sent = h.run(start + Duration::from_secs(600));
+    assert!(sent.iter().all(|(_, s)| s.kind == Kind::Heartbeat));
+    assert!(sent
+        .iter()
+        .all(|(_, s)| s.header.incarnation == first.incarnation));
+}
+
+#[test]
+fn lost_answers_make_heartbeats_probes_and_one_answer_keeps_the_host() {
+    let mut h = Harness::new(cluster_config());
+    let start = h.now;
+    h.open(3000);
+    h.run_answered(start + Duration::from_secs(10));
+    let quiet_from = h.now;
+    // Nothing answered for 2.9 s (just under the TTL).
+    let sent = h.run(quiet_from + Duration::from_millis(2900));
+    let beats: Vec<Duration> = sent
+        .iter()
+        .filter(|(_, s)| s.kind == Kind::Heartbeat)
+        .map(|(at, _)| *at)
+        .collect();
+    // Once an answer is overdue (an interval without one), every 250 ms.
+    let probes = beats
+        .iter()
+        .filter(|at| **at >= Duration::from_secs(1))
+        .count();
+    assert!(probes >= 7, "probes at {beats:?}");
+    assert!(sent
+        .iter()
+        .all(|(_, s)| s.header.flags.contains(Flags::ACK)));
+    // The last probe is answered: the client stays, and beats once a second again.
+    let last = sent.last().unwrap().1.header;
+    h.reply(
+        &last,
+        Message::HeartbeatAck {
+            acked_seq: last.seq,
+        },
+    );
+    let after = h.run_answered(h.now + Duration::from_secs(10));
+    assert!(h.events().is_empty(), "no move");
+    assert!(
+        (9..=11).contains(&after.len()),
+        "{} beats in 10 s",
+        after.len()
+    );
+}
+
+#[test]
+fn a_stale_resumed_session_is_opened_anew_on_the_same_host() {
+    let mut c = cluster_config();
+    let hosts = super::hosts::rank(42, &hosts());
+    c.resume = Some(Resume {
+        incarnation: 500,
+        next_seq: 10,
+        next_request_id: 3,
+        server: Some(hosts[2]),
+    });
+    let mut h = Harness::new(c);
+    let start = h.now;
+    let mut sent = vec![(Duration::ZERO, h.sent().pop().unwrap())];
+    sent.extend(h.run(start + Duration::from_secs(2)));
+    // Two tries of the resumed incarnation, then a new one: all to the
+    // host the session was on, where its tasks are.
+    assert!(sent.iter().all(|(_, s)| s.to == hosts[2]), "{sent:?}");
+    let fresh = sent
+        .iter()
+        .find(|(_, s)| s.header.incarnation != 500)
+        .unwrap();
+    h.welcome(&fresh.1.header);
+    assert_eq!(h.session.opened(), Some(Ok(())));
+    assert_eq!(h.session.server(), hosts[2]);
+}
+
+#[test]
+fn probes_ask_for_an_ack_whatever_ack_every_says_and_come_one_retry_apart() {
+    let mut c = cluster_config();
+    c.ack_every = 4;
+    let mut h = Harness::new(c);
+    let start = h.now;
+    h.open(3000);
+    h.run_answered(start + Duration::from_secs(10));
+    let sent = h.run(h.now + Duration::from_millis(2900));
+    let beats: Vec<&(Duration, Sent)> = sent
+        .iter()
+        .filter(|(_, s)| s.kind == Kind::Heartbeat)
+        .collect();
+    assert!(beats
+        .iter()
+        .all(|(_, s)| s.header.flags.contains(Flags::ACK)));
+    for pair in beats.windows(2) {
+        assert!(
+            pair[1].0 - pair[0].0 >= Duration::from_millis(250),
+            "a burst: {beats:?}"
+        );
+    }
+}
+
+#[test]
+fn a_client_that_was_itself_quiet_asks_before_it_leaves() {
+    let mut h = Harness::new(cluster_config());
+    let start = h.now;
+    h.open(3000);
+    let home = h.session.server();
+    h.run_answered(start + Duration::from_secs(5));
+    // One ask goes unanswered, then heartbeats are paused for a minute:
+    // the host heard nothing, but the client did not ask either.
+    let unanswered = h.run(h.now + Duration::from_millis(1100));
+    assert!(unanswered
+        .iter()
+        .any(|(_, s)| s.header.flags.contains(Flags::ACK)));
+    h.session.pause_heartbeats(true);
+    let quiet = h.run(h.now + Duration::from_secs(60));
+    assert!(quiet.is_empty(), "{quiet:?}");
+    h.session.pause_heartbeats(false);
+    // The first heartbeat asks; the host answers it: no move.
+    let beats = h.run_answered(h.now + Duration::from_secs(10));
+    assert!(!beats.is_empty());
+    assert!(h.events().is_empty(), "moved without asking");
+    assert_eq!(h.session.server(), home);
+}
+
+#[test]
+fn a_client_stopped_for_a_minute_asks_again_before_it_leaves() {
+    let mut h = Harness::new(cluster_config());
+    let start = h.now;
+    h.open(3000);
+    let home = h.session.server();
+    h.run_answered(start + Duration::from_secs(5));
+    let unanswered = h.run(h.now + Duration::from_millis(1100));
+    assert!(unanswered
+        .iter()
+        .any(|(_, s)| s.header.flags.contains(Flags::ACK)));
+    // The process is stopped for a minute, then runs again.
+    h.now += Duration::from_secs(60);
+    h.session.handle_timeout(h.now);
+    let asked = h.sent();
+    assert!(h.events().is_empty(), "moved on waking");
+    let ask = asked
+        .iter()
+        .find(|s| s.header.flags.contains(Flags::ACK))
+        .expect("an ask on waking");
+    assert_eq!(ask.to, home);
+    // Unanswered this time: the client moves a retry later.
+    h.run(h.now + Duration::from_millis(600));
+    assert!(matches!(h.events().first(), Some(ClientEvent::Moved { from, .. }) if *from == home));
+}
+
+#[test]
+fn a_probe_asks_even_just_after_other_traffic() {
+    // ack_every 4: the fourth heartbeat asks even if the host was heard
+    // from just before. Its probe (a quarter second later, the host heard
+    // from less than half an interval before) must ask too, or the session
+    // would spin sending heartbeats that never clear the probe.
+    let mut c = cluster_config();
+    c.ack_every = 4;
+    let mut h = Harness::new(c);
+    let start = h.now;
+    let hello = h.open(3000);
+    let mut beats_so_far = h.run_answered(start + Duration::from_millis(5500)).len();
+    while beats_so_far % 4 != 3 {
+        let next = h.session.poll_timeout().unwrap();
+        beats_so_far += h.run_answered(next).len();
+    }
+    // Just before the fourth heartbeat, the host pushes something.
+    let due = h.session.poll_timeout().unwrap();
+    h.now = due - Duration::from_millis(10);
+    h.reply(
+        &hello,
+        Message::TaskState {
+            task_id: 9,
+            report: TaskReport::Running,
+        },
+    );
+    let sent = h.run(due + Duration::from_millis(600));
+    let beats: Vec<&(Duration, Sent)> = sent
+        .iter()
+        .filter(|(_, s)| s.kind == Kind::Heartbeat)
+        .collect();
+    assert!(beats[0].1.header.flags.contains(Flags::ACK), "{beats:?}");
+    assert!((2..=4).contains(&beats.len()), "{beats:?}");
+    assert!(beats
+        .iter()
+        .all(|(_, s)| s.header.flags.contains(Flags::ACK)));
+    for pair in beats.windows(2) {
+        assert!(
+            pair[1].0 - pair[0].0 >= Duration::from_millis(250),
+            "a burst: {beats:?}"
+        );
+    }
+}
+
+#[test]
+fn hosts_that_all_refuse_are_cycled_a_ttl_apart_not_in_a_tight_loop() {
+    let mut h = Harness::new(cluster_config());
+    let start = h.now;
+    h.open(3000);
+    let beat = h
+        .run(start + Duration::from_secs(1))
+        .pop()
+        .expect("a heartbeat")
+        .1;
+    h.unknown_session(&beat.header);
+    let mut hellos = 0;
+    let until = h.now + Duration::from_secs(60);
+    while h.now < until {
+        for s in h.sent() {
+            assert_eq!(s.kind, Kind::Hello);
+            hellos += 1;
+            h.reply(
+                &s.header,
+                Message::Rejected {
+                    request_id: 0,
+                    code: RejectCode::TooManySessions,
+                    message: "full",
+                },
+            );
+        }
+        let Some(due) = h.session.poll_timeout() else {
+            break;
+        };
+        h.now = due.max(h.now);
+        h.session.handle_timeout(h.now);
+    }
+    // Backing off up to the TTL on each host: dozens of tries a minute,
+    // not thousands.
+    assert!((10..=120).contains(&hellos), "{hellos} HELLOs in a minute");
+    let moves = h
+        .events()
+        .iter()
+        .filter(|e| matches!(e, ClientEvent::Moved { .. }))
+        .count();
+    assert!((3..=40).contains(&moves), "{moves} moves");
+}
+
+#[test]
+fn a_host_left_behind_is_not_listened_to() {
+    let mut c = cluster_config();
+    c.tries = 20;
+    let mut h = Harness::new(c);
+    let start = h.now;
+    let first = h.open(3000);
+    let old = h.session.server();
+    h.run_answered(start + Duration::from_secs(5));
+    let hello = h
+        .run(h.now + Duration::from_secs(4))
+        .into_iter()
+        .find(|(_, s)| s.kind == Kind::Hello)
+        .unwrap()
+        .1;
+    h.welcome(&hello.header);
+    assert_ne!(h.session.server(), old);
+    // The old host pushes a final state for task 1 of the old session:
+    // task ids are per host, so it must not be taken for the new host's.
+    h.deliver_from(
+        old,
+        Header {
+            flags: Flags::empty(),
+            seq: 77,
+            ..first
+        },
+        Message::TaskState {
+            task_id: 1,
+            report: TaskReport::Done(b"old"),
+        },
+    );
+    assert_eq!(h.session.final_state(TaskId(1)), None);
 }
