@@ -576,10 +576,22 @@ impl Drop for Client {
 }
 
 /// `from` as the session lists servers: an IPv4 peer of the dual-stack
-/// socket arrives IPv4-mapped.
+/// socket arrives IPv4-mapped. Any other IPv6 address is kept whole (a
+/// link-local one with its scope).
 fn canonical(from: SocketAddr) -> SocketAddr {
-    SocketAddr::new(from.ip().to_canonical(), from.port())
+    match from {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::from((v4, v6.port())),
+            None => from,
+        },
+        v4 => v4,
+    }
 }
+
+/// Datagrams taken in after the first, before timeouts are judged: enough
+/// for any backlog a client's own host makes, few enough that a flood to
+/// the (unconnected) socket cannot hold heartbeats off.
+const DRAIN_AT_MOST: usize = 64;
 
 impl Inner {
     /// Sends every datagram the session has ready (the lock is held: each
@@ -602,7 +614,15 @@ impl Inner {
     /// keeps the addresses it had.
     fn resolve_loop(&self, names: &ServerNames) {
         let every = names.every.max(Duration::from_secs(1));
-        let mut known: Vec<Vec<SocketAddr>> = vec![Vec::new(); names.names.len()];
+        // Each name's addresses, kept when a later lookup of it fails. A
+        // name not yet found holds the list back: without it, its hosts
+        // would look removed, and their clients would move.
+        let lookup = |name: &String| -> Vec<SocketAddr> {
+            name.to_socket_addrs()
+                .map(|found| found.collect())
+                .unwrap_or_default()
+        };
+        let mut known: Vec<Vec<SocketAddr>> = names.names.iter().map(lookup).collect();
         let mut next = Instant::now() + every;
         while !self.stop.load(Ordering::Acquire) {
             std::thread::sleep(Duration::from_millis(100));
@@ -611,12 +631,13 @@ impl Inner {
             }
             next = Instant::now() + every;
             for (name, addresses) in names.names.iter().zip(&mut known) {
-                if let Ok(found) = name.to_socket_addrs() {
-                    let found: Vec<SocketAddr> = found.collect();
-                    if !found.is_empty() {
-                        *addresses = found;
-                    }
+                let found = lookup(name);
+                if !found.is_empty() {
+                    *addresses = found;
                 }
+            }
+            if known.iter().any(Vec::is_empty) {
+                continue;
             }
             // This socket reaches IPv6 hosts only if it was opened for one.
             let servers: Vec<SocketAddr> = known
@@ -652,7 +673,10 @@ impl Inner {
                 // judged: after a stall of this process, the host's answers
                 // queued meanwhile count before its silence does.
                 if self.socket.set_nonblocking(true).is_ok() {
-                    while let Ok((n, from)) = self.socket.recv_from(&mut buf) {
+                    for _ in 0..DRAIN_AT_MOST {
+                        let Ok((n, from)) = self.socket.recv_from(&mut buf) else {
+                            break;
+                        };
                         s.handle_datagram(now, canonical(from), &buf[..n]);
                     }
                     let _ = self.socket.set_nonblocking(false);

@@ -496,7 +496,9 @@ impl ClientSession {
             State::Opening | State::Lost => true,
             State::Closed => false,
         };
-        if !waiting || self.ranked.len() < 2 {
+        // A client saying BYE is leaving, not looking for another host.
+        let leaving = self.requests.iter().any(|p| p.wanted == Wanted::ByeAck);
+        if !waiting || leaving || self.ranked.len() < 2 {
             return None;
         }
         let asked = self.unanswered?;
@@ -548,9 +550,7 @@ impl ClientSession {
             State::Closed => return,
             State::Opening if self.unwelcomed_hosts >= self.ranked.len() => {
                 // Every host had its chance: opening fails.
-                self.hello = None;
-                self.opened = Some(Err(ClientError::Timeout));
-                self.state = State::Closed;
+                self.fail_to_open(ClientError::Timeout);
                 return;
             }
             _ => {}
@@ -600,6 +600,13 @@ impl ClientSession {
         if self.opened.is_none() {
             self.opened = Some(Err(ClientError::Closed));
         }
+    }
+
+    /// Opening failed with `e`: closed, with whatever waited for the
+    /// session failing too.
+    fn fail_to_open(&mut self, e: ClientError) {
+        self.opened = Some(Err(e));
+        self.close();
     }
 
     /// Retries what is due, heartbeats when due, and gives up on requests
@@ -885,9 +892,7 @@ impl ClientSession {
             return;
         }
         if self.opened.is_none() {
-            self.hello = None;
-            self.opened = Some(Err(refused));
-            self.state = State::Closed;
+            self.fail_to_open(refused);
         } else if let Some(mut hello) = self.hello.take() {
             // Refused while reopening (the server is full or shutting
             // down): the next try comes after the backoff, as for a loss.
@@ -950,8 +955,7 @@ impl ClientSession {
                 self.fail_over(now);
                 return;
             }
-            self.opened = Some(Err(ClientError::Timeout));
-            self.state = State::Closed;
+            self.fail_to_open(ClientError::Timeout);
             return;
         }
         if self.state == State::Lost && hello.attempts % self.config.tries.max(1) == 0 {

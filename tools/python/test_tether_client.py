@@ -363,8 +363,9 @@ class ScriptedServerTests(unittest.TestCase):
 
     def test_a_host_that_refuses_for_want_of_room_is_passed_over(self):
         # The client's first choice is full (REJECTED 6 to its HELLO): it
-        # opens on its second, and a host refusing while it reopens moves
-        # it on one host a heartbeat interval, never faster.
+        # opens on its second. Later, reopening, refusals move it on at
+        # once only once round the list; then it stays and retries, no
+        # faster than a heartbeat interval (as the Rust client).
         other = FakeServer()
         try:
             servers = [self.fake.addr, other.addr]
@@ -378,17 +379,54 @@ class ScriptedServerTests(unittest.TestCase):
             c = client()
             try:
                 self.assertEqual(c.server, spare.addr)
-                # The spare host loses the session and then refuses too: the
-                # client moves back to the first, not in a tight loop.
                 beat = spare.expect(tc.HEARTBEAT)
                 spare.unknown_session(beat)
-                again = spare.expect(tc.HELLO)
-                spare.reply(again, tc.REJECTED, refusal)
+                hellos = []  # (host, time) of each HELLO, each refused
                 started = time.monotonic()
-                back = full.expect(tc.HELLO)
-                self.assertGreater(time.monotonic() - started, 0.5, "at the next interval")
-                self.assertEqual(back[2], c.session[1])
-                self.assertNotEqual(back[2], welcomed[2])
+                for host in (spare, full, spare):
+                    got = host.expect(tc.HELLO)
+                    hellos.append((host, time.monotonic() - started))
+                    host.reply(got, tc.REJECTED, refusal)
+                # spare -> full -> spare (once round) came at once; the
+                # client then stays on spare, its next HELLO an interval on.
+                self.assertLess(hellos[2][1], 0.5, hellos)
+                again = spare.expect(tc.HELLO)
+                self.assertGreater(time.monotonic() - started - hellos[2][1], 0.5)
+                self.assertNotEqual(again[2], welcomed[2])
+            finally:
+                c.close()
+        finally:
+            other.close()
+
+    def test_late_judgement_asks_again_and_a_pause_does_not_spin(self):
+        other = FakeServer()
+        try:
+            servers = [self.fake.addr, other.addr]
+            home = self.fake if tc.rank(79, servers)[0] == self.fake.addr else other
+            client = _in_thread(lambda: tc.Client(servers, client_id=79, retry_after=0.1))
+            home.welcome()
+            c = client()
+            try:
+                # An ask unanswered, judged 10 s after it was due: the client
+                # was not running, so it asks again rather than leave.
+                with c._lock:
+                    now = time.monotonic()
+                    c._hosts.heard = now - 20
+                    c._asked_at = now - 15
+                    self.assertFalse(c._judge_silence(now))
+                    self.assertIsNone(c._asked_at)
+                    # Judged on time, the same silence does move it.
+                    c._asked_at = now - 0.15
+                    self.assertTrue(c._judge_silence(now))
+                    c._hosts.heard = now
+                # Paused with an ask unanswered: the heartbeat thread sleeps.
+                c.pause_heartbeats(True)
+                with c._lock:
+                    c._asked_at = time.monotonic()
+                    c._hosts.heard = c._asked_at - 1
+                cpu = time.process_time()
+                time.sleep(2.5)  # past the next heartbeat's time (TTL 3 s)
+                self.assertLess(time.process_time() - cpu, 1.0, "spinning while paused")
             finally:
                 c.close()
         finally:

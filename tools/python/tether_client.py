@@ -588,7 +588,7 @@ class _SessionView:
         it answered none of a TTL's probes: a lost ACK or two never moves a
         client. As the Rust client."""
         asked = self._asked_at
-        if not self._hosts.multi or asked is None or self._hosts.heard >= asked:
+        if not self._watching() or asked is None or self._hosts.heard >= asked:
             return None
         return asked + self._retry_after
 
@@ -679,7 +679,8 @@ class Client(_SessionView):
         self._live = False
         self._closing = False
         self._paused = False
-        self._asked_at: Optional[float] = None  # last heartbeat asking an ACK
+        self._asked_at: Optional[float] = None  # last ask (HELLO, or heartbeat asking an ACK)
+        self._refusal_moves = 0  # moves on refusals since the last WELCOME
         # Moves to another host so far: a call in flight across one raises
         # SessionLost (its session was left behind on the old host).
         self._moves = 0
@@ -754,13 +755,16 @@ class Client(_SessionView):
         for attempt in range(self._tries):
             if self._closed.is_set():
                 raise TetherError("client is closed")
-            if until is not None and time.monotonic() >= until:
+            # At least one try, however late the round begins; and the
+            # last try gets its retry time to be answered (as the Rust
+            # client judges a host only by an ask that long unanswered).
+            if attempt and until is not None and time.monotonic() >= until:
                 break
             sent.append(self._send(kind, body))
             wait = self._retry_after if backoff is None else backoff(attempt)
             deadline = time.monotonic() + wait
             if until is not None:
-                deadline = min(deadline, until)
+                deadline = min(deadline, max(until, time.monotonic() + min(wait, self._retry_after)))
             with self._lock:
                 while True:
                     if self._moves != moves:
@@ -823,12 +827,13 @@ class Client(_SessionView):
             ttl, tick = self._hello()
         except Rejected as refused:
             # Full or stopping: with several servers the next is tried at
-            # the next heartbeat interval (one host an interval, no faster).
+            # once, once round the list; after that the client stays and
+            # retries each heartbeat interval (as the Rust client).
             if refused.code in (5, 6) and self._hosts.multi:
                 with self._lock:
-                    if self._s.incarnation == incarnation:
+                    if self._s.incarnation == incarnation and self._refusal_moves < len(self._hosts.ranked):
+                        self._refusal_moves += 1
                         self._move(self._hosts.after(self._hosts.current))
-                        self._wake.clear()  # not at once: at the next interval
             return
         except TetherError:
             return  # still lost: the next heartbeat interval tries again
@@ -837,6 +842,7 @@ class Client(_SessionView):
                 return  # moved to another host meanwhile: that one is next
             self.ttl, self.tick = ttl, tick
             self._live = True
+            self._refusal_moves = 0
             self.events.append(("session_reopened", self._s.incarnation))
             self._lock.notify_all()
 
@@ -981,9 +987,11 @@ class Client(_SessionView):
             probing = probe is not None and now >= probe
             if now < beat_at and not probing:
                 continue  # woken early (a move, or the silence check)
-            if not probing:
+            if now >= beat_at:
+                # The regular heartbeat (asking, if a probe is due too).
                 beat_at = now + self.ttl / 3
-                count += 1
+                if not self._paused:
+                    count += 1
             if self._paused:
                 continue
             try:
@@ -1096,7 +1104,8 @@ class AsyncSession(_SessionView):
         self._closing = False
         self.ttl = self.tick = None
         self.paused = False
-        self._asked_at: Optional[float] = None  # last heartbeat asking an ACK
+        self._asked_at: Optional[float] = None  # last ask (HELLO, or heartbeat asking an ACK)
+        self._refusal_moves = 0  # moves on refusals since the last WELCOME
         self.events: collections.deque = collections.deque(maxlen=MAX_EVENTS)
 
     async def __aenter__(self):
@@ -1177,14 +1186,16 @@ class AsyncSession(_SessionView):
         try:
             await self._hello()
         except Rejected as refused:
-            # As the blocking client's: full or stopping, the next host is
-            # tried at the next heartbeat interval.
-            if refused.code in (5, 6) and self._hosts.multi and self._s.incarnation == incarnation:
+            # As the blocking client's: full or stopping, the next host at
+            # once, once round the list.
+            if (refused.code in (5, 6) and self._hosts.multi and self._s.incarnation == incarnation
+                    and self._refusal_moves < len(self._hosts.ranked)):
+                self._refusal_moves += 1
                 self._move(self._hosts.after(self._hosts.current))
-                self._wake.clear()  # not at once: at the next interval
             return
         except TetherError:
             return  # still lost: the next heartbeat interval tries again
+        self._refusal_moves = 0
         self.events.append(("session_reopened", self._s.incarnation))
 
     def _watching(self) -> bool:
@@ -1238,12 +1249,14 @@ class AsyncSession(_SessionView):
         self._waiters.append(entry)
         try:
             for attempt in range(self._tries):
-                if until is not None and time.monotonic() >= until:
+                # As the blocking client's: at least one try, and the last
+                # one its retry time to be answered.
+                if attempt and until is not None and time.monotonic() >= until:
                     break
                 sent.append((self._s.incarnation, self._send(kind, body)))
                 wait = self._retry_after if backoff is None else backoff(attempt)
                 if until is not None:
-                    wait = min(wait, until - time.monotonic())
+                    wait = min(wait, max(until - time.monotonic(), min(wait, self._retry_after)))
                 done, _ = await asyncio.wait({future}, timeout=max(wait, 0.0))
                 if done:
                     k, fields, answered = future.result()
@@ -1330,7 +1343,8 @@ class AsyncSession(_SessionView):
             probing = probe is not None and now >= probe
             if now < beat_at and not probing:
                 continue  # woken early (a move, or the silence check)
-            if not probing:
+            if now >= beat_at:
+                # The regular heartbeat (asking, if a probe is due too).
                 beat_at = now + self.ttl / 3
             if self.paused:
                 continue
