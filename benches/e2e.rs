@@ -17,12 +17,10 @@ fn encode(seq: u32, flags: Flags, message: Message<'_>) -> Vec<u8> {
 }
 
 fn round_trip(c: &mut Criterion) {
-    let config = ServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        handle_signals: false,
-        workers: 1,
-        ..ServerConfig::default()
-    };
+    let mut config = ServerConfig::default();
+    config.listen = "127.0.0.1:0".parse().unwrap();
+    config.handle_signals = false;
+    config.workers = 1;
     let server = Server::bind(config, Registry::with_standard_jobs()).unwrap();
     let addr = server.local_addr();
     let handle = server.handle();

@@ -30,14 +30,12 @@ fn datagram(client_id: u64, seq: u32, message: Message<'_>) -> Vec<u8> {
 }
 
 fn engine_with_sessions(n: u32, ttl_ms: u32) -> Engine {
-    let config = Config {
-        max_sessions: n as usize,
-        max_client_records: n as usize,
-        max_waiting_tasks: n as usize,
-        max_finished_tasks: n as usize,
-        jobs: Registry::with_standard_jobs().table(),
-        ..Config::default()
-    };
+    let mut config = Config::default();
+    config.max_sessions = n as usize;
+    config.max_client_records = n as usize;
+    config.max_waiting_tasks = n as usize;
+    config.max_finished_tasks = n as usize;
+    config.jobs = Registry::with_standard_jobs().table();
     let mut engine = Engine::new(config, Timestamp(0)).expect("valid config");
     let mut buf = [0u8; MAX_DATAGRAM];
     for i in 0..n {

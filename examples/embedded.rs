@@ -25,8 +25,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 fetched.push(page as u8);
             }
             Ok(fetched)
-        })?
-        .standard_jobs()?
+        })
+        .standard_jobs()
         .bind()?
         .spawn()?;
     println!("embedded server on {}", server.local_addr());

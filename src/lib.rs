@@ -30,8 +30,8 @@
 //!             n -= 1;
 //!         }
 //!         Ok(b"liftoff".to_vec())
-//!     })?
-//!     .job("refuse", PayloadRule::Any, |_| Err(JobError::from("no")))?
+//!     })
+//!     .job("refuse", PayloadRule::Any, |_| Err(JobError::new("no")))
 //!     .bind()?
 //!     .spawn()?;
 //!

@@ -170,26 +170,48 @@ impl std::error::Error for Cancelled {}
 
 /// A job's failure: the text the client receives as the `error` of a failed
 /// TASK_STATE.
+///
+/// Made from text with [`JobError::new`]; any error converts into one (its
+/// `Display` text, then each `source`'s, joined by ": "), so `?` works
+/// inside a job on I/O errors, parse errors, [`Cancelled`] and the rest. For that reason it does not implement
+/// [`std::error::Error`] itself: a type that did could not also convert
+/// from every error (Rust's coherence rules; anyhow's `Error` makes the
+/// same choice). It is `Display`, and [`JobError::into_boxed`] gives a
+/// `Box<dyn Error>` where one is needed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobError(pub String);
 
-impl From<String> for JobError {
-    fn from(text: String) -> JobError {
+impl JobError {
+    /// A failure with this text: `Err(JobError::new("no such page"))`.
+    pub fn new(text: impl Into<String>) -> JobError {
+        JobError(text.into())
+    }
+
+    /// The text, as a boxed error.
+    pub fn into_boxed(self) -> Box<dyn std::error::Error + Send + Sync> {
+        self.0.into()
+    }
+}
+
+impl fmt::Display for JobError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<E: std::error::Error> From<E> for JobError {
+    /// The error's text and its sources'. (For [`Cancelled`] the server
+    /// records the cancel reason itself; this text is only seen if the job
+    /// stops for another reason.)
+    fn from(e: E) -> JobError {
+        let mut text = e.to_string();
+        let mut source = e.source();
+        while let Some(inner) = source {
+            text.push_str(": ");
+            text.push_str(&inner.to_string());
+            source = inner.source();
+        }
         JobError(text)
-    }
-}
-
-impl From<&str> for JobError {
-    fn from(text: &str) -> JobError {
-        JobError(text.to_owned())
-    }
-}
-
-impl From<Cancelled> for JobError {
-    fn from(c: Cancelled) -> JobError {
-        // The server records the cancel reason itself; this text is only
-        // seen if the job stops for another reason.
-        JobError(c.to_string())
     }
 }
 
@@ -829,6 +851,43 @@ fn worker(shared: &Shared, registry: &Registry, routes: &[Route], route_of: fn(T
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn any_error_becomes_a_job_error_with_its_sources() {
+        #[derive(Debug)]
+        struct Outer(std::io::Error);
+        impl fmt::Display for Outer {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("page 3 failed")
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let job = |text: &str| -> JobResult {
+            let n: u32 = text.parse()?; // ParseIntError, through `?`
+            if n == 3 {
+                Err(Outer(std::io::Error::other("connection reset")))?;
+            }
+            Ok(n.to_be_bytes().to_vec())
+        };
+        assert_eq!(job("7"), Ok(vec![0, 0, 0, 7]));
+        assert_eq!(
+            job("x"),
+            Err(JobError::new("invalid digit found in string"))
+        );
+        assert_eq!(
+            job("3").unwrap_err().to_string(),
+            "page 3 failed: connection reset"
+        );
+        let cancelled: JobError = Cancelled {
+            reason: CancelReason::Expired,
+        }
+        .into();
+        assert!(cancelled.0.starts_with("cancelled"), "{cancelled}");
+    }
 
     fn run(registry: &Registry, name: &str, payload: &[u8], flag: &CancelFlag) -> JobOutcome {
         let id = registry.table().lookup(name).unwrap();

@@ -13,7 +13,7 @@ use tether::{Client, ClientConfig, PayloadRule, Server, TaskStatus};
 
 #[test]
 fn submit_and_cancel_loops_behind_busy_workers_leave_nothing_in_the_pool() {
-    let (server, metrics) = spawn_embedded(Server::builder().workers(1).standard_jobs().unwrap());
+    let (server, metrics) = spawn_embedded(Server::builder().workers(1).standard_jobs());
     // The only worker sleeps for a minute: nothing queued will start.
     let holder = Client::connect(ClientConfig::new(server.local_addr(), 1)).unwrap();
     holder
@@ -63,7 +63,6 @@ fn a_task_reported_cancelled_before_it_started_never_runs() {
                 ran.lock().unwrap().insert(ctx.task_id().0);
                 Ok(Vec::new())
             })
-            .unwrap()
             .bind()
             .unwrap()
             .spawn()

@@ -35,7 +35,6 @@ fn sharded_with(
         .max_sessions(max_sessions)
         .ttl(Duration::from_millis(600))
         .standard_jobs()
-        .unwrap()
         .bind()
         .expect("bind a sharded server (the kernel must take the steering program)");
     let metrics = server.shard_metrics();

@@ -22,7 +22,6 @@ fn a_task_ignoring_its_flag_is_reported_and_counted() {
             }
             Ok(b"ignored you".to_vec())
         })
-        .unwrap()
         .bind()
         .unwrap();
     let metrics = server.metrics();
@@ -52,12 +51,8 @@ fn a_task_ignoring_its_flag_is_reported_and_counted() {
 #[test]
 fn slow_loop_iterations_are_counted() {
     // Every iteration is slower than zero: the mechanism, deterministically.
-    let (server, metrics) = spawn_embedded(
-        Server::builder()
-            .slow_loop(Duration::ZERO)
-            .standard_jobs()
-            .unwrap(),
-    );
+    let (server, metrics) =
+        spawn_embedded(Server::builder().slow_loop(Duration::ZERO).standard_jobs());
     let client = Client::connect(ClientConfig::new(server.local_addr(), 32)).unwrap();
     let task = client.submit("echo", b"x").unwrap();
     client.wait(task, Duration::from_secs(10)).unwrap();
@@ -83,9 +78,7 @@ fn tasks_ignoring_their_flag_past_the_grace_are_reported_by_id_and_the_server_st
             }
             Ok(vec![])
         })
-        .unwrap()
         .standard_jobs()
-        .unwrap()
         .bind()
         .unwrap()
         .spawn()
@@ -157,7 +150,6 @@ fn a_jumping_wall_clock_changes_nothing() {
         .clock(clock)
         .events(tether::observe::EventsTarget::File(events.clone()))
         .standard_jobs()
-        .unwrap()
         .bind()
         .unwrap()
         .spawn()

@@ -450,41 +450,38 @@ fn config(args: &ServeArgs) -> Result<ServerConfig, String> {
         millis(args.max_ttl, "max-ttl")?,
     );
     let key = load_key(args.key_file.as_ref())?;
-    let config = ServerConfig {
-        listen: args.listen,
-        engine: engine::Config {
-            tick_us: u64::from(tick_ms) * 1000,
-            default_ttl_ms: ttl,
-            min_ttl_ms: min_ttl,
-            max_ttl_ms: max_ttl,
-            max_sessions: args.max_sessions,
-            max_client_records: args.max_sessions,
-            max_tasks_per_session: args.max_tasks_per_session,
-            max_waiting_tasks: args.queue,
-            key,
-            ..engine::Config::default()
-        },
-        workers: args
-            .workers
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
-        shards: args.shards,
-        grace: args.grace,
-        insecure_bind: args.insecure_bind,
-        amplification_limit: match args.amplification_limit {
-            Switch::Auto => None,
-            Switch::On => Some(true),
-            Switch::Off => Some(false),
-        },
-        handle_signals: true,
-        systemd_notify: true,
-        metrics: args.metrics,
-        events: args.events.clone(),
-        slow_loop: args.slow_loop,
-        coalesce: args.coalesce,
-        slow_cancel: args.slow_cancel,
-        recv_buffer: args.recv_buffer,
-        clock: Arc::new(tether::server::SystemClock),
+    let mut config = ServerConfig::default();
+    config.listen = args.listen;
+    let engine = &mut config.engine;
+    engine.tick_us = u64::from(tick_ms) * 1000;
+    engine.default_ttl_ms = ttl;
+    engine.min_ttl_ms = min_ttl;
+    engine.max_ttl_ms = max_ttl;
+    engine.max_sessions = args.max_sessions;
+    engine.max_client_records = args.max_sessions;
+    engine.max_tasks_per_session = args.max_tasks_per_session;
+    engine.max_waiting_tasks = args.queue;
+    engine.key = key;
+    config.workers = args
+        .workers
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    config.shards = args.shards;
+    config.grace = args.grace;
+    config.insecure_bind = args.insecure_bind;
+    config.amplification_limit = match args.amplification_limit {
+        Switch::Auto => None,
+        Switch::On => Some(true),
+        Switch::Off => Some(false),
     };
+    config.handle_signals = true;
+    config.systemd_notify = true;
+    config.metrics = args.metrics;
+    config.events = args.events.clone();
+    config.slow_loop = args.slow_loop;
+    config.coalesce = args.coalesce;
+    config.slow_cancel = args.slow_cancel;
+    config.recv_buffer = args.recv_buffer;
+    config.clock = Arc::new(tether::server::SystemClock);
     config.validate().map_err(|e| flag_error(&e, args))?;
     Ok(config)
 }
@@ -779,14 +776,15 @@ fn load_resume(path: &Path) -> Option<Resume> {
         .read_to_string(&mut text)
         .ok()?;
     let mut fields = text.split_whitespace();
-    Some(Resume {
-        incarnation: fields.next()?.parse().ok()?,
-        next_seq: fields.next()?.parse().ok()?,
-        next_request_id: fields.next()?.parse().ok()?,
-        // Older files have no host: the session is looked for on the
-        // client's first choice.
-        server: fields.next().and_then(|s| s.parse().ok()),
-    })
+    let mut resume = Resume::new(
+        fields.next()?.parse().ok()?,
+        fields.next()?.parse().ok()?,
+        fields.next()?.parse().ok()?,
+    );
+    // Older files have no host: the session is looked for on the client's
+    // first choice.
+    resume.server = fields.next().and_then(|s| s.parse().ok());
+    Some(resume)
 }
 
 /// Writes the file beside its place, mode 0600, and renames it over: a
@@ -920,7 +918,11 @@ fn run_action(c: &Client, action: ClientAction, payload: Vec<u8>) -> Result<Acte
             ..
         } => {
             let task = c
-                .submit_with(&job, &payload, SubmitOptions { delay, deadline })
+                .submit_with(
+                    &job,
+                    &payload,
+                    SubmitOptions::new().delay(delay).deadline(deadline),
+                )
                 .map_err(|e| e.to_string())?;
             say!("task {task}");
             if !follow {

@@ -33,8 +33,11 @@ use crate::wire::{
     CancelOutcome, CancelReason, EmitError, MacKey, RejectCode, TaskReport, MAX_DATAGRAM,
 };
 
-/// How a client connects.
+/// How a client connects. Made with [`ClientConfig::new`] or
+/// [`ClientConfig::with_servers`], then adjusted field by field (new fields
+/// may come in minor releases).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ClientConfig {
     /// The servers. With more than one, the client picks its host by
     /// rendezvous hashing of its id and moves to the next in its order when
@@ -71,6 +74,7 @@ pub struct ClientConfig {
 /// Where a session left off: enough for another process to continue it
 /// without replacing it (and so without cancelling its tasks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Resume {
     /// The session's incarnation.
     pub incarnation: u64,
@@ -83,9 +87,22 @@ pub struct Resume {
     pub server: Option<SocketAddr>,
 }
 
+impl Resume {
+    /// Where a session stood (its host unknown: the client's first choice).
+    pub fn new(incarnation: u64, next_seq: u32, next_request_id: u32) -> Resume {
+        Resume {
+            incarnation,
+            next_seq,
+            next_request_id,
+            server: None,
+        }
+    }
+}
+
 /// Server names to look up, and how often to look them up again: what a
 /// DNS name with one record per host (a Kubernetes headless Service) needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ServerNames {
     /// `host:port` each; `host` a name or an address.
     pub names: Vec<String>,
@@ -278,11 +295,31 @@ impl From<io::Error> for ClientError {
 
 /// Options of a SUBMIT.
 #[derive(Debug, Clone, Copy, Default)]
+#[non_exhaustive]
 pub struct SubmitOptions {
     /// Hold the task back this long before queueing it.
     pub delay: Duration,
     /// Cancel it this long after it starts running (zero: never).
     pub deadline: Duration,
+}
+
+impl SubmitOptions {
+    /// No delay, no deadline.
+    pub fn new() -> SubmitOptions {
+        SubmitOptions::default()
+    }
+
+    /// Holds the task back `delay` before queueing it.
+    pub fn delay(mut self, delay: Duration) -> SubmitOptions {
+        self.delay = delay;
+        self
+    }
+
+    /// Cancels the task `deadline` after it starts running (zero: never).
+    pub fn deadline(mut self, deadline: Duration) -> SubmitOptions {
+        self.deadline = deadline;
+        self
+    }
 }
 
 /// A connected client. Dropping it stops its thread without a BYE; call

@@ -34,8 +34,10 @@ impl SharedSessions {
     }
 }
 
-/// The engine's settings. [`Config::default`] holds the server's defaults.
+/// The engine's settings. [`Config::default`] holds the server's defaults;
+/// set fields on it (new fields may come in minor releases).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Config {
     /// Length of a wheel tick in microseconds (whole milliseconds, ≥ 1 ms).
     pub tick_us: u64,

@@ -49,8 +49,11 @@ impl Clock for SystemClock {
     }
 }
 
-/// How the server runs.
+/// How the server runs. Start from [`ServerConfig::default`] and set
+/// fields (new fields may be added in minor releases), or use
+/// [`Server::builder`](super::Server::builder).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ServerConfig {
     /// Address to bind.
     pub listen: SocketAddr,
@@ -152,6 +155,9 @@ impl ServerConfig {
 pub struct ServerBuilder {
     config: ServerConfig,
     registry: Registry,
+    /// The first job that could not be registered, reported by `bind`, so
+    /// that a chain of `.job(..)` calls needs no `?` in the middle.
+    job_error: Option<crate::pool::RegistryError>,
 }
 
 impl ServerBuilder {
@@ -164,6 +170,7 @@ impl ServerBuilder {
                 ..ServerConfig::default()
             },
             registry: Registry::new(),
+            job_error: None,
         }
     }
 
@@ -278,30 +285,40 @@ impl ServerBuilder {
     }
     /// Adds the protocol's standard jobs (`sleep`, `spin`, `echo`, `fail`,
     /// `panic`).
-    pub fn standard_jobs(mut self) -> Result<Self, crate::pool::RegistryError> {
+    /// A name already taken is reported by [`ServerBuilder::bind`].
+    pub fn standard_jobs(mut self) -> Self {
         for (name, rule, body) in crate::pool::standard_jobs() {
-            self.registry.register(name, rule, body)?;
+            let registered = self.registry.register(name, rule, body);
+            self.note(registered);
         }
-        Ok(self)
+        self
+    }
+
+    fn note(&mut self, registered: Result<(), crate::pool::RegistryError>) {
+        if let (Err(e), None) = (registered, &self.job_error) {
+            self.job_error = Some(e);
+        }
     }
     /// Adds a job clients can SUBMIT by `name`. The closure runs on a worker
     /// thread; it should poll [`TaskContext::is_cancelled`](crate::pool::TaskContext::is_cancelled)
     /// or sleep through [`TaskContext::sleep`](crate::pool::TaskContext::sleep) so
     /// that cancellation can stop it.
-    pub fn job<F>(
-        mut self,
-        name: &str,
-        payload: crate::engine::PayloadRule,
-        body: F,
-    ) -> Result<Self, crate::pool::RegistryError>
+    /// A duplicate or invalid name is reported by [`ServerBuilder::bind`]
+    /// (as [`ServerError::Job`](super::ServerError::Job)).
+    pub fn job<F>(mut self, name: &str, payload: crate::engine::PayloadRule, body: F) -> Self
     where
         F: Fn(&crate::pool::TaskContext<'_>) -> crate::pool::JobResult + Send + Sync + 'static,
     {
-        self.registry.register(name, payload, body)?;
-        Ok(self)
+        let registered = self.registry.register(name, payload, body);
+        self.note(registered);
+        self
     }
     /// Checks the configuration, binds the socket and starts the workers.
+    /// A job that could not be registered fails it first.
     pub fn bind(self) -> Result<Server, ServerError> {
+        if let Some(e) = self.job_error {
+            return Err(ServerError::Job(e));
+        }
         Server::bind(self.config, self.registry)
     }
 }

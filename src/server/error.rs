@@ -25,6 +25,9 @@ pub enum ServerError {
     InvalidConfig(ConfigError),
     /// The server's thread panicked (a bug: please report it).
     Panicked,
+    /// A job given to the builder could not be registered (a duplicate or
+    /// invalid name).
+    Job(crate::pool::RegistryError),
 }
 
 impl fmt::Display for ServerError {
@@ -40,6 +43,7 @@ impl fmt::Display for ServerError {
             ServerError::Io(what, e) => write!(f, "{what}: {e}"),
             ServerError::InvalidConfig(rule) => write!(f, "invalid configuration: {rule}"),
             ServerError::Panicked => f.write_str("the server thread panicked"),
+            ServerError::Job(e) => write!(f, "cannot register the job: {e}"),
             ServerError::Aborted { unfinished } => write!(
                 f,
                 "second signal: stopped at once with {unfinished} task(s) still running"
@@ -53,6 +57,7 @@ impl std::error::Error for ServerError {
         match self {
             ServerError::Bind(_, e) | ServerError::Io(_, e) => Some(e),
             ServerError::InvalidConfig(e) => Some(e),
+            ServerError::Job(e) => Some(e),
             _ => None,
         }
     }

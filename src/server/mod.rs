@@ -966,12 +966,34 @@ mod tests {
     }
 
     #[test]
+    fn a_job_the_builder_could_not_register_fails_bind() {
+        let result = Server::builder()
+            .listen("127.0.0.1:0".parse().unwrap())
+            .job("twice", PayloadRule::Any, |_| Ok(Vec::new()))
+            .job("twice", PayloadRule::Any, |_| Ok(Vec::new()))
+            .job("", PayloadRule::Any, |_| Ok(Vec::new()))
+            .bind();
+        match result {
+            Err(ServerError::Job(crate::pool::RegistryError::Duplicate(name))) => {
+                assert_eq!(name, "twice", "the first error is the one reported");
+            }
+            Err(other) => panic!("{other}"),
+            Ok(_) => panic!("bound with a duplicate job"),
+        }
+        let standard_twice = Server::builder()
+            .listen("127.0.0.1:0".parse().unwrap())
+            .standard_jobs()
+            .job("echo", PayloadRule::Any, |_| Ok(Vec::new()))
+            .bind();
+        assert!(matches!(standard_twice, Err(ServerError::Job(_))));
+    }
+
+    #[test]
     fn a_report_waiting_when_shutdown_begins_is_applied_first() {
         let mut server = Server::builder()
             .listen("127.0.0.1:0".parse().unwrap())
             .workers(1)
             .job("quick", PayloadRule::Any, |_| Ok(b"done".to_vec()))
-            .unwrap()
             .bind()
             .unwrap();
         let mut state = LoopState::new();
