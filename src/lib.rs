@@ -101,6 +101,8 @@ pub mod wheel;
 #[doc(hidden)]
 pub mod wire;
 
+#[cfg(feature = "tokio")]
+pub use client::{AsyncClient, AsyncTask};
 pub use client::{
     Client, ClientConfig, ClientError, ClientEvent, Resume, ServerNames, SubmitOptions, TaskStatus,
 };

@@ -15,8 +15,12 @@
 
 pub mod hosts;
 mod session;
+#[cfg(feature = "tokio")]
+mod tokio_client;
 
 pub use session::{hello_backoff, Answer, ClientSession, Request, RequestId, State};
+#[cfg(feature = "tokio")]
+pub use tokio_client::{AsyncClient, AsyncTask};
 
 use std::fmt;
 use std::io;
@@ -357,30 +361,12 @@ impl Client {
             config.servers = names.resolve()?;
         }
         if config.servers.is_empty() {
-            return Err(ClientError::Io(Arc::new(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "no server given",
-            ))));
+            return Err(no_server());
         }
-        let dual_stack = config.servers.iter().any(SocketAddr::is_ipv6);
-        let socket = if dual_stack {
-            let socket = socket2::Socket::new(
-                socket2::Domain::IPV6,
-                socket2::Type::DGRAM,
-                Some(socket2::Protocol::UDP),
-            )?;
-            socket.set_only_v6(false)?;
-            socket.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)).into())?;
-            UdpSocket::from(socket)
-        } else {
-            UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0)))?
-        };
+        let (socket, dual_stack) = open_socket(&config.servers)?;
         socket.set_read_timeout(Some(IO_SLICE))?;
         let names = config.names.clone();
-        let wall_ns = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64);
-        let session = ClientSession::new(config, Instant::now(), wall_ns);
+        let session = ClientSession::new(config, Instant::now(), wall_clock_ns());
         let inner = Arc::new(Inner {
             socket,
             dual_stack,
@@ -612,6 +598,50 @@ impl Drop for Client {
     }
 }
 
+fn no_server() -> ClientError {
+    ClientError::Io(Arc::new(io::Error::new(
+        io::ErrorKind::InvalidInput,
+        "no server given",
+    )))
+}
+
+/// The wall clock in nanoseconds, which seeds the session's incarnations.
+fn wall_clock_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(1, |d| d.as_nanos() as u64)
+}
+
+/// An unconnected UDP socket that reaches `servers` (the host can change):
+/// IPv4, or IPv6 taking IPv4 too (v4-mapped) when any server is IPv6.
+/// Returns whether it is the latter.
+fn open_socket(servers: &[SocketAddr]) -> io::Result<(UdpSocket, bool)> {
+    let dual_stack = servers.iter().any(SocketAddr::is_ipv6);
+    let socket = if dual_stack {
+        let socket = socket2::Socket::new(
+            socket2::Domain::IPV6,
+            socket2::Type::DGRAM,
+            Some(socket2::Protocol::UDP),
+        )?;
+        socket.set_only_v6(false)?;
+        socket.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0)).into())?;
+        UdpSocket::from(socket)
+    } else {
+        UdpSocket::bind(SocketAddr::from(([0, 0, 0, 0], 0)))?
+    };
+    Ok((socket, dual_stack))
+}
+
+/// Where to send to reach `server` from a socket opened by `open_socket`.
+fn destination(server: SocketAddr, dual_stack: bool) -> SocketAddr {
+    match server {
+        SocketAddr::V4(v4) if dual_stack => {
+            SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0).into()
+        }
+        to => to,
+    }
+}
+
 /// `from` as the session lists servers: an IPv4 peer of the dual-stack
 /// socket arrives IPv4-mapped. Any other IPv6 address is kept whole (a
 /// link-local one with its scope).
@@ -634,12 +664,7 @@ impl Inner {
     /// Sends every datagram the session has ready (the lock is held: each
     /// is one non-blocking system call).
     fn send_queued(&self, s: &mut ClientSession) {
-        let to = match s.server() {
-            SocketAddr::V4(v4) if self.dual_stack => {
-                SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0).into()
-            }
-            to => to,
-        };
+        let to = destination(s.server(), self.dual_stack);
         while let Some(datagram) = s.poll_transmit() {
             // A failed send is a lost datagram: the session retries.
             let _ = self.socket.send_to(&datagram, to);
