@@ -30,8 +30,10 @@ use crate::wire::CancelReason;
 
 mod http;
 mod process;
+mod sessions;
 
 pub use http::{serve, Health, HEALTH_DEADLINE, OPENMETRICS_CONTENT_TYPE};
+pub use sessions::{Answer, Question, SessionsDesk};
 
 /// Counters of the server's own (outside the engine).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -432,6 +434,8 @@ pub struct Metrics {
     sockets: std::sync::OnceLock<(SocketAddr, Vec<(&'static str, u64)>)>,
     /// The loop's progress, for `/healthz`.
     pub health: Health,
+    /// Questions for the loop from `/sessions`.
+    pub sessions: SessionsDesk,
     /// The shard these figures are of, when the server has several: a
     /// `shard` label on every series.
     shard: Option<String>,
@@ -450,6 +454,7 @@ impl Default for Metrics {
             loop_iteration: Histogram::new(SHORT_US),
             sockets: std::sync::OnceLock::new(),
             health: Health::default(),
+            sessions: SessionsDesk::default(),
             shard: None,
         }
     }

@@ -1,6 +1,9 @@
 //! The `tether` command: parses arguments into a configuration, runs the
 //! server or the terminal client, and turns the outcome into an exit code.
 
+#[path = "tether/sessions.rs"]
+mod sessions;
+
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -46,6 +49,21 @@ enum Command {
     /// 3 the task failed, 4 it was cancelled, 5 no such task, 6 not
     /// finished yet, 130 interrupted.
     Client(ClientArgs),
+    /// List a running server's live sessions, read from its metrics
+    /// endpoint (`tether serve --metrics`): client id, incarnation, peer,
+    /// TTL, time since its last datagram, unfinished tasks.
+    Sessions {
+        /// The server's metrics endpoint.
+        #[arg(long, default_value = "127.0.0.1:9900", value_name = "ADDR")]
+        server_metrics: SocketAddr,
+        /// Only sessions past two thirds of their TTL without a datagram
+        /// (about to expire), soonest first.
+        #[arg(long)]
+        late: bool,
+        /// One JSON object per line instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print a shell completion script (e.g. `tether completions bash >
     /// /etc/bash_completion.d/tether`).
     Completions {
@@ -373,6 +391,13 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve(args) => serve(args).map(|()| ExitCode::SUCCESS),
         Command::Client(args) => client(args).map(ExitCode::from).map_err(Failure::Error),
+        Command::Sessions {
+            server_metrics,
+            late,
+            json,
+        } => sessions::run(server_metrics, late, json)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(Failure::Error),
         Command::Completions { shell } => {
             // Into a buffer first: clap_complete panics on a write error.
             let mut script = Vec::new();

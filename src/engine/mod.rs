@@ -60,11 +60,13 @@ mod stats;
 mod submit;
 mod task;
 mod types;
+mod view;
 
 pub use config::{Config, ConfigError, SharedSessions, MAX_SESSIONS_LIMIT};
 pub use io::{Cause, Dropped, Effect, Ending, Event, JobOutcome, TaskEvent};
 pub use stats::{Footprint, Stats};
 pub use types::{JobId, JobTable, PayloadRule, TaskId, Timestamp};
+pub use view::{SessionPage, SessionView, TaskCounts, SCAN_PER_PAGE};
 
 use std::collections::VecDeque;
 use std::fmt;

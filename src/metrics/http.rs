@@ -148,13 +148,23 @@ pub fn serve(
 }
 
 fn respond(request: &tiny_http::Request, shards: &[Arc<Metrics>]) -> tiny_http::ResponseBox {
-    let path = request.url().split('?').next().unwrap_or_default();
-    let known = matches!(path, "/metrics" | "/healthz");
+    let (path, query) = request.url().split_once('?').unwrap_or((request.url(), ""));
+    let known =
+        matches!(path, "/metrics" | "/healthz" | "/sessions") || path.starts_with("/sessions/");
     if !known {
-        return text(404, "not found; the paths are /metrics and /healthz\n");
+        return text(
+            404,
+            "not found; the paths are /metrics, /healthz, /sessions and /sessions/CLIENT_ID\n",
+        );
     }
     if *request.method() != tiny_http::Method::Get {
         return text(405, "only GET is served here\n").with_header(header("Allow", "GET"));
+    }
+    if path == "/sessions" {
+        return super::sessions::page_response(query, shards);
+    }
+    if let Some(id) = path.strip_prefix("/sessions/") {
+        return super::sessions::one_response(id, shards);
     }
     match path {
         "/metrics" => {
@@ -218,12 +228,12 @@ fn accepts_openmetrics(accept: Option<&str>) -> bool {
     })
 }
 
-fn header(name: &str, value: &str) -> tiny_http::Header {
+pub(super) fn header(name: &str, value: &str) -> tiny_http::Header {
     tiny_http::Header::from_bytes(name.as_bytes(), value.as_bytes())
         .expect("header names and values here are ASCII")
 }
 
-fn text(status: u16, body: &str) -> tiny_http::ResponseBox {
+pub(super) fn text(status: u16, body: &str) -> tiny_http::ResponseBox {
     tiny_http::Response::from_string(body)
         .with_status_code(status)
         .with_header(header("Content-Type", "text/plain; charset=utf-8"))

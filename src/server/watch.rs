@@ -212,6 +212,7 @@ impl Watch {
         pool: &Pool,
     ) {
         let took = now.saturating_duration_since(woke);
+        self.metrics.sessions.answer(engine);
         self.metrics.health.iteration_done();
         if let Some(notifier) = self.notifier.as_mut() {
             if notifier.wake_at().is_some_and(|due| now >= due) {

@@ -242,3 +242,4 @@ mod hostile;
 mod limits;
 mod sessions;
 mod tasks;
+mod views;
