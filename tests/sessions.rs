@@ -149,3 +149,43 @@ fn the_command_lists_sessions_and_the_late_ones_first_to_expire() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("tether serve --metrics"));
 }
+
+#[test]
+fn top_shows_a_live_server_and_its_clients_closest_to_expiry() {
+    let server = ServerProcess::start(&["--metrics", "127.0.0.1:0"]);
+    let metrics = metrics_addr(&server);
+    // TTL 6 s: the paused client is late from 4 s of silence and expires at
+    // 6 s; the frame's second reading (1.5 s after the first) comes when it
+    // has been silent about 5 s.
+    let all = clients(server.addr, 11..14, Duration::from_secs(6));
+    let _task = all[0].submit("sleep", &30_000u32.to_be_bytes()).unwrap();
+    all[2].pause_heartbeats(true);
+    let silent = all[2].last_sent().elapsed();
+    std::thread::sleep(Duration::from_millis(3500).saturating_sub(silent));
+    let output = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["top", "--once", "--interval", "1500ms"])
+        .args(["--server-metrics", &metrics.to_string()])
+        .output()
+        .unwrap();
+    let frame = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{output:?}");
+    assert!(frame.contains(&format!("tether top: {metrics}")), "{frame}");
+    assert!(frame.contains("sessions 3 "), "{frame}");
+    // Two clients heartbeat every 2 s: about one a second.
+    assert!(!frame.contains("heartbeats/s 0 "), "{frame}");
+    let running = frame.lines().find(|l| l.contains("running")).unwrap();
+    assert!(running.contains(" 1 "), "{running}");
+    // The paused client, and only it, is close to expiry.
+    let late: Vec<&str> = frame
+        .lines()
+        .filter(|l| l.contains("127.0.0.1:") && !l.contains("tether top"))
+        .collect();
+    assert_eq!(late.len(), 1, "{frame}");
+    assert!(late[0].contains("13 "), "{frame}");
+    // Nothing there: an error, not a blank screen.
+    let output = Command::new(env!("CARGO_BIN_EXE_tether"))
+        .args(["top", "--once", "--server-metrics", "127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+}

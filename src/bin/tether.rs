@@ -3,6 +3,8 @@
 
 #[path = "tether/sessions.rs"]
 mod sessions;
+#[path = "tether/top.rs"]
+mod top;
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -63,6 +65,22 @@ enum Command {
         /// One JSON object per line instead of a table.
         #[arg(long)]
         json: bool,
+    },
+    /// A full-screen view of a running server, refreshed every second from
+    /// its metrics endpoint: sessions, heartbeats/s, sessions ended by
+    /// reason, tasks by state, drops by cause, expiry lateness, how busy
+    /// the event loop is, and the clients closest to expiry. q quits. Not
+    /// on a terminal (or with --once) it prints one frame as text.
+    Top {
+        /// The server's metrics endpoint.
+        #[arg(long, default_value = "127.0.0.1:9900", value_name = "ADDR")]
+        server_metrics: SocketAddr,
+        /// How often to refresh.
+        #[arg(long, default_value = "1s", value_parser = parse_duration, value_name = "DURATION")]
+        interval: Duration,
+        /// Print one frame (over one interval) as text and exit.
+        #[arg(long)]
+        once: bool,
     },
     /// Print a shell completion script (e.g. `tether completions bash >
     /// /etc/bash_completion.d/tether`).
@@ -396,6 +414,13 @@ fn main() -> ExitCode {
             late,
             json,
         } => sessions::run(server_metrics, late, json)
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(Failure::Error),
+        Command::Top {
+            server_metrics,
+            interval,
+            once,
+        } => top::run(server_metrics, interval, once)
             .map(|()| ExitCode::SUCCESS)
             .map_err(Failure::Error),
         Command::Completions { shell } => {

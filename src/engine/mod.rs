@@ -116,6 +116,9 @@ pub struct Engine {
     /// shared session count, for the new one to take (another shard must
     /// not slip in between and leave the client refused).
     place_kept: bool,
+    /// Slab slots ever used (the highest session index, plus one): where a
+    /// walk over the sessions can stop (`view.rs`).
+    session_slots_used: usize,
 }
 
 impl Engine {
@@ -162,6 +165,7 @@ impl Engine {
             now,
             config,
             place_kept: false,
+            session_slots_used: 0,
         })
     }
 
@@ -735,6 +739,7 @@ impl Engine {
         }
         .clamp(self.config.min_ttl_ms, self.config.max_ttl_ms);
         let index = SessionIndex(self.sessions.insert(Session::new(h, from, ttl_ms)) as u32);
+        self.session_slots_used = self.session_slots_used.max(index.slot() + 1);
         let sessions = &self.sessions;
         self.live_by_client
             .insert(h.client_id, index.0, |i| sessions[i as usize].client_id);

@@ -64,7 +64,7 @@ impl Engine {
     /// first page), only the late ones (see [`SessionView::is_late`]) if
     /// `late_only`. Looks at no more than [`SCAN_PER_PAGE`] slots.
     pub fn sessions_page(&self, after: u64, limit: usize, late_only: bool) -> SessionPage {
-        let end = self.sessions.capacity();
+        let end = self.session_slots_used;
         let mut slot = usize::try_from(after).unwrap_or(usize::MAX).min(end);
         let stop = slot.saturating_add(SCAN_PER_PAGE).min(end);
         let mut sessions = Vec::new();

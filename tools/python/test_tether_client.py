@@ -3,11 +3,19 @@
 Run by `cargo test` (tests/python.rs sets TETHER_BIN), or by hand:
 
     TETHER_BIN=target/debug/tether python3 -m unittest discover -s tools/python -v
+
+They import the package from this directory (tools/python/tether_client),
+not an installed copy. PackagingTests also install it with pip into a fresh
+virtual environment and run README.md's examples with it, and type-check it
+with a pinned mypy; both need PyPI (for flit_core and mypy).
 """
 
 import asyncio
+import functools
+import inspect
 import os
 import random
+import re
 import socket
 import struct
 import subprocess
@@ -21,7 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tether_client as tc  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BIN = os.environ.get("TETHER_BIN") or os.path.join(HERE, "..", "..", "target", "debug", "tether")
+REPO = os.path.dirname(os.path.dirname(HERE))
+BIN = os.environ.get("TETHER_BIN") or os.path.join(REPO, "target", "debug", "tether")
 
 
 class Server:
@@ -229,9 +238,11 @@ class FakeServer:
         self.seq = 0
 
     def recv(self):
-        """(kind, client_id, incarnation, seq, peer) of the next datagram."""
+        """(kind, client_id, incarnation, seq, peer) of the next datagram;
+        its body is kept in ``body``."""
         data, peer = self.sock.recvfrom(2048)
-        _, _, kind, _, _, _, client_id, incarnation, seq = tc.HEADER.unpack_from(data)
+        _, _, kind, _, _, body_len, client_id, incarnation, seq = tc.HEADER.unpack_from(data)
+        self.body = data[tc.HEADER.size:tc.HEADER.size + body_len]
         return kind, client_id, incarnation, seq, peer
 
     def expect(self, kind):
@@ -298,7 +309,7 @@ class ScriptedServerTests(unittest.TestCase):
             submit = _in_thread(lambda: c.submit("echo", b"x"))
             request = self.fake.expect(tc.SUBMIT)
             self.fake.reply(request, tc.ACCEPTED, struct.pack(">IQ", 1, 42))
-            self.assertEqual(submit(), 42, "the receiver still files replies")
+            self.assertEqual(submit().id, 42, "the receiver still files replies")
             self.assertGreaterEqual(c.dropped, 1)
         finally:
             c.close()
@@ -474,6 +485,44 @@ class ScriptedServerTests(unittest.TestCase):
         with self.assertRaises(tc.SessionLost):
             bye()
 
+    def test_a_run_cancelled_while_its_submit_is_in_flight_cancels_the_task(self):
+        # The caller gives up before the server has answered the SUBMIT: the
+        # SUBMIT is retried all the same, and once its ACCEPTED brings the
+        # task's id, a CANCEL follows, so the task does not run on unseen.
+        submitted, given_up, answered = threading.Event(), threading.Event(), threading.Event()
+
+        async def main():
+            loop = asyncio.get_running_loop()
+            # The default retry time: the SUBMIT is retried for 2 s, time
+            # enough to give up on it before this test answers it.
+            async with tc.AsyncSession(self.fake.addr, client_id=16) as s:
+                job = asyncio.ensure_future(s.run("sleep", tc.u32(60_000)))
+                await loop.run_in_executor(None, submitted.wait, 5)
+                job.cancel()
+                with self.assertRaises(asyncio.CancelledError):
+                    await job
+                given_up.set()
+                await loop.run_in_executor(None, answered.wait, 5)
+                for _ in range(100):
+                    if not s._background:
+                        break
+                    await asyncio.sleep(0.02)
+                return len(s._background)
+
+        run = _in_thread(lambda: asyncio.run(main()))
+        self.fake.welcome()
+        submit = self.fake.expect(tc.SUBMIT)
+        request_id = struct.unpack_from(">I", self.fake.body)[0]
+        submitted.set()
+        self.assertTrue(given_up.wait(5))
+        self.fake.reply(submit, tc.ACCEPTED, struct.pack(">IQ", request_id, 99))
+        cancel = self.fake.expect(tc.CANCEL)
+        self.assertEqual(struct.unpack(">Q", self.fake.body), (99,))
+        self.fake.reply(cancel, tc.CANCEL_RESULT, struct.pack(">QB", 99, 0))
+        answered.set()
+        self.fake.reply(self.fake.expect(tc.BYE), tc.BYE_ACK)
+        self.assertEqual(run(), 0, "the CANCEL was answered")
+
     def test_an_async_block_exits_cleanly_when_its_byes_ack_was_lost(self):
         async def main():
             async with tc.AsyncSession(self.fake.addr, client_id=10, retry_after=0.1):
@@ -564,14 +613,14 @@ class ServerRestartTests(unittest.TestCase):
         async def main():
             async with tc.AsyncSession(first.addr, client_id=302, ttl=1.0) as s:
                 old = s.session
-                self.assertEqual((await s.submit("echo", b"before")).result, b"before")
+                self.assertEqual((await s.run("echo", b"before")).result, b"before")
                 with self.restart(first):
                     restarted = time.monotonic()
                     while s.session == old or not s._live:
                         self.assertLess(time.monotonic() - restarted, 1.0, "not back within one TTL")
                         await asyncio.sleep(0.01)
                     self.assertGreater(s.session[1], old[1])
-                    return (await s.submit("echo", b"after")).result
+                    return (await s.run("echo", b"after")).result
 
         self.assertEqual(asyncio.run(main()), b"after")
 
@@ -607,7 +656,7 @@ class BlockingClientTests(unittest.TestCase):
             while c.status(task).state != "running":
                 self.assertLess(time.monotonic(), deadline)
             self.assertEqual(c.cancel(task), "cancelled")
-            self.assertEqual(c.wait(task), tc.TaskResult(task, "cancelled", reason="cancelled"))
+            self.assertEqual(c.wait(task), tc.TaskResult(task.id, "cancelled", reason="cancelled"))
             self.assertEqual(c.cancel(task), "already_finished")
             self.assertEqual(c.status(1).state, "unknown")
 
@@ -619,10 +668,10 @@ class BlockingClientTests(unittest.TestCase):
             started = time.monotonic()
             deadline = started + 5
             with c._lock:
-                while task not in c.finals:
+                while task.id not in c.finals:
                     self.assertLess(time.monotonic(), deadline, "no expiry pushed")
                     c._lock.wait(0.05)
-            self.assertEqual(c.finals[task].reason, "expired")
+            self.assertEqual(c.finals[task.id].reason, "expired")
             self.assertGreaterEqual(time.monotonic() - started, 0.25)
         finally:
             c.close()
@@ -639,7 +688,7 @@ class BlockingClientTests(unittest.TestCase):
 
                 async def signed():
                     async with tc.AsyncSession(keyed.addr, client_id=106, key=b"s" * 32) as s:
-                        return await s.submit("echo", b"async signed")
+                        return await s.run("echo", b"async signed")
 
                 self.assertEqual(asyncio.run(signed()).result, b"async signed")
                 with self.assertRaises(tc.TimeoutError_):
@@ -658,8 +707,8 @@ class AsyncSessionTests(unittest.TestCase):
     def test_run_returns_final_state(self):
         async def main():
             async with tc.AsyncSession(self.server.addr, client_id=201) as s:
-                done = await s.submit("echo", b"async")
-                failed = await s.submit("fail", b"bad")
+                done = await s.run("echo", b"async")
+                failed = await s.run("fail", b"bad")
                 return done, failed
 
         done, failed = asyncio.run(main())
@@ -669,7 +718,7 @@ class AsyncSessionTests(unittest.TestCase):
     def test_cancelling_the_coroutine_cancels_the_task(self):
         async def main():
             async with tc.AsyncSession(self.server.addr, client_id=202) as s:
-                job = asyncio.ensure_future(s.submit("sleep", struct.pack(">I", 60_000)))
+                job = asyncio.ensure_future(s.run("sleep", struct.pack(">I", 60_000)))
                 await asyncio.sleep(0.2)
                 job.cancel()
                 with self.assertRaises(asyncio.CancelledError):
@@ -690,7 +739,7 @@ class AsyncSessionTests(unittest.TestCase):
         async def main():
             async with tc.AsyncSession(self.server.addr, client_id=203, ttl=0.3) as s:
                 with self.assertRaises(asyncio.TimeoutError):
-                    await asyncio.wait_for(s.submit("sleep", struct.pack(">I", 60_000)), 0.3)
+                    await asyncio.wait_for(s.run("sleep", struct.pack(">I", 60_000)), 0.3)
                 task_id = await s.start("sleep", struct.pack(">I", 60_000))
                 s.paused = True
                 return await asyncio.wait_for(s.wait(task_id), 5)
@@ -763,7 +812,7 @@ class FailoverTests(unittest.TestCase):
             async with tc.AsyncSession([a.addr, b.addr], client_id=502, ttl=self.TTL) as s:
                 self.assertEqual(s.server, first)
                 old = s.session
-                self.assertEqual((await s.submit("echo", b"before")).result, b"before")
+                self.assertEqual((await s.run("echo", b"before")).result, b"before")
                 killed = time.monotonic()
                 stop = by_addr[first].__exit__
                 await asyncio.get_running_loop().run_in_executor(None, stop, None, None, None)
@@ -775,7 +824,7 @@ class FailoverTests(unittest.TestCase):
                 self.assertIn(("session_lost", old[1]), events)
                 self.assertIn(("session_reopened", s.session[1]), events)
                 self.assertGreater(s.session[1], old[1])
-                result = (await s.submit("echo", b"after")).result
+                result = (await s.run("echo", b"after")).result
                 self.assertEqual(s.server, second)
                 return result
 
@@ -812,7 +861,7 @@ class FailoverTests(unittest.TestCase):
 
         async def on_ipv6():
             async with tc.AsyncSession(servers, client_id=on_v6, ttl=self.TTL) as s:
-                return s.server, (await s.submit("echo", b"six")).result
+                return s.server, (await s.run("echo", b"six")).result
 
         self.assertEqual(asyncio.run(on_ipv6()), (servers[1], b"six"))
         # One socket reaches both: IPv4 through v4-mapped addresses.
@@ -850,7 +899,7 @@ class FailoverTests(unittest.TestCase):
             async def main():
                 async with tc.AsyncSession([closed, live.addr], client_id=client_id, ttl=0.5) as s:
                     self.assertEqual(s.server, live.addr)
-                    return (await s.submit("echo", b"second")).result
+                    return (await s.run("echo", b"second")).result
 
             self.assertEqual(asyncio.run(main()), b"second")
 
@@ -909,6 +958,400 @@ class FailoverTests(unittest.TestCase):
             self.assertEqual((c.server, c.session), (second, moved))
             self.assertEqual(c._hosts.ranked, [first, second])
             self.assertEqual(c.wait(c.submit("echo", b"stayed")).result, b"stayed")
+
+
+
+class PayloadTests(unittest.TestCase):
+    def test_numbers_are_big_endian_and_range_checked(self):
+        self.assertEqual(tc.u32(0), b"\0\0\0\0")
+        self.assertEqual(tc.u32(60_000), struct.pack(">I", 60_000))
+        self.assertEqual(tc.u32(2 ** 32 - 1), b"\xff" * 4)
+        self.assertEqual(tc.u64(10_000), struct.pack(">Q", 10_000))
+        self.assertEqual(tc.u64(2 ** 64 - 1), b"\xff" * 8)
+        for bad in (-1, 2 ** 32):
+            with self.assertRaises(ValueError):
+                tc.u32(bad)
+        for bad in (-1, 2 ** 64):
+            with self.assertRaises(ValueError):
+                tc.u64(bad)
+        for encode in (tc.u32, tc.u64):
+            for bad in (1.5, "1", None):
+                with self.assertRaises(TypeError):
+                    encode(bad)
+        self.assertEqual(tc.parse_u32(tc.u32(123_456)), 123_456)
+        self.assertEqual(tc.parse_u64(tc.u64(2 ** 64 - 1)), 2 ** 64 - 1)
+        for bad in (b"", b"\0" * 3, b"\0" * 5):
+            with self.assertRaises(ValueError):
+                tc.parse_u32(bad)
+        for bad in (b"\0" * 4, b"\0" * 9):
+            with self.assertRaises(ValueError):
+                tc.parse_u64(bad)
+
+    def test_text_is_utf8_up_to_a_payload(self):
+        self.assertEqual(tc.text("héllo"), "héllo".encode("utf-8"))
+        self.assertEqual(len(tc.text("é" * 512)), 1024)
+        with self.assertRaises(ValueError):
+            tc.text("é" * 512 + "x")
+        self.assertEqual(tc.parse_text(tc.text("héllo")), "héllo")
+        with self.assertRaises(ValueError):
+            tc.parse_text(b"\xff")
+
+
+class ErrorTests(unittest.TestCase):
+    def test_timeout_is_a_builtin_timeout_error(self):
+        self.assertIs(tc.TimeoutError_, tc.Timeout)
+        self.assertTrue(issubclass(tc.Timeout, TimeoutError))
+        self.assertTrue(issubclass(tc.Timeout, tc.TetherError))
+        self.assertEqual(str(tc.Timeout("no reply")), "no reply")
+        # One the client raises: nobody answers the HELLOs.
+        with self.assertRaises(TimeoutError) as raised:
+            tc.Client(_closed_port(), client_id=15, tries=2, retry_after=0.05)
+        self.assertIsInstance(raised.exception, tc.TimeoutError_)
+
+
+def _fnv1a64_reference(data):
+    """FNV-1a 64, written out again from its definition (apart from the
+    client's own)."""
+    return functools.reduce(lambda h, b: ((h ^ b) * 0x100000001B3) % 2 ** 64, data, 0xCBF29CE484222325)
+
+
+class _User:
+    """Sets (a str or bytes) or unsets (None) USER for a block."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __enter__(self):
+        self.saved = os.environb.get(b"USER")
+        if self.value is None:
+            os.environb.pop(b"USER", None)
+        else:
+            os.environb[b"USER"] = self.value.encode("utf-8") if isinstance(self.value, str) else self.value
+
+    def __exit__(self, *exc):
+        if self.saved is None:
+            os.environb.pop(b"USER", None)
+        else:
+            os.environb[b"USER"] = self.saved
+
+
+class DefaultClientIdTests(unittest.TestCase):
+    """The default client id is the CLI's (src/bin/tether.rs,
+    default_client_id): FNV-1a 64 over USER, a 0 byte, and /etc/hostname
+    trimmed, at least 1."""
+
+    def test_the_reference_hash_gives_the_published_vectors(self):
+        self.assertEqual(_fnv1a64_reference(b""), 0xCBF29CE484222325)
+        self.assertEqual(_fnv1a64_reference(b"a"), 0xAF63DC4C8601EC8C)
+        self.assertEqual(_fnv1a64_reference(b"foobar"), 0x85944171F73967E8)
+
+    @staticmethod
+    def expected(user):
+        try:
+            with open("/etc/hostname", "rb") as f:
+                host = f.read().strip()
+        except OSError:
+            host = b""
+        return max(_fnv1a64_reference(user + b"\0" + host), 1)
+
+    def test_it_hashes_user_and_hostname(self):
+        for user, hashed in [("alice", b"alice"), ("zoë", "zoë".encode()), ("", b""), (None, b""),
+                             (b"\xff", b"")]:  # not UTF-8: Rust's env::var gives nothing
+            with _User(user):
+                self.assertEqual(tc.default_client_id(), self.expected(hashed), user)
+
+    def test_the_hostname_is_read_as_rust_reads_it(self):
+        def ref(user, host):
+            return max(_fnv1a64_reference(user + b"\0" + host), 1)
+
+        self.assertEqual(tc._client_id_for(b"u", b"  host \n"), ref(b"u", b"host"))
+        # str::trim strips Unicode whitespace, but not U+001F (which
+        # Python's str.strip() would).
+        self.assertEqual(tc._client_id_for(b"u", "\u3000host\u00a0\n".encode()), ref(b"u", b"host"))
+        self.assertEqual(tc._client_id_for(b"u", b"\x1fhost\x1f"), ref(b"u", b"\x1fhost\x1f"))
+        # A hostname file that is not UTF-8 reads as nothing (read_to_string fails).
+        self.assertEqual(tc._client_id_for(b"u", b"\xffhost"), ref(b"u", b""))
+        real = tc._fnv1a64
+        tc._fnv1a64 = lambda data: 0
+        try:
+            self.assertEqual(tc._client_id_for(b"", b""), 1, "never 0")
+        finally:
+            tc._fnv1a64 = real
+
+    def test_the_cli_uses_the_same_id(self):
+        with Server() as server, tempfile.TemporaryDirectory() as runtime:
+            for user in ("alice", None):
+                env = dict(os.environ, XDG_RUNTIME_DIR=runtime)
+                env.pop("USER", None)
+                if user is not None:
+                    env["USER"] = user
+                hello = subprocess.run(
+                    [BIN, "client", "--server", "%s:%d" % server.addr, "hello"],
+                    env=env, capture_output=True, text=True, timeout=30)
+                self.assertEqual(hello.returncode, 0, hello.stderr)
+                cli_id = int(re.search(r"^session (\d+)/", hello.stdout, re.M).group(1))
+                with _User(user):
+                    self.assertEqual(tc.default_client_id(), cli_id, user)
+
+    def test_both_clients_use_it_by_default(self):
+        with Server() as server:
+            with tc.Client(server.addr) as c:
+                self.assertEqual(c.client_id, tc.default_client_id())
+                self.assertEqual(c.session[0], tc.default_client_id())
+
+            async def main():
+                async with tc.AsyncSession(server.addr) as s:
+                    return s.session[0]
+
+            self.assertEqual(asyncio.run(main()), tc.default_client_id())
+
+
+class HandleTests(unittest.TestCase):
+    """``submit`` gives a handle in both clients, ``run`` the final state."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = Server()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.__exit__(None, None, None)
+
+    def test_blocking_handles(self):
+        with tc.Client(self.server.addr, client_id=401) as c:
+            task = c.submit("sleep", tc.u32(50))
+            self.assertIsInstance(task, tc.Task)
+            self.assertFalse(task.status().state in ("failed", "cancelled", "unknown"))
+            done = task.result(timeout=5)
+            self.assertEqual((done.task_id, done.state), (task.id, "done"))
+            self.assertIs(task.result(), done, "a final state is kept")
+            self.assertEqual(task.status(), done)
+            # Ids work where handles do.
+            self.assertEqual(c.wait(task.id), done)
+            self.assertEqual(c.status(task), done)
+            self.assertEqual(tc.parse_text(c.run("echo", tc.text("hé")).result), "hé")
+            spun = c.run("spin", tc.u64(10_000))
+            self.assertEqual((spun.state, len(spun.result)), ("done", 8))
+            self.assertIsInstance(tc.parse_u64(spun.result), int)
+
+            nap = c.submit("sleep", tc.u32(60_000))
+            with self.assertRaises(TimeoutError):
+                nap.result(timeout=0.3)
+            self.assertFalse(nap.status().final, "giving up waiting leaves it running")
+            self.assertEqual(nap.cancel(), "cancelled")
+            self.assertEqual(nap.result(timeout=5), tc.TaskResult(nap.id, "cancelled", reason="cancelled"))
+            self.assertEqual(nap.cancel(), "already_finished")
+            self.assertEqual(c.cancel(nap.id), "already_finished")
+
+    def test_a_blocking_run_cancels_the_task_it_gives_up_on(self):
+        with tc.Client(self.server.addr, client_id=402) as c:
+            with self.assertRaises(tc.Timeout):
+                c.run("sleep", tc.u32(60_000), timeout=0.3)
+            deadline = time.monotonic() + 5
+            while not any(kind == "task_ended" for kind, _ in c.events):
+                self.assertLess(time.monotonic(), deadline, "no final state pushed")
+                time.sleep(0.01)
+            final = next(e for kind, e in c.events if kind == "task_ended")
+            self.assertEqual((final.state, final.reason), ("cancelled", "cancelled"))
+
+    def test_async_handles(self):
+        async def main():
+            async with tc.AsyncSession(self.server.addr, client_id=403) as s:
+                task = await s.submit("sleep", tc.u32(50))
+                self.assertIsInstance(task, tc.AsyncTask)
+                self.assertFalse((await task.status()).state in ("failed", "cancelled", "unknown"))
+                done = await task
+                self.assertEqual((done.task_id, done.state), (task.id, "done"))
+                self.assertIs(await task, done, "a final state is kept")
+                self.assertIs(await task.result(), done)
+                self.assertEqual(await task.status(), done)
+                # Ids work where handles do.
+                task_id = await s.start("echo", b"by id")
+                self.assertEqual((await s.wait(task_id)).result, b"by id")
+                self.assertEqual(await s.status(task_id), tc.TaskResult(task_id, "done", result=b"by id"))
+                self.assertEqual((await s.run("spin", tc.u64(10_000))).state, "done")
+
+                nap = await s.submit("sleep", tc.u32(60_000))
+                self.assertEqual(await nap.cancel(), "cancelled")
+                self.assertEqual(await nap, tc.TaskResult(nap.id, "cancelled", reason="cancelled"))
+                self.assertEqual(await s.cancel(nap), "already_finished")
+
+        asyncio.run(main())
+
+    def test_cancelling_the_coroutine_that_awaits_a_handle_cancels_the_task(self):
+        async def main():
+            async with tc.AsyncSession(self.server.addr, client_id=404) as s:
+                nap = await s.submit("sleep", tc.u32(60_000))
+                waiter = asyncio.ensure_future(nap)
+                await asyncio.sleep(0.2)
+                waiter.cancel()
+                with self.assertRaises(asyncio.CancelledError):
+                    await waiter
+                timed = await s.submit("sleep", tc.u32(60_000))
+                with self.assertRaises(asyncio.TimeoutError):
+                    await asyncio.wait_for(timed, 0.3)
+                # Awaited again, each gives its final state.
+                return await asyncio.wait_for(asyncio.gather(nap.result(), timed.result()), 5)
+
+        for final in asyncio.run(main()):
+            self.assertEqual((final.state, final.reason), ("cancelled", "cancelled"))
+
+    def test_connect_and_aclose(self):
+        async def main():
+            s = await tc.AsyncSession.connect(self.server.addr, client_id=405)
+            try:
+                self.assertEqual(s.server, self.server.addr)
+                self.assertEqual((await s.run("echo", b"connected")).result, b"connected")
+                nap = await s.submit("sleep", tc.u32(60_000))
+            finally:
+                await s.aclose()
+            await s.aclose()  # again: nothing to do
+            with self.assertRaises(tc.TetherError):
+                await s.status(nap.id)
+            # The BYE cancelled what was still running. A connected session
+            # also works as a block (it is not opened twice).
+            async with await tc.AsyncSession.connect(self.server.addr, client_id=405) as again:
+                return await asyncio.wait_for(again.wait(nap.id), 5)
+
+        final = asyncio.run(main())
+        self.assertEqual((final.state, final.reason), ("cancelled", "left"))
+
+
+class DocstringTests(unittest.TestCase):
+    def test_every_public_name_has_a_docstring(self):
+        missing = []
+        for name, obj in vars(tc).items():
+            if name.startswith("_") or getattr(obj, "__module__", None) != tc.__name__:
+                continue
+            if not (inspect.isclass(obj) or inspect.isfunction(obj)):
+                continue
+            if not obj.__doc__:
+                missing.append(name)
+            if not inspect.isclass(obj):
+                continue
+            for attr in dir(obj):
+                if attr.startswith("_"):
+                    continue
+                owner = next(k for k in obj.__mro__ if attr in vars(k))
+                if getattr(owner, "__module__", None) != tc.__name__:
+                    continue  # inherited from the standard library
+                member = vars(owner)[attr]
+                if isinstance(member, (classmethod, staticmethod)):
+                    member = member.__func__
+                if (inspect.isfunction(member) or isinstance(member, property)) and not member.__doc__:
+                    missing.append(f"{name}.{attr}")
+        self.assertEqual(missing, [])
+
+
+def _readme_python_blocks():
+    """The ```python blocks of README.md's "## From Python" section."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    section = readme.split("\n## From Python\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^```python\n(.*?)^```$", section, re.S | re.M)
+
+
+def _printed(block):
+    """What a README example says it prints: the comment after each
+    ``print(...)``."""
+    return [m.group(1).strip() for m in re.finditer(r"^\s*print\(.*\)\s+#(.*)$", block, re.M)]
+
+
+def _clean_env(**extra):
+    """This environment without what would make a subprocess's Python or
+    pip use anything but its own installation."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PYTHONPATH", "PYTHONHOME", "PIP_USER", "PIP_REQUIRE_VIRTUALENV", "PIP_TARGET",
+                        "PIP_PREFIX", "VIRTUAL_ENV")}
+    env["PYTHONNOUSERSITE"] = "1"
+    env.update(extra)
+    return env
+
+
+def _tail(text, lines=15):
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+# Pinned, so a new release cannot fail the build: the newest that runs on
+# Python 3.9, the oldest Python the package supports.
+MYPY = "1.19.1"
+
+
+class PackagingTests(unittest.TestCase):
+    """The package as a user gets it: ``pip install ./tools/python`` in a
+    fresh virtual environment, then README.md's examples; and
+    ``mypy --strict``."""
+
+    def test_pip_installs_the_package_and_the_readme_examples_run(self):
+        blocks = _readme_python_blocks()
+        self.assertGreaterEqual(len(blocks), 2, "README.md's From Python examples")
+        self.assertIn("AsyncSession", blocks[0], "the first example is the asyncio one")
+        with tempfile.TemporaryDirectory() as d:
+            venv = os.path.join(d, "venv")
+            made = subprocess.run([sys.executable, "-m", "venv", venv], env=_clean_env(),
+                                  capture_output=True, text=True, timeout=300)
+            if made.returncode != 0:
+                self.skipTest(f"`{sys.executable} -m venv` does not work here (on Debian, "
+                              f"python3-venv is missing?):\n{_tail(made.stderr + made.stdout)}")
+            python = os.path.join(venv, "bin", "python")
+            started = time.monotonic()
+            installed = subprocess.run(
+                [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                 "--timeout", "30", "--retries", "2", os.path.join(REPO, "tools", "python")],
+                cwd=d, env=_clean_env(), capture_output=True, text=True, timeout=600)
+            self.assertEqual(installed.returncode, 0,
+                             "pip install ./tools/python failed (it fetches flit_core from PyPI):\n"
+                             + _tail(installed.stderr + installed.stdout))
+            self.assertLess(time.monotonic() - started, 300)
+            # The copy in the virtual environment is the one imported, with
+            # its py.typed and the version pyproject.toml gives.
+            where = subprocess.run(
+                [python, "-c", "import importlib.metadata as m, os, tether_client as t; "
+                 "d = os.path.dirname(t.__file__); "
+                 "print(d, os.path.isfile(os.path.join(d, 'py.typed')), m.version('tether-client'))"],
+                cwd=d, env=_clean_env(), capture_output=True, text=True, timeout=60)
+            self.assertEqual(where.returncode, 0, where.stderr)
+            package, typed, version = where.stdout.split()
+            self.assertTrue(package.startswith(venv + os.sep), package)
+            self.assertEqual((typed, version), ("True", tc.__version__))
+            with Server() as server:
+                for i, block in enumerate(blocks):
+                    # The examples talk to the default port: this test's
+                    # server is on another.
+                    self.assertEqual(block.count('("127.0.0.1", 7900)'), 1, block)
+                    source = block.replace('("127.0.0.1", 7900)', '("127.0.0.1", %d)' % server.addr[1])
+                    path = os.path.join(d, f"example_{i}.py")
+                    with open(path, "w", encoding="utf-8") as f:
+                        f.write(source)
+                    ran = subprocess.run([python, path], cwd=d, env=_clean_env(),
+                                         capture_output=True, text=True, timeout=60)
+                    self.assertEqual(ran.returncode, 0, f"example {i}:\n{ran.stderr}")
+                    self.assertEqual(ran.stdout.splitlines(), _printed(block), f"example {i}")
+                    self.assertTrue(_printed(block))
+
+    def test_mypy_strict_passes(self):
+        with tempfile.TemporaryDirectory() as d:
+            target = os.path.join(d, "mypy")
+            got = subprocess.run(
+                [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+                 "--timeout", "30", "--retries", "2", "--target", target, f"mypy=={MYPY}"],
+                env=_clean_env(), capture_output=True, text=True, timeout=600)
+            if got.returncode != 0:
+                self.skipTest(f"could not install mypy {MYPY} with pip (is PyPI reachable?):\n"
+                              + _tail(got.stderr + got.stdout, 5))
+            # The README's examples are checked with it: they show the API.
+            examples = []
+            for i, block in enumerate(_readme_python_blocks()):
+                examples.append(os.path.join(d, f"readme_example_{i}.py"))
+                with open(examples[-1], "w", encoding="utf-8") as f:
+                    f.write(block)
+            checked = subprocess.run(
+                [sys.executable, "-m", "mypy", "--strict", "--python-version", "3.9",
+                 "--cache-dir", os.path.join(d, "cache"), "tether_client", *examples],
+                cwd=HERE, env=_clean_env(PYTHONPATH=target, MYPYPATH=HERE),
+                capture_output=True, text=True, timeout=600)
+            self.assertEqual(checked.returncode, 0, checked.stdout + checked.stderr)
+            self.assertIn("Success", checked.stdout)
 
 
 if __name__ == "__main__":

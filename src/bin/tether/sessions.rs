@@ -135,9 +135,10 @@ fn format_secs(ms: u64) -> String {
     format!("{:.1}", ms as f64 / 1000.0)
 }
 
-/// A GET over HTTP/1.1 with `Connection: close`: the body of a 200, or an
-/// error that says what the server said.
-fn get(addr: SocketAddr, path: &str) -> Result<String, String> {
+/// A GET over HTTP/1.0 (so the body comes whole, never chunked, and the
+/// connection closes after it): the body of a 200, or an error that says
+/// what the server said.
+pub fn get(addr: SocketAddr, path: &str) -> Result<String, String> {
     let unreachable = |e: std::io::Error| {
         format!("cannot reach the metrics endpoint at {addr}: {e} (is `tether serve --metrics {addr}` running?)")
     };
@@ -146,11 +147,7 @@ fn get(addr: SocketAddr, path: &str) -> Result<String, String> {
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(unreachable)?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(unreachable)?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(unreachable)?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response).map_err(unreachable)?;
     let response = String::from_utf8_lossy(&response);
