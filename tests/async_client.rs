@@ -239,3 +239,40 @@ fn the_example_runs_against_the_server() {
     );
     assert!(stdout.contains("sleep: Cancelled(Cancelled)"), "{stdout}");
 }
+
+#[tokio::test]
+async fn a_keyed_server_is_reached_with_the_key_and_names_are_looked_up() {
+    let key_path = common::key_file("async-keyed", &[7u8; 32]);
+    let server = ServerProcess::start(&["--key-file", key_path.to_str().unwrap()]);
+    // By name, as a DNS name with the server behind it would be given.
+    let mut config = ClientConfig::with_servers(Vec::new(), 9);
+    config.names = Some(tether::ServerNames::new(vec![format!(
+        "localhost:{}",
+        server.addr.port()
+    )]));
+    config.key = Some(tether::load_key_file(&key_path).unwrap());
+    config.ttl = Duration::from_secs(1);
+    let client = timeout(LIMIT, AsyncClient::connect(config.clone()))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(client.server(), server.addr);
+    assert_eq!(
+        timeout(LIMIT, client.run("echo", b"signed"))
+            .await
+            .unwrap()
+            .unwrap(),
+        TaskStatus::Done(b"signed".to_vec())
+    );
+    timeout(LIMIT, client.bye()).await.unwrap().unwrap();
+    // Without the key nothing it sends is accepted: no session.
+    config.key = None;
+    config.retry_after = Duration::from_millis(20);
+    config.tries = 3;
+    let refused = timeout(LIMIT, AsyncClient::connect(config)).await.unwrap();
+    assert!(
+        matches!(refused, Err(ClientError::Timeout)),
+        "{:?}",
+        refused.err()
+    );
+}

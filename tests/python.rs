@@ -27,6 +27,18 @@ fn python_client_tests_pass_against_the_real_server() {
         "Python client tests failed:\n{stderr}"
     );
     assert!(stderr.contains("\nOK"), "no tests ran?\n{stderr}");
+    // The package checks skip themselves where venv or PyPI is missing; the
+    // README says `cargo test` needs both, so here a skip is a failure.
+    for required in [
+        "test_pip_installs_the_package_and_the_readme_examples_run",
+        "test_mypy_strict_passes",
+    ] {
+        let line = stderr
+            .lines()
+            .find(|l| l.starts_with(required))
+            .unwrap_or_else(|| panic!("{required} did not run:\n{stderr}"));
+        assert!(line.ends_with("ok"), "{line}");
+    }
 }
 
 /// The pinned version of the Prometheus Python client whose OpenMetrics

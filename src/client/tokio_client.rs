@@ -28,8 +28,8 @@ use tokio::sync::Notify;
 
 use super::{
     canonical, destination, no_server, open_socket, wall_clock_ns, Answer, ClientConfig,
-    ClientError, ClientEvent, ClientSession, Request, Resume, State, SubmitOptions, TaskStatus,
-    DRAIN_AT_MOST,
+    ClientError, ClientEvent, ClientSession, Request, RequestId, Resume, State, SubmitOptions,
+    TaskStatus, DRAIN_AT_MOST,
 };
 use crate::engine::TaskId;
 use crate::wire::{CancelOutcome, MAX_DATAGRAM};
@@ -56,7 +56,13 @@ struct Shared {
 
 /// A task on the server. `.await` it for its final state (pushed by the
 /// server, or asked for with STATUS when no push has come for a while).
-/// Dropping it detaches: the task runs on.
+/// Dropping it detaches: the task runs on. The await outlives lost
+/// sessions and a server that is away (it keeps asking), so put a
+/// `tokio::time::timeout` around it where waiting forever is wrong.
+///
+/// The driver sleeps on tokio's clock but the session reads
+/// `std::time::Instant`: do not run the client under paused tokio time
+/// (`start_paused`), where the two part ways.
 pub struct AsyncTask {
     shared: Arc<Shared>,
     id: TaskId,
@@ -131,7 +137,9 @@ impl AsyncClient {
     }
 
     /// Submits `job` with `payload`; the handle's `.await` gives its final
-    /// state.
+    /// state. If this future is dropped before the server answered (a
+    /// timeout around it), the server may still have started the task: it
+    /// runs on, unseen, until it ends or the session does.
     pub async fn submit(&self, job: &str, payload: &[u8]) -> Result<AsyncTask, ClientError> {
         self.submit_with(job, payload, SubmitOptions::default())
             .await
@@ -232,6 +240,20 @@ impl IntoFuture for AsyncTask {
     }
 }
 
+/// Abandons a request whose caller stopped waiting.
+struct Abandon<'a> {
+    shared: &'a Shared,
+    id: Option<RequestId>,
+}
+
+impl Drop for Abandon<'_> {
+    fn drop(&mut self) {
+        if let Some(id) = self.id {
+            self.shared.session.lock().abandon(id);
+        }
+    }
+}
+
 fn closed(s: &ClientSession) -> bool {
     s.state() == State::Closed
 }
@@ -257,6 +279,9 @@ impl Shared {
     }
 
     /// Starts `request` and waits for its answer (the session retries it).
+    /// A caller that stops waiting (its future dropped: a timeout, a
+    /// `select!`) abandons the request, so its retries and answer are not
+    /// kept.
     async fn call(&self, request: Request) -> Result<Answer, ClientError> {
         let id = {
             let mut s = self.session.lock();
@@ -265,9 +290,13 @@ impl Shared {
             id
         };
         self.poke.notify_one();
+        let mut waiting = Abandon {
+            shared: self,
+            id: Some(id),
+        };
         let answer = self.until(|s| s.completion(id)).await;
-        if answer.is_none() {
-            self.session.lock().abandon(id);
+        if answer.is_some() {
+            waiting.id = None;
         }
         answer.unwrap_or(Err(ClientError::Closed))
     }

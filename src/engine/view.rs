@@ -2,7 +2,10 @@
 //! asks of a server holding a million of them. A page walks the session
 //! slab from a cursor (a slab position), so it costs the loop at most
 //! [`SCAN_PER_PAGE`] slots whatever the number of sessions; a page can come
-//! back short (or empty) with a cursor to go on from.
+//! back short (or empty) with a cursor to go on from. It is a live view,
+//! not a snapshot: a session that opens during a listing into a slot
+//! already passed is not listed, and one that reopens into a slot ahead
+//! is listed again (a new incarnation).
 
 use std::net::SocketAddr;
 
@@ -10,11 +13,16 @@ use super::task::TaskState;
 use super::types::SessionIndex;
 use super::{Engine, Session};
 
-/// Slab slots one page looks at, at most: some 50 µs of the loop's time.
+/// Slab slots one page looks at, at most. Each live one costs a deadline
+/// lookup and, for a session with unfinished tasks, a lookup per task (at
+/// most `--max-tasks-per-session`); measured with one task in a hundred
+/// sessions, a page of a thousand costs both threads about half a
+/// millisecond (BENCHMARKS.md, "Reading the sessions").
 pub const SCAN_PER_PAGE: usize = 4096;
 
 /// A live session as `/sessions` shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SessionView {
     /// The client.
     pub client_id: u64,
@@ -41,6 +49,7 @@ impl SessionView {
 
 /// Unfinished tasks of a session, by state.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct TaskCounts {
     /// Waiting out their delay.
     pub scheduled: u32,
@@ -52,6 +61,7 @@ pub struct TaskCounts {
 
 /// One page of sessions.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SessionPage {
     /// The sessions found.
     pub sessions: Vec<SessionView>,
@@ -69,10 +79,12 @@ impl Engine {
         let stop = slot.saturating_add(SCAN_PER_PAGE).min(end);
         let mut sessions = Vec::new();
         while slot < stop && sessions.len() < limit {
-            if let Some(view) = self.sessions.get(slot).and_then(|s| self.view(slot, s)) {
-                if !late_only || view.is_late() {
-                    sessions.push(view);
-                }
+            if let Some(view) = self
+                .sessions
+                .get(slot)
+                .and_then(|s| self.view(slot, s, late_only))
+            {
+                sessions.push(view);
             }
             slot += 1;
         }
@@ -85,16 +97,22 @@ impl Engine {
     /// `client_id`'s live session, if it has one.
     pub fn session_view(&self, client_id: u64) -> Option<SessionView> {
         let index = self.live_session(client_id)?;
-        self.view(index.slot(), &self.sessions[index.slot()])
+        self.view(index.slot(), &self.sessions[index.slot()], false)
     }
 
-    fn view(&self, slot: usize, s: &Session) -> Option<SessionView> {
+    /// `s` as a view; `None` if it has ended, or if `late_only` and it is
+    /// not late (checked before its tasks are counted).
+    fn view(&self, slot: usize, s: &Session, late_only: bool) -> Option<SessionView> {
         if !s.live {
             return None;
         }
         let key = SessionIndex(u32::try_from(slot).ok()?).wheel_key();
         let deadline = self.ticks.start(self.session_wheel.deadline(key)?);
         let left_ms = deadline.0.saturating_sub(self.now.0) / 1000;
+        let silent_ms = u64::from(s.ttl_ms).saturating_sub(left_ms);
+        if late_only && silent_ms * 3 < u64::from(s.ttl_ms) * 2 {
+            return None;
+        }
         let mut tasks = TaskCounts::default();
         for id in s.work.iter().flat_map(|w| w.unfinished.iter()) {
             let state = super::task::find_task(&self.tasks, s.client_id, *id).map(|t| t.state);
@@ -110,7 +128,7 @@ impl Engine {
             incarnation: s.incarnation,
             peer: s.peer.into(),
             ttl_ms: s.ttl_ms,
-            silent_ms: u64::from(s.ttl_ms).saturating_sub(left_ms),
+            silent_ms,
             tasks,
         })
     }

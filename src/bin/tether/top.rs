@@ -42,16 +42,23 @@ const LATE_SHOWN: usize = 10;
 #[derive(Debug, Clone, Default)]
 pub struct Sample {
     values: HashMap<String, f64>,
+    /// Event loops seen (distinct `shard` labels; 1 without any).
+    loops: usize,
 }
 
 impl Sample {
     /// Parses the OpenMetrics text.
     pub fn parse(text: &str) -> Sample {
         let mut values = HashMap::new();
+        let mut shards = std::collections::HashSet::new();
         for line in text
             .lines()
             .filter(|l| !l.starts_with('#') && !l.is_empty())
         {
+            if let Some(at) = line.find("shard=\"") {
+                let rest = &line[at + 7..];
+                shards.insert(rest[..rest.find('"').unwrap_or(0)].to_owned());
+            }
             let Some((series, value)) = line.rsplit_once(' ') else {
                 continue;
             };
@@ -60,7 +67,10 @@ impl Sample {
             };
             *values.entry(without_shard(series)).or_insert(0.0) += value;
         }
-        Sample { values }
+        Sample {
+            values,
+            loops: shards.len().max(1),
+        }
     }
 
     fn get(&self, series: &str) -> f64 {
@@ -110,8 +120,11 @@ pub struct View {
     /// Expiries decided in the last interval, by lateness bucket (upper
     /// bound, count).
     pub lateness: Vec<(String, u64)>,
-    /// Share of the interval the event loop spent working (not waiting).
+    /// Share of the interval the event loops spent working (not waiting),
+    /// averaged over them.
     pub loop_busy: f64,
+    /// How many event loops (shards) the server runs.
+    pub loops: usize,
     pub late: Vec<LateClient>,
     pub status: String,
 }
@@ -180,7 +193,8 @@ impl View {
                 .collect(),
             drops_per_s: drops,
             lateness,
-            loop_busy: rate("tether_loop_iteration_seconds_sum").min(1.0),
+            loops: now.loops,
+            loop_busy: (rate("tether_loop_iteration_seconds_sum") / now.loops as f64).min(1.0),
             late: Vec::new(),
             status: String::new(),
         }
@@ -202,11 +216,16 @@ pub fn render(frame: &mut Frame<'_>, view: &View) {
     let bold = Style::default().add_modifier(Modifier::BOLD);
 
     let headline = Line::from(format!(
-        "sessions {:.0}   heartbeats/s {:.0}   opened/s {:.0}   loop busy {:.0}%",
+        "sessions {:.0}   heartbeats/s {:.0}   opened/s {:.0}   loop busy {:.0}%{}",
         view.sessions,
         view.heartbeats_per_s,
         view.opened_per_s,
-        view.loop_busy * 100.0
+        view.loop_busy * 100.0,
+        if view.loops > 1 {
+            format!(" (average of {} loops)", view.loops)
+        } else {
+            String::new()
+        }
     ))
     .style(bold);
     frame.render_widget(
@@ -512,7 +531,9 @@ tether_expiry_lateness_seconds_bucket{le="+Inf",shard="0"} 5
         assert_eq!(view.ended_per_s[0], ("expired".to_owned(), 2.0));
         assert_eq!(view.tasks[2], ("running".to_owned(), 7.0));
         assert_eq!(view.drops_per_s[1], ("bad mac".to_owned(), 4.0));
-        assert!((view.loop_busy - 0.25).abs() < 1e-9);
+        // 0.5 s busy in 2 s, over the 2 loops seen: 12.5% each.
+        assert_eq!(view.loops, 2);
+        assert!((view.loop_busy - 0.125).abs() < 1e-9);
         // 4 expiries in the interval: 1 within 1 ms, 2 within 5, 1 within 10.
         let counts: Vec<u64> = view.lateness.iter().map(|(_, n)| *n).collect();
         assert_eq!(counts, [1, 2, 1, 0, 0, 0]);
@@ -537,7 +558,7 @@ tether_expiry_lateness_seconds_bucket{le="+Inf",shard="0"} 5
             "tether top: 127.0.0.1:9900",
             "sessions 101",
             "heartbeats/s 2000",
-            "loop busy 25%",
+            "loop busy 12% (average of 2 loops)",
             "sessions ended/s",
             "expired",
             "running",
