@@ -139,6 +139,99 @@ fn a_bye_that_finds_the_session_already_gone_says_so() {
     ));
 }
 
+/// Runs `f` (the async client) on a runtime of its own thread, while the
+/// test thread plays the server.
+#[cfg(feature = "tokio")]
+fn on_tokio<T: Send + 'static>(
+    f: impl std::future::Future<Output = T> + Send + 'static,
+) -> std::thread::JoinHandle<T> {
+    std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(f)
+    })
+}
+
+#[cfg(feature = "tokio")]
+#[test]
+fn the_async_client_takes_a_retried_bye_finding_no_session_as_success() {
+    let mut server = FakeServer::new();
+    let config = config(&server);
+    let handle = on_tokio(async move {
+        tether::AsyncClient::connect(config)
+            .await
+            .unwrap()
+            .bye()
+            .await
+    });
+    server.welcome();
+    server.expect(tether::wire::Kind::Bye); // its BYE_ACK is lost
+    let retry = server.expect(tether::wire::Kind::Bye);
+    server.unknown_session(&retry);
+    assert!(handle.join().unwrap().is_ok(), "the BYE took effect");
+}
+
+#[cfg(feature = "tokio")]
+#[test]
+fn the_async_client_says_so_when_its_first_bye_finds_no_session() {
+    let mut server = FakeServer::new();
+    let config = config(&server);
+    let handle = on_tokio(async move {
+        tether::AsyncClient::connect(config)
+            .await
+            .unwrap()
+            .bye()
+            .await
+    });
+    server.welcome();
+    let first = server.expect(tether::wire::Kind::Bye);
+    server.unknown_session(&first);
+    assert!(matches!(
+        handle.join().unwrap(),
+        Err(ClientError::SessionLost)
+    ));
+}
+
+#[cfg(feature = "tokio")]
+#[test]
+fn the_async_client_reopens_a_lost_session_at_once() {
+    let mut server = FakeServer::new();
+    let mut config = config(&server);
+    config.heartbeat_interval = Some(Duration::from_secs(1));
+    let handle = on_tokio(async move {
+        let client = tether::AsyncClient::connect(config).await.unwrap();
+        loop {
+            if let Some(tether::ClientEvent::SessionReopened { incarnation }) =
+                client.next_event().await
+            {
+                return incarnation;
+            }
+        }
+    });
+    let hello = server.welcome();
+    let heartbeat = server.expect(tether::wire::Kind::Heartbeat);
+    let told = Instant::now();
+    server.unknown_session(&heartbeat);
+    let next = server.recv();
+    assert_eq!(next.kind, tether::wire::Kind::Hello, "sent {:?}", next.kind);
+    assert!(next.header.incarnation > hello.header.incarnation);
+    assert!(
+        told.elapsed() < Duration::from_millis(800),
+        "{:?}",
+        told.elapsed()
+    );
+    server.reply(
+        &next,
+        Message::Welcome {
+            ttl_ms: 3000,
+            tick_ms: 10,
+        },
+    );
+    assert_eq!(handle.join().unwrap(), next.header.incarnation);
+}
+
 #[test]
 fn a_lost_session_is_reopened_at_once_not_heartbeated() {
     let mut server = FakeServer::new();
