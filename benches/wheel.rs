@@ -248,5 +248,184 @@ fn expire_all(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, reset, expire_all, insert);
+/// `0..n` in a fixed random order (Fisher-Yates over xorshift).
+fn permutation(n: u32, seed: u64) -> Vec<u32> {
+    let mut keys: Vec<u32> = (0..n).collect();
+    let mut rng = seed | 1;
+    for i in (1..keys.len()).rev() {
+        let j = (xorshift(&mut rng) % (i as u64 + 1)) as usize;
+        keys.swap(i, j);
+    }
+    keys
+}
+
+/// Ticks per heartbeat interval and per TTL: 10 ms ticks, 1 s interval,
+/// 3 s TTL, as the server's defaults.
+const INTERVAL_TICKS: u64 = 100;
+const TTL_TICKS: u64 = 300;
+
+/// The steady state a server lives in: `n` clients, each heartbeating once
+/// an interval (in a fixed random order, so consecutive resets touch
+/// scattered entries), each heartbeat resetting its deadline to a TTL
+/// ahead, and time advanced tick by tick with nothing expiring. One
+/// iteration is one whole interval: `n` resets and 100 advances, so the
+/// time per element is the all-in cost of a heartbeat, including whatever
+/// the structure defers to `advance` (the wheel re-files lazily extended
+/// entries when their old slot comes due; the heap pops stale entries).
+/// Iterations continue from where the last left off: after the first few
+/// TTLs every structure carries its steady load of deferred work.
+fn steady_state(c: &mut Criterion) {
+    let mut g = c.benchmark_group("wheel_steady_state");
+    g.sample_size(10);
+    for n in [100_000u32, 1_000_000] {
+        g.throughput(Throughput::Elements(u64::from(n)));
+        let order = permutation(n, 0x5eed_0f7e_77e7);
+        let per_tick = |t: u64| {
+            let from = (t % INTERVAL_TICKS) as usize * n as usize / INTERVAL_TICKS as usize;
+            let to = ((t % INTERVAL_TICKS) + 1) as usize * n as usize / INTERVAL_TICKS as usize;
+            from..to
+        };
+
+        let mut wheel = tether_wheel(n, |k| TTL_TICKS + u64::from(k) % INTERVAL_TICKS);
+        let mut now = 0u64;
+        let mut expired = Vec::new();
+        g.bench_with_input(BenchmarkId::new("tether_wheel", n), &n, |b, _| {
+            b.iter_custom(|iters| {
+                let start = std::time::Instant::now();
+                for _ in 0..iters * INTERVAL_TICKS {
+                    now += 1;
+                    for &k in &order[per_tick(now)] {
+                        wheel.extend(WheelKey(k), Tick(now + TTL_TICKS));
+                    }
+                    wheel.advance(Tick(now), &mut expired);
+                    assert!(expired.is_empty(), "a live entry expired");
+                }
+                start.elapsed()
+            })
+        });
+        drop(wheel);
+
+        let mut heap = LazyHeap::new(n as usize);
+        for k in 0..n {
+            heap.insert(k, TTL_TICKS + u64::from(k) % INTERVAL_TICKS);
+        }
+        let mut now = 0u64;
+        let mut out = Vec::new();
+        g.bench_with_input(BenchmarkId::new("binary_heap_lazy", n), &n, |b, _| {
+            b.iter_custom(|iters| {
+                let start = std::time::Instant::now();
+                for _ in 0..iters * INTERVAL_TICKS {
+                    now += 1;
+                    for &k in &order[per_tick(now)] {
+                        heap.reset(k, now + TTL_TICKS);
+                    }
+                    heap.expire(now, &mut out);
+                    assert!(out.is_empty(), "a live entry expired");
+                }
+                start.elapsed()
+            })
+        });
+        drop(heap);
+
+        // DelayQueue on tokio's paused clock: each tick advances it 10 ms
+        // and drains what expired (nothing); resets use `reset_at` with the
+        // tick's deadline, one clock read a tick, not one a reset.
+        let rt = runtime();
+        let (mut dq, keys) = {
+            let _guard = rt.enter();
+            let mut dq = DelayQueue::<u32>::with_capacity(n as usize);
+            let keys: Vec<delay_queue::Key> = (0..n)
+                .map(|k| {
+                    dq.insert(
+                        k,
+                        Duration::from_millis(10 * (TTL_TICKS + u64::from(k) % INTERVAL_TICKS)),
+                    )
+                })
+                .collect();
+            (dq, keys)
+        };
+        g.bench_with_input(BenchmarkId::new("delay_queue", n), &n, |b, _| {
+            b.iter_custom(|iters| {
+                let start = std::time::Instant::now();
+                rt.block_on(async {
+                    for t in 0..iters * INTERVAL_TICKS {
+                        tokio::time::advance(Duration::from_millis(10)).await;
+                        let deadline =
+                            tokio::time::Instant::now() + Duration::from_millis(10 * TTL_TICKS);
+                        for &k in &order[per_tick(t + 1)] {
+                            dq.reset_at(&keys[k as usize], deadline);
+                        }
+                        let drained = std::future::poll_fn(|cx| {
+                            std::task::Poll::Ready(match dq.poll_expired(cx) {
+                                std::task::Poll::Ready(Some(_)) => 1,
+                                _ => 0,
+                            })
+                        })
+                        .await;
+                        assert_eq!(drained, 0, "a live entry expired");
+                    }
+                });
+                start.elapsed()
+            })
+        });
+    }
+    g.finish();
+}
+
+/// As `expire_all`, with the keys inserted in a random order, as the
+/// sessions expiring in one tick are scattered over the slab in a server:
+/// the walk cannot ride the prefetcher.
+fn expire_all_scattered(c: &mut Criterion) {
+    let mut g = c.benchmark_group("wheel_expire_all_same_tick_random_keys");
+    g.sample_size(10);
+    for n in SIZES {
+        g.throughput(Throughput::Elements(u64::from(n)));
+        let order = permutation(n, 0xfeed);
+        g.bench_with_input(BenchmarkId::new("tether_wheel", n), &n, |b, &n| {
+            b.iter_batched(
+                || {
+                    let mut wheel = Wheel::new(Tick(0));
+                    wheel.reserve_keys(n as usize);
+                    for &k in &order {
+                        wheel.insert(WheelKey(k), Tick(300)).unwrap();
+                    }
+                    (wheel, Vec::<Expired>::with_capacity(n as usize))
+                },
+                |(mut wheel, mut out)| {
+                    wheel.advance(Tick(300), &mut out);
+                    assert_eq!(out.len(), n as usize);
+                    (wheel, out)
+                },
+                BatchSize::LargeInput,
+            )
+        });
+        g.bench_with_input(BenchmarkId::new("binary_heap_lazy", n), &n, |b, &n| {
+            b.iter_batched(
+                || {
+                    let mut heap = LazyHeap::new(n as usize);
+                    for &k in &order {
+                        heap.insert(k, 300);
+                    }
+                    (heap, Vec::with_capacity(n as usize))
+                },
+                |(mut heap, mut out)| {
+                    heap.expire(300, &mut out);
+                    assert_eq!(out.len(), n as usize);
+                    (heap, out)
+                },
+                BatchSize::LargeInput,
+            )
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    reset,
+    expire_all,
+    expire_all_scattered,
+    steady_state,
+    insert
+);
 criterion_main!(benches);
