@@ -8,10 +8,22 @@
 //! cancelled(expired) for the session's task, UNKNOWN_SESSION otherwise, and
 //! the replay window. Keyless. It is a yardstick, not a server to deploy.
 //!
+//! Three ways to run the same loop, `--flavor`:
+//!
+//! - `current-thread` (default): a `current_thread` runtime: the loop and
+//!   the timer on one thread, its best form for a single socket.
+//! - `spawned`: a multi-threaded runtime with the loop `tokio::spawn`ed.
+//! - `main`: what `#[tokio::main]` gives, the loop inside `block_on` on the
+//!   main thread of a multi-threaded runtime (a worker notices readiness
+//!   and wakes the main thread: both threads' CPU counts).
+//!
+//! `--recv-buffer BYTES` (default 4 MiB, as tether asks for) sets
+//! `SO_RCVBUF` (capped by `net.core.rmem_max`).
+//!
 //! ```sh
-//! cargo run --release --example baseline_tokio -- 127.0.0.1:7901
+//! cargo run --release --manifest-path tools/baseline-tokio/Cargo.toml -- 127.0.0.1:7901
 //! cargo run --release --bin tether-load -- --server 127.0.0.1:7901 --clients 100000 \
-//!     --silent 0.01 --pid $(pgrep -n baseline_tokio)
+//!     --silent 0.01 --pid $(pgrep -n baseline-tokio)
 //! ```
 
 use std::collections::HashMap;
@@ -54,12 +66,60 @@ async fn send(socket: &UdpSocket, to: SocketAddr, header: Header, message: Messa
     }
 }
 
-#[tokio::main]
-async fn main() -> std::io::Result<()> {
-    let listen = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "127.0.0.1:7901".into());
-    let socket = UdpSocket::bind(&listen).await?;
+fn main() -> std::io::Result<()> {
+    let mut listen = "127.0.0.1:7901".to_owned();
+    let mut flavor = "current-thread".to_owned();
+    let mut recv_buffer = 4usize << 20;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--flavor" => flavor = args.next().unwrap_or_default(),
+            "--recv-buffer" => {
+                recv_buffer = args
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .expect("--recv-buffer takes a number of bytes")
+            }
+            _ => listen = arg,
+        }
+    }
+    let addr: SocketAddr = listen.parse().expect("listen on IP:PORT");
+    let std_socket = {
+        let s = socket2::Socket::new(
+            socket2::Domain::for_address(addr),
+            socket2::Type::DGRAM,
+            None,
+        )?;
+        let _ = s.set_recv_buffer_size(recv_buffer);
+        s.bind(&addr.into())?;
+        s.set_nonblocking(true)?;
+        std::net::UdpSocket::from(s)
+    };
+    match flavor.as_str() {
+        "current-thread" => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(serve(std_socket)),
+        "spawned" => {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            rt.block_on(async {
+                tokio::spawn(serve(std_socket))
+                    .await
+                    .expect("the loop panicked")
+            })
+        }
+        "main" => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(serve(std_socket)),
+        other => panic!("--flavor current-thread, spawned or main, not {other:?}"),
+    }
+}
+
+async fn serve(socket: std::net::UdpSocket) -> std::io::Result<()> {
+    let socket = UdpSocket::from_std(socket)?;
     println!("listening on {}", socket.local_addr()?);
     let mut sessions: HashMap<u64, Session> = HashMap::new();
     let mut deadlines: DelayQueue<u64> = DelayQueue::new();
@@ -125,7 +185,10 @@ async fn main() -> std::io::Result<()> {
                     _ => {}
                 }
             }
-            expired = std::future::poll_fn(|cx| deadlines.poll_expired(cx)) => {
+            // An empty DelayQueue answers Ready(None) at once: polled
+            // anyway, the loop would never sleep (and a current_thread
+            // runtime would never drive its I/O).
+            expired = std::future::poll_fn(|cx| deadlines.poll_expired(cx)), if !deadlines.is_empty() => {
                 let Some(expired) = expired else { continue };
                 let client_id = expired.into_inner();
                 if let Some(mut session) = sessions.remove(&client_id) {
