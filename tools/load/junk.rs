@@ -49,7 +49,8 @@ fn encode(header: Header, message: Message<'_>, key: Option<&MacKey>) -> Vec<u8>
 
 /// Sends `count` junk datagrams as fast as the socket takes them, in equal
 /// shares: random bytes (some longer than 1200), broken headers, bad MACs,
-/// replays of `captured` datagrams of live clients, and HEARTBEATs for
+/// replays of `captured` datagrams of live clients (HELLOs and
+/// heartbeats, each already seen by the server), and HEARTBEATs for
 /// sessions that do not exist. `key` is the server's key, if it has one
 /// (bad MACs are then signed with another key; keyless, they carry a MAC the
 /// server has no key for).
