@@ -282,7 +282,12 @@ fn run_once(args: &Args, target: Target, key: Option<MacKey>) -> Result<RunResul
         false_expiries: shared.false_expiries.load(Ordering::Acquire),
         received,
         target_cpu: usage.target_cpu,
-        target_datagrams: usage.sink_datagrams.unwrap_or(heartbeats),
+        // Both sides divided by what reached their socket: the sink counts
+        // what it read; the server got what was sent less what the kernel
+        // dropped at its socket (so drops cannot flatter either side).
+        target_datagrams: usage
+            .sink_datagrams
+            .unwrap_or(heartbeats.saturating_sub(usage.kernel_drops.unwrap_or(0))),
         target_peak_rss_kb: peak_rss,
         bytes_per_session: opened.bytes_per_session,
         tool_cpu: usage.tool_cpu,
