@@ -58,6 +58,11 @@ pub struct Args {
     /// Only measure the raw sink.
     #[arg(long, conflicts_with = "compare_raw")]
     pub raw_only: bool,
+    /// The raw sink waits this long after a read that found two or more
+    /// datagrams, as `tether serve --coalesce` does: the floor for a reader
+    /// that batches like tether (0: the naive reader, a read per wake-up).
+    #[arg(long, default_value = "0s", value_parser = parse_duration, value_name = "D")]
+    pub sink_coalesce: Duration,
     /// Instead of a load run: count the server's wake-ups (voluntary context
     /// switches, all threads) over this long while idle. Needs --pid.
     #[arg(long, value_parser = parse_duration, value_name = "D")]

@@ -187,7 +187,7 @@ struct Run<'a> {
 /// (floods and stall alongside), drain the silent clients, and account.
 fn run_once(args: &Args, target: Target, key: Option<MacKey>) -> Result<RunResult, String> {
     let sink = match target {
-        Target::Sink => Some(Sink::start()?),
+        Target::Sink => Some(Sink::start(args.sink_coalesce)?),
         Target::Server => None,
     };
     let addr = sink.as_ref().map_or(args.server, |s| s.addr);

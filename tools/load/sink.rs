@@ -11,8 +11,11 @@ use tether::wire::MAX_DATAGRAM;
 
 use crate::procfs;
 
-/// The machine's own limit: a thread that only receives, in batches,
-/// blocking until at least one datagram is there, and counts.
+/// The machine's own limit: a thread that only receives, in batches of up
+/// to 64 (`recvmmsg`), blocking until at least one datagram is there, and
+/// counts. With `coalesce`, after a read that found two or more it sleeps
+/// that long before the next, as tether's loop does under load: the floor
+/// for a reader that batches the way tether does.
 pub struct Sink {
     pub addr: SocketAddr,
     pub count: Arc<AtomicU64>,
@@ -22,7 +25,7 @@ pub struct Sink {
 }
 
 impl Sink {
-    pub fn start() -> Result<Sink, String> {
+    pub fn start(coalesce: Duration) -> Result<Sink, String> {
         let socket = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
         let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(4 << 20);
         socket
@@ -42,6 +45,9 @@ impl Sink {
                     while !stop.load(Ordering::Acquire) {
                         if let Ok(n) = batch.recv(&socket, true) {
                             count.fetch_add(n as u64, Ordering::AcqRel);
+                            if n >= 2 && !coalesce.is_zero() {
+                                std::thread::sleep(coalesce);
+                            }
                         }
                     }
                 })
