@@ -8,7 +8,10 @@ use std::collections::BinaryHeap;
 use std::hint::black_box;
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, BatchSize, BenchmarkId, Criterion, Throughput};
+use criterion::measurement::WallTime;
+use criterion::{
+    criterion_group, criterion_main, BatchSize, BenchmarkGroup, BenchmarkId, Criterion, Throughput,
+};
 use tokio_util::time::{delay_queue, DelayQueue};
 
 use tether::wheel::{Expired, Tick, Wheel, WheelKey};
@@ -184,39 +187,7 @@ fn expire_all(c: &mut Criterion) {
     g.sample_size(10);
     for n in SIZES {
         g.throughput(Throughput::Elements(u64::from(n)));
-        g.bench_with_input(BenchmarkId::new("tether_wheel", n), &n, |b, &n| {
-            b.iter_batched(
-                || {
-                    (
-                        tether_wheel(n, |_| 300),
-                        Vec::<Expired>::with_capacity(n as usize),
-                    )
-                },
-                |(mut wheel, mut out)| {
-                    wheel.advance(Tick(300), &mut out);
-                    assert_eq!(out.len(), n as usize);
-                    (wheel, out)
-                },
-                BatchSize::LargeInput,
-            )
-        });
-        g.bench_with_input(BenchmarkId::new("binary_heap_lazy", n), &n, |b, &n| {
-            b.iter_batched(
-                || {
-                    let mut heap = LazyHeap::new(n as usize);
-                    for k in 0..n {
-                        heap.insert(k, 300);
-                    }
-                    (heap, Vec::with_capacity(n as usize))
-                },
-                |(mut heap, mut out)| {
-                    heap.expire(300, &mut out);
-                    assert_eq!(out.len(), n as usize);
-                    (heap, out)
-                },
-                BatchSize::LargeInput,
-            )
-        });
+        expire_wheel_and_heap(&mut g, &(0..n).collect::<Vec<u32>>());
         let rt = runtime();
         g.bench_with_input(BenchmarkId::new("delay_queue", n), &n, |b, &n| {
             b.iter_batched(
@@ -372,6 +343,47 @@ fn steady_state(c: &mut Criterion) {
     g.finish();
 }
 
+/// Every one of `keys` due in the same tick, inserted in `keys`' order: the
+/// wheel's and the lazy heap's cost of finding and removing them all.
+fn expire_wheel_and_heap(g: &mut BenchmarkGroup<'_, WallTime>, keys: &[u32]) {
+    let n = keys.len();
+    g.bench_with_input(BenchmarkId::new("tether_wheel", n), &n, |b, &n| {
+        b.iter_batched(
+            || {
+                let mut wheel = Wheel::new(Tick(0));
+                wheel.reserve_keys(n);
+                for &k in keys {
+                    wheel.insert(WheelKey(k), Tick(300)).unwrap();
+                }
+                (wheel, Vec::<Expired>::with_capacity(n))
+            },
+            |(mut wheel, mut out)| {
+                wheel.advance(Tick(300), &mut out);
+                assert_eq!(out.len(), n);
+                (wheel, out)
+            },
+            BatchSize::LargeInput,
+        )
+    });
+    g.bench_with_input(BenchmarkId::new("binary_heap_lazy", n), &n, |b, &n| {
+        b.iter_batched(
+            || {
+                let mut heap = LazyHeap::new(n);
+                for &k in keys {
+                    heap.insert(k, 300);
+                }
+                (heap, Vec::with_capacity(n))
+            },
+            |(mut heap, mut out)| {
+                heap.expire(300, &mut out);
+                assert_eq!(out.len(), n);
+                (heap, out)
+            },
+            BatchSize::LargeInput,
+        )
+    });
+}
+
 /// As `expire_all`, with the keys inserted in a random order, as the
 /// sessions expiring in one tick are scattered over the slab in a server:
 /// the walk cannot ride the prefetcher.
@@ -380,42 +392,7 @@ fn expire_all_scattered(c: &mut Criterion) {
     g.sample_size(10);
     for n in SIZES {
         g.throughput(Throughput::Elements(u64::from(n)));
-        let order = permutation(n, 0xfeed);
-        g.bench_with_input(BenchmarkId::new("tether_wheel", n), &n, |b, &n| {
-            b.iter_batched(
-                || {
-                    let mut wheel = Wheel::new(Tick(0));
-                    wheel.reserve_keys(n as usize);
-                    for &k in &order {
-                        wheel.insert(WheelKey(k), Tick(300)).unwrap();
-                    }
-                    (wheel, Vec::<Expired>::with_capacity(n as usize))
-                },
-                |(mut wheel, mut out)| {
-                    wheel.advance(Tick(300), &mut out);
-                    assert_eq!(out.len(), n as usize);
-                    (wheel, out)
-                },
-                BatchSize::LargeInput,
-            )
-        });
-        g.bench_with_input(BenchmarkId::new("binary_heap_lazy", n), &n, |b, &n| {
-            b.iter_batched(
-                || {
-                    let mut heap = LazyHeap::new(n as usize);
-                    for &k in &order {
-                        heap.insert(k, 300);
-                    }
-                    (heap, Vec::with_capacity(n as usize))
-                },
-                |(mut heap, mut out)| {
-                    heap.expire(300, &mut out);
-                    assert_eq!(out.len(), n as usize);
-                    (heap, out)
-                },
-                BatchSize::LargeInput,
-            )
-        });
+        expire_wheel_and_heap(&mut g, &permutation(n, 0xfeed));
     }
     g.finish();
 }

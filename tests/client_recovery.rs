@@ -86,6 +86,51 @@ impl FakeServer {
         }
     }
 
+    /// Welcomes the client, lets its first BYE end the session but loses
+    /// the BYE_ACK, and answers the retry UNKNOWN_SESSION.
+    fn lose_the_bye_ack(&mut self) {
+        self.welcome();
+        self.expect(tether::wire::Kind::Bye);
+        let retry = self.expect(tether::wire::Kind::Bye);
+        self.unknown_session(&retry);
+    }
+
+    /// Welcomes the client, and answers its first BYE UNKNOWN_SESSION (the
+    /// session had already ended).
+    fn find_no_session_for_the_bye(&mut self) {
+        self.welcome();
+        let first = self.expect(tether::wire::Kind::Bye);
+        self.unknown_session(&first);
+    }
+
+    /// Welcomes the client, answers its first heartbeat UNKNOWN_SESSION, and
+    /// checks that the very next datagram opens a new session (no heartbeat
+    /// for the incarnation just said to be unknown, and no waiting out an
+    /// interval of 1 s first), which it welcomes. Returns the new
+    /// incarnation.
+    fn lose_the_session(&mut self) -> u64 {
+        let hello = self.welcome();
+        let heartbeat = self.expect(tether::wire::Kind::Heartbeat);
+        let told = Instant::now();
+        self.unknown_session(&heartbeat);
+        let next = self.recv();
+        assert_eq!(next.kind, tether::wire::Kind::Hello, "sent {:?}", next.kind);
+        assert!(next.header.incarnation > hello.header.incarnation);
+        assert!(
+            told.elapsed() < Duration::from_millis(800),
+            "reopened after {:?}, not at once (an interval is 1 s)",
+            told.elapsed()
+        );
+        self.reply(
+            &next,
+            Message::Welcome {
+                ttl_ms: 3000,
+                tick_ms: 10,
+            },
+        );
+        next.header.incarnation
+    }
+
     /// Accepts the client's HELLO.
     fn welcome(&mut self) -> Received {
         let hello = self.expect(tether::wire::Kind::Hello);
@@ -114,12 +159,7 @@ fn a_bye_whose_ack_was_lost_succeeds_when_its_retry_finds_the_session_gone() {
         let config = config(&server);
         move || Client::connect(config).unwrap().bye()
     });
-    server.welcome();
-    // The first BYE ends the session; its BYE_ACK is lost on the way.
-    server.expect(tether::wire::Kind::Bye);
-    // So the retry finds no session.
-    let retry = server.expect(tether::wire::Kind::Bye);
-    server.unknown_session(&retry);
+    server.lose_the_bye_ack();
     assert!(handle.join().unwrap().is_ok(), "the BYE took effect");
 }
 
@@ -130,9 +170,7 @@ fn a_bye_that_finds_the_session_already_gone_says_so() {
         let config = config(&server);
         move || Client::connect(config).unwrap().bye()
     });
-    server.welcome();
-    let first = server.expect(tether::wire::Kind::Bye);
-    server.unknown_session(&first);
+    server.find_no_session_for_the_bye();
     assert!(matches!(
         handle.join().unwrap(),
         Err(ClientError::SessionLost)
@@ -154,22 +192,23 @@ fn on_tokio<T: Send + 'static>(
     })
 }
 
+/// The async client connecting, then saying BYE.
+#[cfg(feature = "tokio")]
+async fn async_bye(config: ClientConfig) -> Result<(), ClientError> {
+    tether::AsyncClient::connect(config)
+        .await
+        .unwrap()
+        .bye()
+        .await
+}
+
 #[cfg(feature = "tokio")]
 #[test]
 fn the_async_client_takes_a_retried_bye_finding_no_session_as_success() {
     let mut server = FakeServer::new();
     let config = config(&server);
-    let handle = on_tokio(async move {
-        tether::AsyncClient::connect(config)
-            .await
-            .unwrap()
-            .bye()
-            .await
-    });
-    server.welcome();
-    server.expect(tether::wire::Kind::Bye); // its BYE_ACK is lost
-    let retry = server.expect(tether::wire::Kind::Bye);
-    server.unknown_session(&retry);
+    let handle = on_tokio(async_bye(config));
+    server.lose_the_bye_ack();
     assert!(handle.join().unwrap().is_ok(), "the BYE took effect");
 }
 
@@ -178,16 +217,8 @@ fn the_async_client_takes_a_retried_bye_finding_no_session_as_success() {
 fn the_async_client_says_so_when_its_first_bye_finds_no_session() {
     let mut server = FakeServer::new();
     let config = config(&server);
-    let handle = on_tokio(async move {
-        tether::AsyncClient::connect(config)
-            .await
-            .unwrap()
-            .bye()
-            .await
-    });
-    server.welcome();
-    let first = server.expect(tether::wire::Kind::Bye);
-    server.unknown_session(&first);
+    let handle = on_tokio(async_bye(config));
+    server.find_no_session_for_the_bye();
     assert!(matches!(
         handle.join().unwrap(),
         Err(ClientError::SessionLost)
@@ -210,26 +241,8 @@ fn the_async_client_reopens_a_lost_session_at_once() {
             }
         }
     });
-    let hello = server.welcome();
-    let heartbeat = server.expect(tether::wire::Kind::Heartbeat);
-    let told = Instant::now();
-    server.unknown_session(&heartbeat);
-    let next = server.recv();
-    assert_eq!(next.kind, tether::wire::Kind::Hello, "sent {:?}", next.kind);
-    assert!(next.header.incarnation > hello.header.incarnation);
-    assert!(
-        told.elapsed() < Duration::from_millis(800),
-        "{:?}",
-        told.elapsed()
-    );
-    server.reply(
-        &next,
-        Message::Welcome {
-            ttl_ms: 3000,
-            tick_ms: 10,
-        },
-    );
-    assert_eq!(handle.join().unwrap(), next.header.incarnation);
+    let reopened = server.lose_the_session();
+    assert_eq!(handle.join().unwrap(), reopened);
 }
 
 #[test]
@@ -242,30 +255,9 @@ fn a_lost_session_is_reopened_at_once_not_heartbeated() {
         std::thread::sleep(Duration::from_secs(3));
         client
     });
-    let hello = server.welcome();
-    let heartbeat = server.expect(tether::wire::Kind::Heartbeat);
-    let told = Instant::now();
-    server.unknown_session(&heartbeat);
-    // The very next datagram opens a new session: no heartbeat for the
-    // incarnation the server just said it does not know, and no waiting
-    // out an interval first.
-    let next = server.recv();
-    assert_eq!(next.kind, tether::wire::Kind::Hello, "sent {:?}", next.kind);
-    assert!(next.header.incarnation > hello.header.incarnation);
-    assert!(
-        told.elapsed() < Duration::from_millis(800),
-        "reopened after {:?}, not at once (an interval is 1 s)",
-        told.elapsed()
-    );
-    server.reply(
-        &next,
-        Message::Welcome {
-            ttl_ms: 3000,
-            tick_ms: 10,
-        },
-    );
+    let reopened = server.lose_the_session();
     let client = handle.join().unwrap();
-    assert_eq!(client.session().1, next.header.incarnation);
+    assert_eq!(client.session().1, reopened);
 }
 
 #[test]

@@ -127,18 +127,61 @@ impl ServerNames {
     /// Every address the names have now (blocking: the system resolver).
     /// An error if any name has none.
     pub fn resolve(&self) -> io::Result<Vec<SocketAddr>> {
-        let mut servers = Vec::new();
+        Ok(self.resolve_each()?.servers(true).unwrap_or_default())
+    }
+
+    fn resolve_each(&self) -> io::Result<KnownNames> {
+        let mut known = Vec::with_capacity(self.names.len());
         for name in &self.names {
-            let found: Vec<SocketAddr> = name.to_socket_addrs()?.collect();
-            if found.is_empty() {
-                return Err(io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!("{name} has no address"),
-                ));
-            }
-            servers.extend(found);
+            known.push(addresses_of(name, name.to_socket_addrs()?)?);
         }
-        Ok(servers)
+        Ok(KnownNames(known))
+    }
+}
+
+/// A lookup's addresses, or an error naming the name that has none.
+fn addresses_of(
+    name: &str,
+    found: impl Iterator<Item = SocketAddr>,
+) -> io::Result<Vec<SocketAddr>> {
+    let found: Vec<SocketAddr> = found.collect();
+    if found.is_empty() {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{name} has no address"),
+        ));
+    }
+    Ok(found)
+}
+
+/// Each server name's addresses as last found, for the resolvers (the
+/// blocking client's thread, the async client's task) to hand the session.
+struct KnownNames(Vec<Vec<SocketAddr>>);
+
+impl KnownNames {
+    /// Takes a lookup of name `i`: one that found nothing (a failed lookup)
+    /// keeps the addresses the name had.
+    fn update(&mut self, i: usize, found: Vec<SocketAddr>) {
+        if !found.is_empty() {
+            self.0[i] = found;
+        }
+    }
+
+    /// Every name's addresses that the socket reaches (IPv6 ones only if it
+    /// is dual-stack), or `None` while a name has none: without it, its
+    /// hosts would look removed, and their clients would move.
+    fn servers(&self, dual_stack: bool) -> Option<Vec<SocketAddr>> {
+        if self.0.iter().any(Vec::is_empty) {
+            return None;
+        }
+        Some(
+            self.0
+                .iter()
+                .flatten()
+                .copied()
+                .filter(|s| dual_stack || s.is_ipv4())
+                .collect(),
+        )
     }
 }
 
@@ -357,8 +400,13 @@ impl Client {
     /// and again every [`ServerNames::every`] on a thread of its own, so a
     /// slow resolver never delays a heartbeat.
     pub fn connect(mut config: ClientConfig) -> Result<Client, ClientError> {
+        // The names' first lookup, if made here, is where the resolver
+        // starts from.
+        let mut known = None;
         if let (Some(names), true) = (&config.names, config.servers.is_empty()) {
-            config.servers = names.resolve()?;
+            let each = names.resolve_each()?;
+            config.servers = each.servers(true).unwrap_or_default();
+            known = Some(each);
         }
         if config.servers.is_empty() {
             return Err(no_server());
@@ -387,7 +435,7 @@ impl Client {
                 Some(
                     std::thread::Builder::new()
                         .name("tether-client-dns".into())
-                        .spawn(move || inner.resolve_loop(&names))?,
+                        .spawn(move || inner.resolve_loop(&names, known))?,
                 )
             }
             None => None,
@@ -672,19 +720,17 @@ impl Inner {
     }
 
     /// Looks the names up again every `names.every` (at least a second)
-    /// and hands a changed list to the session. A name whose lookup fails
-    /// keeps the addresses it had.
-    fn resolve_loop(&self, names: &ServerNames) {
+    /// and hands a changed list to the session (see [`KnownNames`]),
+    /// starting from `known` if connecting looked them up already.
+    fn resolve_loop(&self, names: &ServerNames, known: Option<KnownNames>) {
         let every = names.every.max(Duration::from_secs(1));
-        // Each name's addresses, kept when a later lookup of it fails. A
-        // name not yet found holds the list back: without it, its hosts
-        // would look removed, and their clients would move.
         let lookup = |name: &String| -> Vec<SocketAddr> {
             name.to_socket_addrs()
                 .map(|found| found.collect())
                 .unwrap_or_default()
         };
-        let mut known: Vec<Vec<SocketAddr>> = names.names.iter().map(lookup).collect();
+        let mut known =
+            known.unwrap_or_else(|| KnownNames(names.names.iter().map(lookup).collect()));
         let mut next = Instant::now() + every;
         while !self.stop.load(Ordering::Acquire) {
             std::thread::sleep(Duration::from_millis(100));
@@ -692,25 +738,14 @@ impl Inner {
                 continue;
             }
             next = Instant::now() + every;
-            for (name, addresses) in names.names.iter().zip(&mut known) {
-                let found = lookup(name);
-                if !found.is_empty() {
-                    *addresses = found;
-                }
+            for (i, name) in names.names.iter().enumerate() {
+                known.update(i, lookup(name));
             }
-            if known.iter().any(Vec::is_empty) {
-                continue;
+            if let Some(servers) = known.servers(self.dual_stack) {
+                let mut s = self.session.lock();
+                s.set_servers(Instant::now(), &servers);
+                self.send_queued(&mut s);
             }
-            // This socket reaches IPv6 hosts only if it was opened for one.
-            let servers: Vec<SocketAddr> = known
-                .iter()
-                .flatten()
-                .copied()
-                .filter(|s| self.dual_stack || s.is_ipv4())
-                .collect();
-            let mut s = self.session.lock();
-            s.set_servers(Instant::now(), &servers);
-            self.send_queued(&mut s);
         }
     }
 

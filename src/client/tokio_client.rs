@@ -27,9 +27,9 @@ use tokio::net::UdpSocket;
 use tokio::sync::Notify;
 
 use super::{
-    canonical, destination, no_server, open_socket, wall_clock_ns, Answer, ClientConfig,
-    ClientError, ClientEvent, ClientSession, Request, RequestId, Resume, State, SubmitOptions,
-    TaskStatus, DRAIN_AT_MOST,
+    addresses_of, canonical, destination, no_server, open_socket, wall_clock_ns, Answer,
+    ClientConfig, ClientError, ClientEvent, ClientSession, KnownNames, Request, RequestId, Resume,
+    State, SubmitOptions, TaskStatus, DRAIN_AT_MOST,
 };
 use crate::engine::TaskId;
 use crate::wire::{CancelOutcome, MAX_DATAGRAM};
@@ -79,8 +79,13 @@ impl AsyncClient {
     ///
     /// Outside a tokio runtime.
     pub async fn connect(mut config: ClientConfig) -> Result<AsyncClient, ClientError> {
+        // The names' first lookup, if made here, is where the resolver
+        // starts from.
+        let mut known = None;
         if let (Some(names), true) = (&config.names, config.servers.is_empty()) {
-            config.servers = lookup(&names.names).await?;
+            let each = lookup(&names.names).await?;
+            config.servers = each.servers(true).unwrap_or_default();
+            known = Some(each);
         }
         if config.servers.is_empty() {
             return Err(no_server());
@@ -100,7 +105,7 @@ impl AsyncClient {
         shared.send_queued(&mut shared.session.lock());
         tokio::spawn(Arc::clone(&shared).drive());
         if let Some(names) = names {
-            tokio::spawn(Arc::clone(&shared).resolve(names.names, names.every));
+            tokio::spawn(Arc::clone(&shared).resolve(names.names, names.every, known));
         }
         let client = AsyncClient { shared };
         let opened = client
@@ -387,38 +392,39 @@ impl Shared {
         }
     }
 
-    /// Looks `names` up again every `every` (at least a second); a name
-    /// whose lookup fails keeps its addresses, and a list missing a name is
-    /// held back (as the blocking client's resolver).
-    async fn resolve(self: Arc<Shared>, names: Vec<String>, every: Duration) {
+    /// Looks `names` up again every `every` (at least a second) and hands
+    /// a changed list to the session (see [`KnownNames`]), starting from
+    /// `known` if connecting looked them up already.
+    async fn resolve(
+        self: Arc<Shared>,
+        names: Vec<String>,
+        every: Duration,
+        known: Option<KnownNames>,
+    ) {
         let every = every.max(Duration::from_secs(1));
-        let mut known: Vec<Vec<SocketAddr>> = Vec::with_capacity(names.len());
-        for name in &names {
-            known.push(lookup_one(name).await);
-        }
+        let mut known = match known {
+            Some(known) => known,
+            None => {
+                let mut first = Vec::with_capacity(names.len());
+                for name in &names {
+                    first.push(lookup_one(name).await);
+                }
+                KnownNames(first)
+            }
+        };
         loop {
             tokio::time::sleep(every).await;
             if self.closed.load(Ordering::Acquire) {
                 return;
             }
-            for (name, addresses) in names.iter().zip(&mut known) {
-                let found = lookup_one(name).await;
-                if !found.is_empty() {
-                    *addresses = found;
-                }
+            for (i, name) in names.iter().enumerate() {
+                known.update(i, lookup_one(name).await);
             }
-            if known.iter().any(Vec::is_empty) {
-                continue;
+            if let Some(servers) = known.servers(self.dual_stack) {
+                let mut s = self.session.lock();
+                s.set_servers(Instant::now(), &servers);
+                self.send_queued(&mut s);
             }
-            let servers: Vec<SocketAddr> = known
-                .iter()
-                .flatten()
-                .copied()
-                .filter(|s| self.dual_stack || s.is_ipv4())
-                .collect();
-            let mut s = self.session.lock();
-            s.set_servers(Instant::now(), &servers);
-            self.send_queued(&mut s);
         }
     }
 }
@@ -430,19 +436,11 @@ async fn lookup_one(name: &str) -> Vec<SocketAddr> {
         .unwrap_or_default()
 }
 
-/// Every address of every name; an error naming the first without one.
-async fn lookup(names: &[String]) -> Result<Vec<SocketAddr>, ClientError> {
-    let mut servers = Vec::new();
+/// Every name's addresses; an error naming the first without one.
+async fn lookup(names: &[String]) -> Result<KnownNames, ClientError> {
+    let mut known = Vec::with_capacity(names.len());
     for name in names {
-        let found: Vec<SocketAddr> = tokio::net::lookup_host(name).await?.collect();
-        if found.is_empty() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                format!("{name} has no address"),
-            )
-            .into());
-        }
-        servers.extend(found);
+        known.push(addresses_of(name, tokio::net::lookup_host(name).await?)?);
     }
-    Ok(servers)
+    Ok(KnownNames(known))
 }

@@ -519,13 +519,18 @@ tether_expiry_lateness_seconds_bucket{le="0.1",shard="0"} 5
 tether_expiry_lateness_seconds_bucket{le="+Inf",shard="0"} 5
 "#;
 
-    #[test]
-    fn shards_are_summed_and_rates_come_from_two_samples() {
-        let view = View::from_samples(
+    /// The view from `BEFORE` and `NOW`, two seconds apart.
+    fn two_seconds_of_samples() -> View {
+        View::from_samples(
             &Sample::parse(BEFORE),
             &Sample::parse(NOW),
             Duration::from_secs(2),
-        );
+        )
+    }
+
+    #[test]
+    fn shards_are_summed_and_rates_come_from_two_samples() {
+        let view = two_seconds_of_samples();
         assert_eq!(view.sessions, 101.0);
         assert_eq!(view.heartbeats_per_s, 2000.0);
         assert_eq!(view.ended_per_s[0], ("expired".to_owned(), 2.0));
@@ -541,11 +546,7 @@ tether_expiry_lateness_seconds_bucket{le="+Inf",shard="0"} 5
 
     #[test]
     fn a_frame_shows_every_panel() {
-        let mut view = View::from_samples(
-            &Sample::parse(BEFORE),
-            &Sample::parse(NOW),
-            Duration::from_secs(2),
-        );
+        let mut view = two_seconds_of_samples();
         view.server = "127.0.0.1:9900".into();
         view.late = vec![LateClient {
             client_id: "424242".into(),

@@ -64,6 +64,16 @@ impl Harness {
     /// Moves the clock to `until`, calling `handle_timeout` whenever the
     /// session asks to be, and returns what it sent on the way, with when.
     fn run(&mut self, until: Instant) -> Vec<(Duration, Sent)> {
+        self.run_handling(until, |_, _| {})
+    }
+
+    /// As [`Harness::run`], handing each datagram sent to `each` (a
+    /// scripted server's answer) as it goes.
+    fn run_handling(
+        &mut self,
+        until: Instant,
+        mut each: impl FnMut(&mut Harness, &Sent),
+    ) -> Vec<(Duration, Sent)> {
         let start = self.now;
         let mut out = Vec::new();
         let mut calls = 0;
@@ -79,6 +89,7 @@ impl Harness {
             self.now = self.now.max(due);
             self.session.handle_timeout(self.now);
             for s in self.sent() {
+                each(self, &s);
                 out.push((self.now - start, s));
             }
         }
@@ -599,29 +610,15 @@ impl Harness {
     /// Runs to `until`, the host answering each heartbeat that asks for an
     /// ACK; returns the heartbeats sent.
     fn run_answered(&mut self, until: Instant) -> Vec<Sent> {
-        let mut beats = Vec::new();
-        let mut calls = 0;
-        while let Some(due) = self.session.poll_timeout() {
-            if due > until {
-                break;
+        self.run_handling(until, |h, s| {
+            if s.kind == Kind::Heartbeat && s.header.flags.contains(Flags::ACK) {
+                let acked_seq = s.header.seq;
+                h.reply(&s.header, Message::HeartbeatAck { acked_seq });
             }
-            calls += 1;
-            assert!(
-                calls < 1_000_000,
-                "the session keeps asking for {due:?}: spinning"
-            );
-            self.now = self.now.max(due);
-            self.session.handle_timeout(self.now);
-            for s in self.sent() {
-                if s.kind == Kind::Heartbeat && s.header.flags.contains(Flags::ACK) {
-                    let acked_seq = s.header.seq;
-                    self.reply(&s.header, Message::HeartbeatAck { acked_seq });
-                }
-                beats.push(s);
-            }
-        }
-        self.now = until;
-        beats
+        })
+        .into_iter()
+        .map(|(_, s)| s)
+        .collect()
     }
 
     fn events(&mut self) -> Vec<ClientEvent> {
@@ -897,6 +894,33 @@ fn a_stale_resumed_session_is_opened_anew_on_the_same_host() {
     assert_eq!(h.session.server(), hosts[2]);
 }
 
+/// Every heartbeat in `beats` asks for an ACK, and none follows another
+/// sooner than the retry time (250 ms): probes, not a burst.
+fn assert_probes_ask_one_retry_apart(beats: &[&(Duration, Sent)]) {
+    assert!(beats
+        .iter()
+        .all(|(_, s)| s.header.flags.contains(Flags::ACK)));
+    for pair in beats.windows(2) {
+        assert!(
+            pair[1].0 - pair[0].0 >= Duration::from_millis(250),
+            "a burst: {beats:?}"
+        );
+    }
+}
+
+/// A client live on its host for 5 s, then one ask of it unanswered.
+fn one_ask_unanswered() -> Harness {
+    let mut h = Harness::new(cluster_config());
+    let start = h.now;
+    h.open(3000);
+    h.run_answered(start + Duration::from_secs(5));
+    let unanswered = h.run(h.now + Duration::from_millis(1100));
+    assert!(unanswered
+        .iter()
+        .any(|(_, s)| s.header.flags.contains(Flags::ACK)));
+    h
+}
+
 #[test]
 fn probes_ask_for_an_ack_whatever_ack_every_says_and_come_one_retry_apart() {
     let mut c = cluster_config();
@@ -910,30 +934,15 @@ fn probes_ask_for_an_ack_whatever_ack_every_says_and_come_one_retry_apart() {
         .iter()
         .filter(|(_, s)| s.kind == Kind::Heartbeat)
         .collect();
-    assert!(beats
-        .iter()
-        .all(|(_, s)| s.header.flags.contains(Flags::ACK)));
-    for pair in beats.windows(2) {
-        assert!(
-            pair[1].0 - pair[0].0 >= Duration::from_millis(250),
-            "a burst: {beats:?}"
-        );
-    }
+    assert_probes_ask_one_retry_apart(&beats);
 }
 
 #[test]
 fn a_client_that_was_itself_quiet_asks_before_it_leaves() {
-    let mut h = Harness::new(cluster_config());
-    let start = h.now;
-    h.open(3000);
-    let home = h.session.server();
-    h.run_answered(start + Duration::from_secs(5));
     // One ask goes unanswered, then heartbeats are paused for a minute:
     // the host heard nothing, but the client did not ask either.
-    let unanswered = h.run(h.now + Duration::from_millis(1100));
-    assert!(unanswered
-        .iter()
-        .any(|(_, s)| s.header.flags.contains(Flags::ACK)));
+    let mut h = one_ask_unanswered();
+    let home = h.session.server();
     h.session.pause_heartbeats(true);
     let quiet = h.run(h.now + Duration::from_secs(60));
     assert!(quiet.is_empty(), "{quiet:?}");
@@ -947,15 +956,8 @@ fn a_client_that_was_itself_quiet_asks_before_it_leaves() {
 
 #[test]
 fn a_client_stopped_for_a_minute_asks_again_before_it_leaves() {
-    let mut h = Harness::new(cluster_config());
-    let start = h.now;
-    h.open(3000);
+    let mut h = one_ask_unanswered();
     let home = h.session.server();
-    h.run_answered(start + Duration::from_secs(5));
-    let unanswered = h.run(h.now + Duration::from_millis(1100));
-    assert!(unanswered
-        .iter()
-        .any(|(_, s)| s.header.flags.contains(Flags::ACK)));
     // The process is stopped for a minute, then runs again.
     h.now += Duration::from_secs(60);
     h.session.handle_timeout(h.now);
@@ -1004,15 +1006,7 @@ fn a_probe_asks_even_just_after_other_traffic() {
         .collect();
     assert!(beats[0].1.header.flags.contains(Flags::ACK), "{beats:?}");
     assert!((2..=4).contains(&beats.len()), "{beats:?}");
-    assert!(beats
-        .iter()
-        .all(|(_, s)| s.header.flags.contains(Flags::ACK)));
-    for pair in beats.windows(2) {
-        assert!(
-            pair[1].0 - pair[0].0 >= Duration::from_millis(250),
-            "a burst: {beats:?}"
-        );
-    }
+    assert_probes_ask_one_retry_apart(&beats);
 }
 
 #[test]

@@ -1,8 +1,8 @@
 //! Views of live sessions (`GET /sessions`): paging, lateness, task counts.
 use super::*;
 
-#[test]
-fn pages_cover_every_live_session_once_and_end() {
+/// An engine with 10,000 live sessions (TTL 3 s), and their clients.
+fn ten_thousand_sessions() -> (Sim, Vec<Client>) {
     let mut c = config();
     c.max_sessions = 20_000;
     c.max_client_records = 20_000;
@@ -11,6 +11,12 @@ fn pages_cover_every_live_session_once_and_end() {
     for c in &mut clients {
         sim.hello(c, 3000);
     }
+    (sim, clients)
+}
+
+#[test]
+fn pages_cover_every_live_session_once_and_end() {
+    let (mut sim, mut clients) = ten_thousand_sessions();
     // A thousand leave: their slots are holes a page walks past.
     for c in clients.iter_mut().step_by(10) {
         sim.send(c, Message::Bye).unwrap();
@@ -42,14 +48,7 @@ fn pages_cover_every_live_session_once_and_end() {
 
 #[test]
 fn a_page_looks_at_a_bounded_number_of_slots() {
-    let mut c = config();
-    c.max_sessions = 20_000;
-    c.max_client_records = 20_000;
-    let mut sim = Sim::new(c);
-    let mut clients: Vec<Client> = (1..=10_000).map(Client::new).collect();
-    for c in &mut clients {
-        sim.hello(c, 3000);
-    }
+    let (mut sim, mut clients) = ten_thousand_sessions();
     // Only the last session stays: a page from the start finds nothing in
     // its budget, and says where to go on.
     for c in clients.iter_mut().take(9_999) {

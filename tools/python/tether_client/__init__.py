@@ -170,22 +170,24 @@ class TaskResult:
 # --- payloads -------------------------------------------------------------
 
 
+def _unsigned(n: int, bits: int) -> bytes:
+    """``n`` as ``bits // 8`` big-endian bytes, or ``ValueError``."""
+    n = operator.index(n)
+    if not 0 <= n < 1 << bits:
+        raise ValueError(f"u{bits} takes 0 to {(1 << bits) - 1}, not {n}")
+    return n.to_bytes(bits // 8, "big")
+
+
 def u32(n: int) -> bytes:
     """``n`` as 4 big-endian bytes: the payload of the standard ``sleep``
     job (milliseconds). Raises ``ValueError`` outside 0 to 2**32 - 1."""
-    n = operator.index(n)
-    if not 0 <= n < 1 << 32:
-        raise ValueError(f"u32 takes 0 to {(1 << 32) - 1}, not {n}")
-    return n.to_bytes(4, "big")
+    return _unsigned(n, 32)
 
 
 def u64(n: int) -> bytes:
     """``n`` as 8 big-endian bytes: the payload of the standard ``spin``
     job (rounds). Raises ``ValueError`` outside 0 to 2**64 - 1."""
-    n = operator.index(n)
-    if not 0 <= n < 1 << 64:
-        raise ValueError(f"u64 takes 0 to {(1 << 64) - 1}, not {n}")
-    return n.to_bytes(8, "big")
+    return _unsigned(n, 64)
 
 
 def text(s: str) -> bytes:
@@ -877,6 +879,22 @@ class _SessionView:
             return False
         return not (isinstance(fields, _Refusal) and fields.request_id == 0 and fields.code in (5, 6))
 
+    def _take_in(self, data: bytes, addr: Tuple[Any, ...]) -> Optional[_Decoded]:
+        """The datagram, if it came from the current host and passes the
+        session's checks (noting that the host answered); anything else is
+        counted in ``dropped`` and gives None. Called with the lock held,
+        for the blocking client."""
+        server = self._hosts.known(addr)
+        if server is None or server != self._hosts.current:
+            # Not a listed server, or a host this client left: either way
+            # nothing for it.
+            self._s.dropped += 1
+            return None
+        d = self._s.accept(data)
+        if d is not None and self._counts_as_heard(server, d[3], d[5]):
+            self._hosts.heard = time.monotonic()
+        return d
+
 
 # --- blocking client --------------------------------------------------------
 
@@ -1362,19 +1380,10 @@ class Client(_SessionView):
 
     def _file(self, data: bytes, addr: Tuple[Any, ...]) -> None:
         with self._lock:
-            server = self._hosts.known(addr)
-            if server is None:
-                self._s.dropped += 1  # not from a listed server
-                return
-            if server != self._hosts.current:
-                self._s.dropped += 1  # a host this client left: nothing more to say
-                return
-            d = self._s.accept(data)
+            d = self._take_in(data, addr)
             if d is None:
                 return
             kind, _, _, incarnation, seq, fields = d
-            if self._counts_as_heard(server, incarnation, fields):
-                self._hosts.heard = time.monotonic()
             if isinstance(fields, _HeartbeatAck):
                 sent = self._acks.pop(fields.seq, None)
                 if sent is not None:
@@ -1754,19 +1763,10 @@ class AsyncSession(_SessionView):
             self._s.dropped += 1
 
     def _file(self, data: bytes, addr: Tuple[Any, ...]) -> None:
-        server = self._hosts.known(addr)
-        if server is None:
-            self._s.dropped += 1  # not from a listed server
-            return
-        if server != self._hosts.current:
-            self._s.dropped += 1  # a host this client left: nothing more to say
-            return
-        d = self._s.accept(data)
+        d = self._take_in(data, addr)
         if d is None:
             return
         kind, _, _, incarnation, seq, fields = d
-        if self._counts_as_heard(server, incarnation, fields):
-            self._hosts.heard = time.monotonic()
         if kind == UNKNOWN_SESSION and self._live:
             # The heartbeat task reopens it (not while the block is ending).
             self._live = False
