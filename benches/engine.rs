@@ -1,7 +1,8 @@
 //! The engine without sockets: a heartbeat's whole path (bytes in →
 //! decoded → session found → replay checked → deadline moved) at 1K, 100K
 //! and 1M sessions, and 100K sessions expiring in the same tick with a
-//! running task each (flags flipped, TASK_STATE encoded).
+//! running task each (flags flipped, TASK_STATE encoded), in index order
+//! and scattered over a million.
 
 use std::collections::HashMap;
 use std::hint::black_box;
@@ -171,66 +172,138 @@ fn heartbeat_path(c: &mut Criterion) {
     g.finish();
 }
 
+/// Gives each session in `sessions` a running `sleep` task (submitted at
+/// `at`), and returns their cancel flags.
+fn run_a_task_each(
+    engine: &mut Engine,
+    sessions: &[u32],
+    at: Timestamp,
+    seq: u32,
+) -> HashMap<TaskId, Arc<CancelFlag>> {
+    let mut buf = [0u8; MAX_DATAGRAM];
+    let mut flags = HashMap::with_capacity(sessions.len());
+    for &i in sessions {
+        let submit = datagram(
+            u64::from(i) + 1,
+            seq,
+            Message::Submit {
+                request_id: 1,
+                delay_ms: 0,
+                deadline_ms: 0,
+                job: "sleep",
+                payload: &60_000u32.to_be_bytes(),
+            },
+        );
+        engine.handle_datagram(at, addr(i), &submit).unwrap();
+        while engine.poll_transmit(&mut buf).is_some() {}
+    }
+    while let Some(effect) = engine.poll_effect() {
+        if let Effect::Run { task, .. } = effect {
+            flags.insert(task, Arc::new(CancelFlag::new()));
+            engine.handle_task_event(at, task, TaskEvent::Started);
+        }
+    }
+    flags
+}
+
+/// The timed part: the tick at `expiry` expires `expected` sessions; every
+/// flag is flipped, every worker's report taken, every TASK_STATE encoded.
+fn expire_and_report(
+    engine: &mut Engine,
+    flags: &HashMap<TaskId, Arc<CancelFlag>>,
+    cancelled: &mut Vec<TaskId>,
+    expiry: Timestamp,
+    expected: usize,
+) {
+    let live_before = engine.live_sessions();
+    engine.handle_timeout(expiry);
+    while let Some(effect) = engine.poll_effect() {
+        if let Effect::Cancel { task, reason } = effect {
+            flags[&task].cancel(reason);
+            cancelled.push(task);
+        }
+    }
+    for &task in cancelled.iter() {
+        let outcome = JobOutcome::Failed("cancelled".into());
+        engine.handle_task_event(expiry, task, TaskEvent::Finished(outcome));
+    }
+    let mut buf = [0u8; MAX_DATAGRAM];
+    let mut sent = 0;
+    while engine.poll_transmit(&mut buf).is_some() {
+        sent += 1;
+    }
+    assert_eq!(sent, expected);
+    assert_eq!(engine.live_sessions(), live_before - expected);
+}
+
 /// 100K sessions, each with a running `sleep` task, all expiring in one
 /// tick: decide the expiries, flip every flag, take every worker's report,
-/// and encode every TASK_STATE.
+/// and encode every TASK_STATE. Two layouts: `index_order`, the 100K
+/// sessions opened one after the other and expiring in that order (the
+/// walk is sequential and prefetches well); `scattered`, a random tenth of
+/// a million sessions, as in the field, where the sessions whose last
+/// heartbeat fell in one tick lie anywhere in the session table.
 fn mass_expiry(c: &mut Criterion) {
     let mut g = c.benchmark_group("engine_mass_expiry");
     g.sample_size(10);
     let n = 100_000u32;
     g.throughput(Throughput::Elements(u64::from(n)));
-    let setup = || {
+    let in_order = || {
         let mut engine = engine_with_sessions(n, 3000);
-        let mut buf = [0u8; MAX_DATAGRAM];
-        let mut flags: HashMap<TaskId, Arc<CancelFlag>> = HashMap::with_capacity(n as usize);
-        for i in 0..n {
-            let submit = datagram(
-                u64::from(i) + 1,
-                2,
-                Message::Submit {
-                    request_id: 1,
-                    delay_ms: 0,
-                    deadline_ms: 0,
-                    job: "sleep",
-                    payload: &60_000u32.to_be_bytes(),
-                },
-            );
-            engine
-                .handle_datagram(Timestamp(0), addr(i), &submit)
-                .unwrap();
-            while engine.poll_transmit(&mut buf).is_some() {}
-        }
-        while let Some(effect) = engine.poll_effect() {
-            if let Effect::Run { task, .. } = effect {
-                flags.insert(task, Arc::new(CancelFlag::new()));
-                engine.handle_task_event(Timestamp(0), task, TaskEvent::Started);
-            }
-        }
+        let everyone: Vec<u32> = (0..n).collect();
+        let flags = run_a_task_each(&mut engine, &everyone, Timestamp(0), 2);
         (engine, flags, Vec::with_capacity(n as usize))
     };
-    g.bench_function(BenchmarkId::new("running_task_each", n), |b| {
+    g.bench_function(BenchmarkId::new("running_task_each/index_order", n), |b| {
         b.iter_batched(
-            setup,
+            in_order,
             |(mut engine, flags, mut cancelled)| {
                 let expiry = Timestamp::from_millis(3000);
-                engine.handle_timeout(expiry);
-                while let Some(effect) = engine.poll_effect() {
-                    if let Effect::Cancel { task, reason } = effect {
-                        flags[&task].cancel(reason);
-                        cancelled.push(task);
-                    }
-                }
-                for &task in &cancelled {
-                    let outcome = JobOutcome::Failed("cancelled".into());
-                    engine.handle_task_event(expiry, task, TaskEvent::Finished(outcome));
-                }
-                let mut buf = [0u8; MAX_DATAGRAM];
-                let mut sent = 0;
-                while engine.poll_transmit(&mut buf).is_some() {
-                    sent += 1;
-                }
-                assert_eq!(sent, n);
-                assert_eq!(engine.live_sessions(), 0);
+                expire_and_report(&mut engine, &flags, &mut cancelled, expiry, n as usize);
+                (engine, flags, cancelled)
+            },
+            BatchSize::LargeInput,
+        )
+    });
+
+    // A million sessions open at 0 with a 3 s TTL; at 1 s each heartbeats
+    // in one of ten ticks, drawn at random, so its deadline is 4 s plus 0
+    // to 90 ms. Moving time to 3 s re-files every one (untimed); the tick
+    // at 4 s then expires the tenth that drew the first tick, scattered
+    // over the table, a task running in each (the next due tick; a
+    // session expires on the first tick past its deadline).
+    let total = 10 * n;
+    let scattered = || {
+        let mut engine = engine_with_sessions(total, 3000);
+        let mut rng = 0x5ca7_7e4e_d5ee_d001u64;
+        let drawn: Vec<u64> = (0..total).map(|_| xorshift(&mut rng) % 10).collect();
+        // Submitted first: a SUBMIT is proof of life too.
+        let expiring: Vec<u32> = (0..total).filter(|&i| drawn[i as usize] == 0).collect();
+        let flags = run_a_task_each(&mut engine, &expiring, Timestamp(0), 2);
+        for tick in 0..10 {
+            let at = Timestamp::from_millis(1000 + tick * 10);
+            for i in (0..total).filter(|&i| drawn[i as usize] == tick) {
+                let beat = datagram(u64::from(i) + 1, 3, Message::Heartbeat);
+                engine.handle_datagram(at, addr(i), &beat).unwrap();
+            }
+        }
+        engine.handle_timeout(Timestamp::from_millis(3000));
+        assert_eq!(engine.live_sessions(), total as usize);
+        let expiry = engine.poll_timeout().expect("sessions are due");
+        let capacity = expiring.len();
+        (
+            engine,
+            flags,
+            Vec::with_capacity(capacity),
+            capacity,
+            expiry,
+        )
+    };
+    g.bench_function(BenchmarkId::new("running_task_each/scattered", n), |b| {
+        b.iter_batched(
+            scattered,
+            |(mut engine, flags, mut cancelled, expected, expiry)| {
+                expire_and_report(&mut engine, &flags, &mut cancelled, expiry, expected);
                 (engine, flags, cancelled)
             },
             BatchSize::LargeInput,

@@ -63,6 +63,21 @@ pub struct Args {
     /// that batches like tether (0: the naive reader, a read per wake-up).
     #[arg(long, default_value = "0s", value_parser = parse_duration, value_name = "D")]
     pub sink_coalesce: Duration,
+    /// The order the clients' heartbeats go out in each interval. `random`
+    /// (a fixed permutation, the same every run): the server meets its
+    /// sessions scattered over memory, as it would in the field, while
+    /// HELLOs still go in index order. `index`: client after client, so
+    /// the server walks its session table nearly in order (the older,
+    /// friendlier figures).
+    #[arg(long, value_enum, default_value = "random", value_name = "ORDER")]
+    pub order: Order,
+    /// Fraction of the live clients whose heartbeats ask for an ACK in one
+    /// more interval after the measured phase; those unanswered ask again
+    /// with the load stopped. A live client whose session is gone counts as
+    /// a false expiry whether the server says so (UNKNOWN_SESSION) or stays
+    /// silent.
+    #[arg(long, default_value_t = 0.1, value_name = "F")]
+    pub final_check: f64,
     /// Instead of a load run: count the server's wake-ups (voluntary context
     /// switches, all threads) over this long while idle. Needs --pid.
     #[arg(long, value_parser = parse_duration, value_name = "D")]
@@ -136,6 +151,13 @@ pub struct Args {
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|_| "write durations like 250ms, 3s or 1h".to_owned())
+}
+
+/// The order of the heartbeats within an interval.
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Order {
+    Index,
+    Random,
 }
 
 /// The side a run sends its clients to.

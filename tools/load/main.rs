@@ -48,9 +48,9 @@ use junk::JunkReport;
 use progress::Progress;
 use report::Json;
 use sender::Sender;
-use shared::{Shared, ACCEPTED, DETECTED, FALSE_EXPIRY, SILENT, WELCOMED};
+use shared::{Shared, ACCEPTED, ANSWERED, CHECKED, DETECTED, FALSE_EXPIRY, SILENT, WELCOMED};
 use sink::Sink;
-use summary::{summarize, Hostile, RunResult};
+use summary::{summarize, FinalCheck, Hostile, RunResult};
 
 fn main() -> ExitCode {
     let mut args = Args::parse();
@@ -250,6 +250,8 @@ fn run_once(args: &Args, target: Target, key: Option<MacKey>) -> Result<RunResul
         Some(thread) => Some(collect_floods(args, thread, counters_before)?),
         None => None,
     };
+    let final_check = (target == Target::Server && args.final_check > 0.0)
+        .then(|| final_check(args, &shared, &mut sender, opened.schedule_start));
     shared.counting.store(false, Ordering::Release);
     shared.stop.store(true, Ordering::Release);
     let received = receiver
@@ -276,6 +278,7 @@ fn run_once(args: &Args, target: Target, key: Option<MacKey>) -> Result<RunResul
         gso: sender.mode == outbox::Mode::Segmented,
         explained: shared.explained_expiries.load(Ordering::Acquire),
         live_check,
+        final_check,
         welcomed: shared.welcomed.load(Ordering::Acquire),
         refused: shared.refused.load(Ordering::Acquire),
         detected: shared.detected.load(Ordering::Acquire),
@@ -532,6 +535,61 @@ fn drain_silent(run: &Run, sender: &mut Sender, opened: &Opened, silent: usize) 
     }
 }
 
+/// After the measured phase (its CPU already read): one more interval in
+/// which a share of the live clients ask for an ACK, then, with every
+/// other client stopped, up to three more asks from those unanswered, half
+/// a second apart (each ask is a heartbeat, so their sessions stay open).
+/// The server withholds UNKNOWN_SESSION while backlogged and a client
+/// without a task hears of no expiry, so under overload an answer is the
+/// only proof a session is alive: one that never comes, with the load
+/// stopped, is counted as a false expiry.
+fn final_check(
+    args: &Args,
+    shared: &Shared,
+    sender: &mut Sender,
+    schedule_start: Instant,
+) -> FinalCheck {
+    let per_million = (args.final_check.min(1.0) * 1_000_000.0).round() as u64;
+    sender.set_checking(Some(per_million));
+    sender.run_schedule(
+        args,
+        schedule_start,
+        schedule_start.elapsed() + args.interval,
+        None,
+    );
+    sender.set_checking(None);
+    let count = |mask: u8, want: u8| {
+        (0..args.clients)
+            .filter(|&i| shared.flag(i) & mask == want)
+            .count()
+    };
+    let unanswered = || count(CHECKED | ANSWERED | FALSE_EXPIRY, CHECKED);
+    let wait_for_answers = || {
+        let until = Instant::now() + Duration::from_millis(500);
+        while Instant::now() < until && unanswered() > 0 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for_answers();
+    let mut asked_again = 0;
+    for _ in 0..3 {
+        if unanswered() == 0 {
+            break;
+        }
+        asked_again += sender.ask_unanswered();
+        wait_for_answers();
+    }
+    let silent = unanswered();
+    shared.false_expiries.fetch_add(silent, Ordering::AcqRel);
+    FinalCheck {
+        asked: count(CHECKED, CHECKED),
+        answered: count(CHECKED | ANSWERED, CHECKED | ANSWERED),
+        said_gone: count(CHECKED | ANSWERED | FALSE_EXPIRY, CHECKED | FALSE_EXPIRY),
+        silent,
+        asked_again,
+    }
+}
+
 /// The server's count of live sessions against the clients this run
 /// believes alive (welcomed, never silent, never expired), read right after
 /// the last heartbeats: a session lost without a word shows as a
@@ -604,4 +662,108 @@ fn idle_check(args: &Args, window: Duration) -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::UdpSocket;
+    use tether::wire::{Datagram, Flags, Header, Message};
+
+    /// A server that answers every ACK asked, except that it has lost a
+    /// tenth of the sessions without a word (never answers them) and
+    /// another tenth saying so (UNKNOWN_SESSION).
+    fn forgetful_server(
+        base_id: u64,
+        stop: Arc<std::sync::atomic::AtomicBool>,
+    ) -> (UdpSocket, JoinHandle<()>) {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(20)))
+            .unwrap();
+        let serving = socket.try_clone().unwrap();
+        let thread = std::thread::spawn(move || {
+            let (mut buf, mut out) = ([0u8; 2048], [0u8; 2048]);
+            while !stop.load(Ordering::Acquire) {
+                let Ok((n, from)) = serving.recv_from(&mut buf) else {
+                    continue;
+                };
+                let Ok(asked) = Datagram::decode(&buf[..n], None) else {
+                    continue;
+                };
+                if !asked.header.flags.contains(Flags::ACK) {
+                    continue;
+                }
+                let message = match (asked.header.client_id - base_id - 1) % 10 {
+                    3 => continue,
+                    7 => Message::UnknownSession,
+                    _ => Message::HeartbeatAck {
+                        acked_seq: asked.header.seq,
+                    },
+                };
+                let reply = Datagram {
+                    header: Header {
+                        flags: Flags::empty(),
+                        seq: 1,
+                        ..asked.header
+                    },
+                    message,
+                };
+                let len = reply.emit(None, &mut out).unwrap();
+                let _ = serving.send_to(&out[..len], from);
+            }
+        });
+        (socket, thread)
+    }
+
+    #[test]
+    fn the_final_check_counts_sessions_lost_in_silence_as_false_expiries() {
+        let n = 300;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let shared = Arc::new(Shared::new(
+            n,
+            Duration::from_millis(100),
+            Duration::from_secs(3),
+        ));
+        let (server, serving) = forgetful_server(shared.base_id, Arc::clone(&stop));
+        let addr = server.local_addr().unwrap().to_string();
+        let args = Args::parse_from([
+            "tether-load",
+            "--server",
+            &addr,
+            "--clients",
+            "300",
+            "--interval",
+            "100ms",
+            "--final-check",
+            "1",
+        ]);
+        let sockets = sender::connect_sockets(args.server, 4).unwrap();
+        let receiver = receiver::spawn(&sockets, &shared, None).unwrap();
+        let mut sender = Sender::new(sockets, Arc::clone(&shared), None, &args);
+        for i in 0..n {
+            shared.set(i, WELCOMED);
+        }
+        shared.counting.store(true, Ordering::Release);
+        let check = final_check(&args, &shared, &mut sender, Instant::now());
+        shared.stop.store(true, Ordering::Release);
+        stop.store(true, Ordering::Release);
+        receiver.join().unwrap();
+        serving.join().unwrap();
+
+        assert_eq!(check.asked, n, "every live client asked");
+        assert_eq!(check.answered, n * 8 / 10);
+        assert_eq!(check.said_gone, n / 10);
+        assert_eq!(check.silent, n / 10, "lost without a word");
+        assert_eq!(
+            check.asked_again,
+            3 * n / 10,
+            "three more asks each, load stopped"
+        );
+        assert_eq!(
+            shared.false_expiries.load(Ordering::Acquire),
+            2 * n / 10,
+            "both kinds of loss are false expiries"
+        );
+    }
 }

@@ -14,7 +14,9 @@ use tether::batch::RecvBatch;
 use tether::wire::{CancelReason, Datagram, MacKey, Message, RejectCode, TaskReport, MAX_DATAGRAM};
 
 use crate::outbox::GAP_TOLERANCE_US;
-use crate::shared::{Shared, ACCEPTED, DETECTED, FALSE_EXPIRY, REFUSED, SILENT, WELCOMED};
+use crate::shared::{
+    Shared, ACCEPTED, ANSWERED, CHECKED, DETECTED, FALSE_EXPIRY, REFUSED, SILENT, WELCOMED,
+};
 
 /// What the receiver saw.
 #[derive(Default)]
@@ -137,8 +139,14 @@ fn account(shared: &Shared, d: &Datagram<'_>, now_us: u64, out: &mut Received) {
         Message::HeartbeatAck { acked_seq }
             if shared.ack_seq[i].load(Ordering::Acquire) == acked_seq =>
         {
-            let sent = shared.ack_sent_us[i].load(Ordering::Acquire);
-            out.rtt_us.push(now_us.saturating_sub(sent) as f64);
+            // The final check's answers come after the measured phase and
+            // with the load stopped: not round trips under load.
+            if shared.flag(i) & CHECKED != 0 {
+                shared.set(i, ANSWERED);
+            } else {
+                let sent = shared.ack_sent_us[i].load(Ordering::Acquire);
+                out.rtt_us.push(now_us.saturating_sub(sent) as f64);
+            }
         }
         Message::TaskState {
             report: TaskReport::Cancelled(CancelReason::Expired),

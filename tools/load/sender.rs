@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 use tether::batch::SendBatch;
 use tether::wire::{Datagram, Flags, Header, MacKey, Message, MAX_DATAGRAM};
 
-use crate::args::Args;
+use crate::args::{Args, Order};
 use crate::outbox::{Mode, Outbox, Sent};
 use crate::progress::Progress;
-use crate::shared::{Shared, ACCEPTED, REFUSED, SILENT, WELCOMED};
+use crate::shared::{Shared, ACCEPTED, ANSWERED, CHECKED, FALSE_EXPIRY, REFUSED, SILENT, WELCOMED};
 
 /// Builds each client's datagrams on schedule and queues them per socket.
 pub struct Sender {
@@ -35,6 +35,12 @@ pub struct Sender {
     next_event: u64,
     /// With `--herd`: HELLO retries by backoff instead of every interval.
     herd: Option<Herd>,
+    /// With `--order random`: the heartbeats' order from the second
+    /// interval on.
+    shuffle: Option<Shuffle>,
+    /// During the final check: the share of live clients (per million)
+    /// whose heartbeats ask for an ACK until one is answered.
+    checking: Option<u64>,
     pub send_errors: u64,
     sent: u64,
     pub bytes_sent: u64,
@@ -47,6 +53,50 @@ pub struct Sender {
     pub captured: Vec<Vec<u8>>,
     captured_hellos: usize,
     scratch: Vec<u8>,
+}
+
+/// A fixed permutation of the clients for the heartbeats: the first
+/// interval goes in index order (so the server's session table fills in
+/// that order), every later one in this order, so the server meets its
+/// sessions scattered over memory. In the second interval a client whose
+/// place in the new order comes after its index also beats at its old
+/// time, so no client goes longer than an interval unheard at the switch.
+struct Shuffle {
+    client_at: Vec<u32>,
+    place_of: Vec<u32>,
+}
+
+impl Shuffle {
+    /// Fisher-Yates driven by `mix` from a fixed seed: the same order every
+    /// run, so runs compare.
+    fn new(n: usize) -> Shuffle {
+        let mut client_at: Vec<u32> = (0..n as u32).collect();
+        for k in (1..n).rev() {
+            let j = (mix(k as u64 ^ 0x0dde_5eed) % (k as u64 + 1)) as usize;
+            client_at.swap(k, j);
+        }
+        let mut place_of = vec![0; n];
+        for (place, &client) in client_at.iter().enumerate() {
+            place_of[client as usize] = place as u32;
+        }
+        Shuffle {
+            client_at,
+            place_of,
+        }
+    }
+
+    /// Whose turn `turn` of interval `lap` is, and, in the interval of the
+    /// switch, whose bridging heartbeat goes with it.
+    fn visit(&self, lap: u64, turn: usize) -> (usize, Option<usize>) {
+        match lap {
+            0 => (turn, None),
+            1 => (
+                self.client_at[turn] as usize,
+                (self.place_of[turn] as usize > turn).then_some(turn),
+            ),
+            _ => (self.client_at[turn] as usize, None),
+        }
+    }
 }
 
 /// Queued datagrams per socket before they are sent without waiting for
@@ -136,6 +186,8 @@ impl Sender {
             loss_per_million: (args.loss * 1_000_000.0).round() as u64,
             next_event: 0,
             herd,
+            shuffle: (args.order == Order::Random && n > 1).then(|| Shuffle::new(n)),
+            checking: None,
             send_errors: 0,
             sent: 0,
             bytes_sent: 0,
@@ -185,10 +237,11 @@ impl Sender {
         if ack {
             self.shared.ack_seq[i].store(self.seq[i], Ordering::Release);
         }
-        // Clients in contiguous blocks per socket: the schedule visits them
-        // in order, so a step's datagrams share a few sockets and leave in
-        // long GSO runs even at low rates.
-        let s = i * self.sockets.len() / self.seq.len();
+        // Clients in contiguous blocks per socket, by their place in the
+        // heartbeat order: a step's datagrams share a few sockets and leave
+        // in long GSO runs even at low rates. A client keeps its socket.
+        let place = self.shuffle.as_ref().map_or(i, |s| s.place_of[i] as usize);
+        let s = place * self.sockets.len() / self.seq.len();
         self.outboxes[s].queue(
             bytes,
             Sent {
@@ -272,7 +325,9 @@ impl Sender {
             let accepted = self.shared.accepted.load(Ordering::Acquire);
             progress.opening(welcomed, n);
             let elapsed = schedule_start.elapsed();
-            if elapsed >= interval && answered >= n && accepted >= silent {
+            // Shuffled, the measured phase starts once the order switched.
+            let laps = if self.shuffle.is_some() { 2 } else { 1 };
+            if elapsed >= interval * laps && answered >= n && accepted >= silent {
                 return Ok(());
             }
             if elapsed >= 10 * interval {
@@ -336,10 +391,17 @@ impl Sender {
             let mut work = 0;
             while work < 4096 && due_at(self.next_event) <= now_us {
                 let due_us = due_at(self.next_event);
-                let i = (self.next_event % n) as usize;
+                let (lap, turn) = (self.next_event / n, (self.next_event % n) as usize);
+                let (i, bridge) = match &self.shuffle {
+                    Some(shuffle) => shuffle.visit(lap, turn),
+                    None => (turn, None),
+                };
                 self.next_event += 1;
                 work += 1;
                 self.take_turn(i, due_us, ttl_ms);
+                if let Some(j) = bridge {
+                    self.bridge(j, due_us);
+                }
             }
             self.flush();
             if let Some(progress) = progress {
@@ -357,6 +419,51 @@ impl Sender {
             }
         }
         self.sent - sent_before
+    }
+
+    /// The extra heartbeat of the order's switch (see `Shuffle`), for a
+    /// client with an open session that is not yet silent.
+    fn bridge(&mut self, i: usize, due_us: u64) {
+        let flags = self.shared.flag(i);
+        if flags & (WELCOMED | REFUSED | SILENT) == WELCOMED && due_us < self.silent_at_us[i] {
+            self.queue(i, Flags::empty(), Message::Heartbeat);
+        }
+    }
+
+    /// Starts (`Some(share)`, of a million) or ends the final check's ACKs.
+    pub fn set_checking(&mut self, per_million: Option<u64>) {
+        self.checking = per_million;
+    }
+
+    /// Whether client `i`'s heartbeat asks for the final check's ACK:
+    /// a chosen live client not yet answered.
+    fn check_asks(&self, i: usize) -> bool {
+        let Some(per_million) = self.checking else {
+            return false;
+        };
+        let live = self.silent_offset_us[i] == u64::MAX;
+        let flags = self.shared.flag(i);
+        if !live || flags & (ANSWERED | FALSE_EXPIRY) != 0 {
+            return false;
+        }
+        if mix(i as u64 ^ CHECK_SALT) % 1_000_000 >= per_million {
+            return false;
+        }
+        true
+    }
+
+    /// With the load stopped: one heartbeat asking for an ACK from every
+    /// checked client still unanswered. Returns how many asked.
+    pub fn ask_unanswered(&mut self) -> usize {
+        let mut asked = 0;
+        for i in 0..self.seq.len() {
+            if self.shared.flag(i) & (CHECKED | ANSWERED | FALSE_EXPIRY) == CHECKED {
+                self.queue(i, Flags::ACK, Message::Heartbeat);
+                asked += 1;
+            }
+        }
+        self.flush();
+        asked
     }
 
     /// Sends a HELLO, a new round, for every herd client whose backoff ran
@@ -436,14 +543,25 @@ impl Sender {
             self.seq[i] += 1;
             self.lost += 1;
         } else {
-            let ack = mix(self.next_event) % 10_000 < self.ack_per_10k;
-            let flags = if ack { Flags::ACK } else { Flags::empty() };
+            let drawn = mix(self.next_event) % 10_000 < self.ack_per_10k;
+            let check = self.check_asks(i);
+            let flags = if drawn || check {
+                Flags::ACK
+            } else {
+                Flags::empty()
+            };
             self.queue(i, flags, Message::Heartbeat);
+            // Only once the sequence asked about is recorded: an answer to
+            // an earlier ask proves nothing about the session now.
+            if check {
+                self.shared.set(i, CHECKED);
+            }
         }
     }
 }
 
 const LOSS_SALT: u64 = 0x1055_1055;
+const CHECK_SALT: u64 = 0xc4ec_c4ec;
 
 /// HELLO tries under one incarnation before a new one: the Rust client's
 /// default `tries`.
@@ -485,6 +603,47 @@ pub fn connect_sockets(addr: SocketAddr, count: usize) -> Result<Vec<UdpSocket>,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_shuffled_order_visits_everyone_once_an_interval_and_no_one_waits_longer() {
+        let n = 1000;
+        let shuffle = Shuffle::new(n);
+        assert_eq!(Shuffle::new(n).client_at, shuffle.client_at, "a fixed seed");
+        // Each client's send times, in turns (n to an interval), over four
+        // intervals: the first in index order, the rest shuffled.
+        let mut sends = vec![Vec::new(); n];
+        let mut in_order_after_first = 0;
+        for event in 0..4 * n as u64 {
+            let (lap, turn) = (event / n as u64, (event % n as u64) as usize);
+            let (i, bridge) = shuffle.visit(lap, turn);
+            sends[i].push(event);
+            if let Some(j) = bridge {
+                sends[j].push(event);
+            }
+            if lap > 0 && i == turn {
+                in_order_after_first += 1;
+            }
+        }
+        assert!(in_order_after_first < 3 * 10, "the order really changed");
+        for (client, times) in sends.iter().enumerate() {
+            let laps: Vec<u64> = times.iter().map(|t| t / n as u64).collect();
+            for lap in 0..4 {
+                assert!(laps.contains(&lap), "client {client} missed interval {lap}");
+            }
+            assert_eq!(
+                times[0], client as u64,
+                "the first interval goes in index order"
+            );
+            let longest = times.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+            assert!(
+                longest <= n as u64,
+                "client {client} went {longest} turns (> an interval) unheard"
+            );
+        }
+        // The bridges are the switch's only extra heartbeats.
+        let extra: usize = sends.iter().map(|t| t.len() - 4).sum();
+        assert!(extra > n / 3 && extra < 2 * n / 3, "{extra} bridges");
+    }
 
     #[test]
     fn retry_wheel_hands_out_clients_when_due_and_not_before() {

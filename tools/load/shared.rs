@@ -13,6 +13,10 @@ pub const ACCEPTED: u8 = 4;
 pub const SILENT: u8 = 8;
 pub const DETECTED: u8 = 16;
 pub const FALSE_EXPIRY: u8 = 32;
+/// Asked for an ACK by the final check.
+pub const CHECKED: u8 = 64;
+/// The final check's ACK came back.
+pub const ANSWERED: u8 = 128;
 
 /// State the sender and the receiver share, one slot per client.
 pub struct Shared {

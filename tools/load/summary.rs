@@ -40,6 +40,8 @@ pub struct RunResult {
     /// The server's live sessions and the clients this run believes
     /// alive, after the last heartbeats (`--metrics`).
     pub live_check: Option<(u64, u64)>,
+    /// The final check (`--final-check`), after the measured phase.
+    pub final_check: Option<FinalCheck>,
     pub received: Received,
     pub welcomed: usize,
     pub refused: usize,
@@ -58,6 +60,22 @@ pub struct RunResult {
     pub kernel_drops: Option<u64>,
     /// What the junk and HELLO floods sent and got back.
     pub hostile: Option<Hostile>,
+}
+
+/// The final check: live clients asked for an ACK after the measured
+/// phase, those unanswered asked again with the load stopped.
+#[derive(Clone, Copy, Default)]
+pub struct FinalCheck {
+    pub asked: usize,
+    pub answered: usize,
+    /// Found their session gone: the server said UNKNOWN_SESSION (or
+    /// pushed an expiry), counted among the false or explained expiries.
+    pub said_gone: usize,
+    /// Never answered at all, with the load stopped and three asks: counted
+    /// as false expiries (a session the server lost without a word).
+    pub silent: usize,
+    /// The asks repeated with the load stopped.
+    pub asked_again: usize,
 }
 
 /// The hostile side of a run: what was sent, and the server's counters
@@ -370,6 +388,13 @@ fn write_sessions(r: &RunResult, f: &Figures, text: &mut String) {
         "  round trip us           p50 {:.0}  p99 {:.0}   ({} acks)",
         f.rtt_p.p50, f.rtt_p.p99, f.rtt_p.count
     );
+    if let Some(c) = r.final_check {
+        let _ = writeln!(
+            text,
+            "  final check             {:>12}   live clients asked for an ACK after the run: {} answered, {} found their session gone, {} never answered ({} asks repeated with the load stopped)",
+            c.asked, c.answered, c.said_gone, c.silent, c.asked_again
+        );
+    }
     if let Some((server, alive)) = r.live_check {
         let _ = writeln!(
             text,
@@ -482,6 +507,16 @@ fn run_json(r: &RunResult, f: &Figures) -> Json {
             );
         if let Some(kb) = r.target_peak_rss_kb {
             j.num("peak_rss_kb", kb);
+        }
+        if let Some(c) = r.final_check {
+            let mut check = Json::default();
+            check
+                .num("asked", c.asked)
+                .num("answered", c.answered)
+                .num("said_gone", c.said_gone)
+                .num("silent", c.silent)
+                .num("asked_again", c.asked_again);
+            j.raw("final_check", &check.finish());
         }
         if let Some((server, alive)) = r.live_check {
             j.num("server_live_sessions", server)
