@@ -375,6 +375,12 @@ impl Engine {
             if let Some(index) = wire::peek_client_id(bytes).and_then(|id| self.live_session(id)) {
                 let session = &self.sessions[index.slot()];
                 touched ^= session.incarnation ^ u64::from(session.ttl_ms);
+                // The wheel's entry (its link and its deadline, two arrays)
+                // is the heartbeat's last miss: read it here too.
+                touched ^= self
+                    .session_wheel
+                    .deadline(index.wheel_key())
+                    .map_or(0, |t| t.0);
             }
         }
         std::hint::black_box(touched);

@@ -71,6 +71,14 @@ pub struct Args {
     /// friendlier figures).
     #[arg(long, value_enum, default_value = "random", value_name = "ORDER")]
     pub order: Order,
+    /// Send every datagram at its own moment, one per system call, as
+    /// independent clients do, instead of gathering each few hundred
+    /// microseconds' worth into GSO runs: the server then meets arrivals
+    /// spread evenly over the interval (at 100K clients, one every 10 µs)
+    /// rather than in bursts. The sender thread spins between sends, so it
+    /// takes a core.
+    #[arg(long)]
+    pub pace: bool,
     /// Fraction of the live clients whose heartbeats ask for an ACK in one
     /// more interval after the measured phase; those unanswered ask again
     /// with the load stopped. A live client whose session is gone counts as

@@ -38,6 +38,8 @@ pub struct Sender {
     /// With `--order random`: the heartbeats' order from the second
     /// interval on.
     shuffle: Option<Shuffle>,
+    /// `--pace`: each datagram leaves on its own, at its time.
+    pace: bool,
     /// During the final check: the share of live clients (per million)
     /// whose heartbeats ask for an ACK until one is answered.
     checking: Option<u64>,
@@ -188,6 +190,7 @@ impl Sender {
             herd,
             shuffle: (args.order == Order::Random && n > 1).then(|| Shuffle::new(n)),
             checking: None,
+            pace: args.pace,
             send_errors: 0,
             sent: 0,
             bytes_sent: 0,
@@ -249,7 +252,7 @@ impl Sender {
                 ack,
             },
         );
-        if self.outboxes[s].queued() >= FLUSH_AT {
+        if self.pace || self.outboxes[s].queued() >= FLUSH_AT {
             self.flush_socket(s);
         }
     }
@@ -413,9 +416,17 @@ impl Sender {
                 }
             }
             if work < 4096 {
-                let wait = due_at(self.next_event)
-                    .saturating_sub(schedule_start.elapsed().as_micros() as u64);
-                std::thread::sleep(Duration::from_micros(wait.clamp(50, 1000)));
+                let due = due_at(self.next_event).min(until_us);
+                let wait = due.saturating_sub(schedule_start.elapsed().as_micros() as u64);
+                if self.pace && wait < PACE_SPIN_US {
+                    // A sleep would wake tens of microseconds late and
+                    // send the next few datagrams together.
+                    while (schedule_start.elapsed().as_micros() as u64) < due {
+                        std::hint::spin_loop();
+                    }
+                } else {
+                    std::thread::sleep(Duration::from_micros(wait.clamp(50, 1000)));
+                }
             }
         }
         self.sent - sent_before
@@ -561,6 +572,9 @@ impl Sender {
 }
 
 const LOSS_SALT: u64 = 0x1055_1055;
+
+/// With `--pace`, waits shorter than this are spun, not slept.
+const PACE_SPIN_US: u64 = 200;
 const CHECK_SALT: u64 = 0xc4ec_c4ec;
 
 /// HELLO tries under one incarnation before a new one: the Rust client's
