@@ -357,8 +357,9 @@ impl Engine {
     /// With a million sessions, each datagram's index slot and session are
     /// cache misses (and TLB misses) that one call would take one after
     /// another. Here a first pass reads every datagram's index slot and a
-    /// second every session, both passes of independent loads that the CPU
-    /// overlaps, so the third pass, the real work, finds them in cache.
+    /// second every session and its wheel entry (link and deadline), both
+    /// passes of independent loads that the CPU overlaps, so the third
+    /// pass, the real work, finds them in cache.
     /// Each datagram comes with its arrival, if known (see
     /// [`Engine::handle_arrival`]).
     pub fn handle_datagrams<'a, I>(&mut self, now: Timestamp, batch: I)

@@ -68,24 +68,25 @@ pub struct Args {
     /// sessions scattered over memory, as it would in the field, while
     /// HELLOs still go in index order. `index`: client after client, so
     /// the server walks its session table nearly in order (the older,
-    /// friendlier figures).
-    #[arg(long, value_enum, default_value = "random", value_name = "ORDER")]
-    pub order: Order,
+    /// friendlier figures). Default: random (not with --servers, whose
+    /// clients go in index order).
+    #[arg(long, value_enum, value_name = "ORDER")]
+    pub order: Option<Order>,
     /// Send every datagram at its own moment, one per system call, as
     /// independent clients do, instead of gathering each few hundred
     /// microseconds' worth into GSO runs: the server then meets arrivals
     /// spread evenly over the interval (at 100K clients, one every 10 µs)
     /// rather than in bursts. The sender thread spins between sends, so it
-    /// takes a core.
+    /// takes a core. Not with --servers.
     #[arg(long)]
     pub pace: bool,
     /// Fraction of the live clients whose heartbeats ask for an ACK in one
     /// more interval after the measured phase; those unanswered ask again
     /// with the load stopped. A live client whose session is gone counts as
     /// a false expiry whether the server says so (UNKNOWN_SESSION) or stays
-    /// silent.
-    #[arg(long, default_value_t = 0.1, value_name = "F")]
-    pub final_check: f64,
+    /// silent. Default: 0.1 (0 turns it off; not with --servers).
+    #[arg(long, value_name = "F")]
+    pub final_check: Option<f64>,
     /// Instead of a load run: count the server's wake-ups (voluntary context
     /// switches, all threads) over this long while idle. Needs --pid.
     #[arg(long, value_parser = parse_duration, value_name = "D")]
@@ -155,6 +156,18 @@ pub struct Args {
     /// Allow a target outside the loopback range.
     #[arg(long)]
     pub allow_remote: bool,
+}
+
+impl Args {
+    /// The heartbeats' order, by default random.
+    pub fn order(&self) -> Order {
+        self.order.unwrap_or(Order::Random)
+    }
+
+    /// The share of live clients the final check asks, by default a tenth.
+    pub fn final_check_share(&self) -> f64 {
+        self.final_check.unwrap_or(0.1)
+    }
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {

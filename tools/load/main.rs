@@ -103,6 +103,9 @@ fn run(args: &Args) -> Result<(), String> {
     if !(0.0..1.0).contains(&args.loss) {
         return Err("--loss is a fraction from 0 up to (not including) 1".into());
     }
+    if !(0.0..=1.0).contains(&args.final_check_share()) {
+        return Err("--final-check is a fraction from 0 to 1".into());
+    }
     if args.herd && (args.compare_raw || args.raw_only) {
         return Err("--herd measures a server's opening; drop --compare-raw/--raw-only".into());
     }
@@ -156,6 +159,10 @@ fn run_cluster(args: &Args) -> Result<(), String> {
         (
             args.metrics.is_some() || args.plot.is_some(),
             "--metrics/--plot",
+        ),
+        (
+            args.pace || args.order == Some(args::Order::Random) || args.final_check.is_some(),
+            "--pace/--order random/--final-check",
         ),
     ];
     if let Some((_, flag)) = unsupported.iter().find(|(given, _)| *given) {
@@ -235,6 +242,11 @@ fn run_once(args: &Args, target: Target, key: Option<MacKey>) -> Result<RunResul
     };
     drain_silent(&run, &mut sender, &opened, silent);
     let live_check = live_check(&run);
+    // Straight on, so no client's schedule pauses before the check (a
+    // pause would come back as a burst, or, past a TTL, as expiries the
+    // tool caused). The floods may still be sending: they are bounded.
+    let final_check = (target == Target::Server && args.final_check_share() > 0.0)
+        .then(|| final_check(args, &shared, &mut sender, opened.schedule_start));
     // Silent clients whose SUBMIT was accepted while draining count too.
     let silent = shared.accepted.load(Ordering::Acquire).max(silent);
     let timeline = timeline.map(timeline::Timeline::finish);
@@ -250,8 +262,6 @@ fn run_once(args: &Args, target: Target, key: Option<MacKey>) -> Result<RunResul
         Some(thread) => Some(collect_floods(args, thread, counters_before)?),
         None => None,
     };
-    let final_check = (target == Target::Server && args.final_check > 0.0)
-        .then(|| final_check(args, &shared, &mut sender, opened.schedule_start));
     shared.counting.store(false, Ordering::Release);
     shared.stop.store(true, Ordering::Release);
     let received = receiver
@@ -276,6 +286,7 @@ fn run_once(args: &Args, target: Target, key: Option<MacKey>) -> Result<RunResul
         hellos: sender.hellos,
         lost: sender.lost,
         gso: sender.mode == outbox::Mode::Segmented,
+        paced: args.pace,
         explained: shared.explained_expiries.load(Ordering::Acquire),
         live_check,
         final_check,
@@ -328,6 +339,11 @@ fn open_sessions(run: &Run, sender: &mut Sender) -> Result<Opened, String> {
         }
     };
     let schedule_start = Instant::now();
+    if run.target == Target::Sink {
+        // The same traffic as the server's measured phase: shuffled, once
+        // the order has switched.
+        sender.settle_order(args, schedule_start);
+    }
     if run.target == Target::Server && !herd {
         let rss = || {
             run.pid
@@ -549,7 +565,9 @@ fn final_check(
     sender: &mut Sender,
     schedule_start: Instant,
 ) -> FinalCheck {
-    let per_million = (args.final_check.min(1.0) * 1_000_000.0).round() as u64;
+    let per_million = (args.final_check_share() * 1_000_000.0).round() as u64;
+    // Round trips are a measure of the loaded server; these are not.
+    shared.recording_rtt.store(false, Ordering::Release);
     sender.set_checking(Some(per_million));
     sender.run_schedule(
         args,
@@ -579,13 +597,18 @@ fn final_check(
         asked_again += sender.ask_unanswered();
         wait_for_answers();
     }
-    let silent = unanswered();
-    shared.false_expiries.fetch_add(silent, Ordering::AcqRel);
+    // From here an answer no longer counts, so one arriving while the
+    // figures are taken cannot be counted twice.
+    shared.counting.store(false, Ordering::Release);
+    let never_answered = unanswered();
+    shared
+        .false_expiries
+        .fetch_add(never_answered, Ordering::AcqRel);
     FinalCheck {
         asked: count(CHECKED, CHECKED),
         answered: count(CHECKED | ANSWERED, CHECKED | ANSWERED),
         said_gone: count(CHECKED | ANSWERED | FALSE_EXPIRY, CHECKED | FALSE_EXPIRY),
-        silent,
+        never_answered,
         asked_again,
     }
 }
@@ -670,9 +693,11 @@ mod tests {
     use std::net::UdpSocket;
     use tether::wire::{Datagram, Flags, Header, Message};
 
-    /// A server that answers every ACK asked, except that it has lost a
-    /// tenth of the sessions without a word (never answers them) and
-    /// another tenth saying so (UNKNOWN_SESSION).
+    /// A server that answers the ACKs asked, by client index mod 10: 3 has
+    /// lost its session without a word (never answers), 7 says so
+    /// (UNKNOWN_SESSION), 5 misses its first ask and answers the next, 1
+    /// answers each ask 700 ms late (after the check has asked again), the
+    /// rest answer at once.
     fn forgetful_server(
         base_id: u64,
         stop: Arc<std::sync::atomic::AtomicBool>,
@@ -684,7 +709,17 @@ mod tests {
         let serving = socket.try_clone().unwrap();
         let thread = std::thread::spawn(move || {
             let (mut buf, mut out) = ([0u8; 2048], [0u8; 2048]);
+            let mut missed_once = std::collections::HashSet::new();
+            let mut late: Vec<(Instant, Vec<u8>, std::net::SocketAddr)> = Vec::new();
             while !stop.load(Ordering::Acquire) {
+                let now = Instant::now();
+                late.retain(|(due, bytes, to)| {
+                    let keep = *due > now;
+                    if !keep {
+                        let _ = serving.send_to(bytes, to);
+                    }
+                    keep
+                });
                 let Ok((n, from)) = serving.recv_from(&mut buf) else {
                     continue;
                 };
@@ -694,8 +729,10 @@ mod tests {
                 if !asked.header.flags.contains(Flags::ACK) {
                     continue;
                 }
-                let message = match (asked.header.client_id - base_id - 1) % 10 {
+                let client = asked.header.client_id - base_id - 1;
+                let message = match client % 10 {
                     3 => continue,
+                    5 if missed_once.insert(client) => continue,
                     7 => Message::UnknownSession,
                     _ => Message::HeartbeatAck {
                         acked_seq: asked.header.seq,
@@ -710,7 +747,12 @@ mod tests {
                     message,
                 };
                 let len = reply.emit(None, &mut out).unwrap();
-                let _ = serving.send_to(&out[..len], from);
+                if client % 10 == 1 {
+                    let due = Instant::now() + Duration::from_millis(700);
+                    late.push((due, out[..len].to_vec(), from));
+                } else {
+                    let _ = serving.send_to(&out[..len], from);
+                }
             }
         });
         (socket, thread)
@@ -727,6 +769,7 @@ mod tests {
         ));
         let (server, serving) = forgetful_server(shared.base_id, Arc::clone(&stop));
         let addr = server.local_addr().unwrap().to_string();
+        // Paced, so every ask leaves the moment it is queued.
         let args = Args::parse_from([
             "tether-load",
             "--server",
@@ -737,6 +780,7 @@ mod tests {
             "100ms",
             "--final-check",
             "1",
+            "--pace",
         ]);
         let sockets = sender::connect_sockets(args.server, 4).unwrap();
         let receiver = receiver::spawn(&sockets, &shared, None).unwrap();
@@ -748,22 +792,30 @@ mod tests {
         let check = final_check(&args, &shared, &mut sender, Instant::now());
         shared.stop.store(true, Ordering::Release);
         stop.store(true, Ordering::Release);
-        receiver.join().unwrap();
+        let received = receiver.join().unwrap();
         serving.join().unwrap();
 
         assert_eq!(check.asked, n, "every live client asked");
-        assert_eq!(check.answered, n * 8 / 10);
-        assert_eq!(check.said_gone, n / 10);
-        assert_eq!(check.silent, n / 10, "lost without a word");
         assert_eq!(
-            check.asked_again,
-            3 * n / 10,
-            "three more asks each, load stopped"
+            check.answered,
+            n * 8 / 10,
+            "at once, on the second ask, or late"
+        );
+        assert_eq!(check.said_gone, n / 10);
+        assert_eq!(check.never_answered, n / 10, "lost without a word");
+        assert!(
+            check.asked_again >= 3 * n / 10 + n / 10,
+            "the silent three times, the once-missed at least once: {}",
+            check.asked_again
         );
         assert_eq!(
             shared.false_expiries.load(Ordering::Acquire),
             2 * n / 10,
             "both kinds of loss are false expiries"
+        );
+        assert!(
+            received.rtt_us.is_empty(),
+            "the check's answers are not round trips under load"
         );
     }
 }

@@ -137,16 +137,17 @@ fn account(shared: &Shared, d: &Datagram<'_>, now_us: u64, out: &mut Received) {
         } => count_once(REFUSED, &shared.refused),
         Message::Accepted { .. } => count_once(ACCEPTED, &shared.accepted),
         Message::HeartbeatAck { acked_seq }
-            if shared.ack_seq[i].load(Ordering::Acquire) == acked_seq =>
+            if shared.flag(i) & CHECKED != 0
+                && acked_seq >= shared.check_from_seq[i].load(Ordering::Acquire) =>
         {
-            // The final check's answers come after the measured phase and
-            // with the load stopped: not round trips under load.
-            if shared.flag(i) & CHECKED != 0 {
-                shared.set(i, ANSWERED);
-            } else {
-                let sent = shared.ack_sent_us[i].load(Ordering::Acquire);
-                out.rtt_us.push(now_us.saturating_sub(sent) as f64);
-            }
+            shared.set(i, ANSWERED);
+        }
+        Message::HeartbeatAck { acked_seq }
+            if shared.ack_seq[i].load(Ordering::Acquire) == acked_seq
+                && shared.recording_rtt.load(Ordering::Acquire) =>
+        {
+            let sent = shared.ack_sent_us[i].load(Ordering::Acquire);
+            out.rtt_us.push(now_us.saturating_sub(sent) as f64);
         }
         Message::TaskState {
             report: TaskReport::Cancelled(CancelReason::Expired),

@@ -42,7 +42,7 @@ pub struct Sender {
     pace: bool,
     /// During the final check: the share of live clients (per million)
     /// whose heartbeats ask for an ACK until one is answered.
-    checking: Option<u64>,
+    check_per_million: Option<u64>,
     pub send_errors: u64,
     sent: u64,
     pub bytes_sent: u64,
@@ -188,8 +188,8 @@ impl Sender {
             loss_per_million: (args.loss * 1_000_000.0).round() as u64,
             next_event: 0,
             herd,
-            shuffle: (args.order == Order::Random && n > 1).then(|| Shuffle::new(n)),
-            checking: None,
+            shuffle: (args.order() == Order::Random && n > 1).then(|| Shuffle::new(n)),
+            check_per_million: None,
             pace: args.pace,
             send_errors: 0,
             sent: 0,
@@ -205,6 +205,13 @@ impl Sender {
     }
 
     fn queue(&mut self, i: usize, flags: Flags, message: Message<'_>) {
+        self.queue_marked(i, flags, message, false);
+    }
+
+    /// `queue`, and with `check` the datagram is one of the final check's
+    /// asks: marked so before it can leave, so its answer cannot arrive
+    /// first and be taken for a round trip.
+    fn queue_marked(&mut self, i: usize, flags: Flags, message: Message<'_>, check: bool) {
         self.seq[i] += 1;
         let d = Datagram {
             header: Header {
@@ -239,6 +246,13 @@ impl Sender {
         let ack = flags.contains(Flags::ACK);
         if ack {
             self.shared.ack_seq[i].store(self.seq[i], Ordering::Release);
+        }
+        if check {
+            let first = &self.shared.check_from_seq[i];
+            if first.load(Ordering::Acquire) == 0 {
+                first.store(self.seq[i], Ordering::Release);
+            }
+            self.shared.set(i, CHECKED);
         }
         // Clients in contiguous blocks per socket, by their place in the
         // heartbeat order: a step's datagrams share a few sockets and leave
@@ -328,9 +342,12 @@ impl Sender {
             let accepted = self.shared.accepted.load(Ordering::Acquire);
             progress.opening(welcomed, n);
             let elapsed = schedule_start.elapsed();
-            // Shuffled, the measured phase starts once the order switched.
+            // Shuffled, the measured phase starts once the order switched
+            // (by the schedule's progress, not the clock, should the sender
+            // be behind).
             let laps = if self.shuffle.is_some() { 2 } else { 1 };
-            if elapsed >= interval * laps && answered >= n && accepted >= silent {
+            let switched = self.next_event >= laps * n as u64;
+            if switched && answered >= n && accepted >= silent {
                 return Ok(());
             }
             if elapsed >= 10 * interval {
@@ -349,6 +366,19 @@ impl Sender {
                 }
                 return Ok(());
             }
+        }
+    }
+
+    /// Runs the schedule (untimed) until the shuffled order has taken over
+    /// from the first interval's index order. Nothing to do unshuffled.
+    pub fn settle_order(&mut self, args: &Args, schedule_start: Instant) {
+        if self.shuffle.is_none() {
+            return;
+        }
+        let switched_at = 2 * self.seq.len() as u64;
+        while self.next_event < switched_at {
+            let step = schedule_start.elapsed() + Duration::from_millis(100);
+            self.run_schedule(args, schedule_start, step, None);
         }
     }
 
@@ -424,6 +454,9 @@ impl Sender {
                     while (schedule_start.elapsed().as_micros() as u64) < due {
                         std::hint::spin_loop();
                     }
+                } else if self.pace {
+                    // Sleep most of the way, spin the rest.
+                    std::thread::sleep(Duration::from_micros(wait - PACE_SPIN_US / 2));
                 } else {
                     std::thread::sleep(Duration::from_micros(wait.clamp(50, 1000)));
                 }
@@ -443,13 +476,14 @@ impl Sender {
 
     /// Starts (`Some(share)`, of a million) or ends the final check's ACKs.
     pub fn set_checking(&mut self, per_million: Option<u64>) {
-        self.checking = per_million;
+        self.check_per_million = per_million;
     }
 
-    /// Whether client `i`'s heartbeat asks for the final check's ACK:
-    /// a chosen live client not yet answered.
+    /// Whether client `i`'s heartbeat asks for the final check's ACK: a
+    /// chosen live client not yet answered. Silent clients are left out:
+    /// their sessions are meant to end.
     fn check_asks(&self, i: usize) -> bool {
-        let Some(per_million) = self.checking else {
+        let Some(per_million) = self.check_per_million else {
             return false;
         };
         let live = self.silent_offset_us[i] == u64::MAX;
@@ -464,12 +498,14 @@ impl Sender {
     }
 
     /// With the load stopped: one heartbeat asking for an ACK from every
-    /// checked client still unanswered. Returns how many asked.
+    /// checked client still unanswered, so a server that was too busy to
+    /// answer (or whose answer was lost) is asked again where nothing else
+    /// competes. Returns how many asked.
     pub fn ask_unanswered(&mut self) -> usize {
         let mut asked = 0;
         for i in 0..self.seq.len() {
             if self.shared.flag(i) & (CHECKED | ANSWERED | FALSE_EXPIRY) == CHECKED {
-                self.queue(i, Flags::ACK, Message::Heartbeat);
+                self.queue_marked(i, Flags::ACK, Message::Heartbeat, true);
                 asked += 1;
             }
         }
@@ -561,12 +597,7 @@ impl Sender {
             } else {
                 Flags::empty()
             };
-            self.queue(i, flags, Message::Heartbeat);
-            // Only once the sequence asked about is recorded: an answer to
-            // an earlier ask proves nothing about the session now.
-            if check {
-                self.shared.set(i, CHECKED);
-            }
+            self.queue_marked(i, flags, Message::Heartbeat, check);
         }
     }
 }
@@ -575,6 +606,8 @@ const LOSS_SALT: u64 = 0x1055_1055;
 
 /// With `--pace`, waits shorter than this are spun, not slept.
 const PACE_SPIN_US: u64 = 200;
+/// Salts the draw of the clients the final check asks, so it is not the
+/// same draw as the silent clients'.
 const CHECK_SALT: u64 = 0xc4ec_c4ec;
 
 /// HELLO tries under one incarnation before a new one: the Rust client's

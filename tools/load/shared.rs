@@ -37,6 +37,10 @@ pub struct Shared {
     pub gap_end_us: Vec<AtomicU64>,
     pub interval_us: u64,
     pub ack_seq: Vec<AtomicU32>,
+    /// The sequence of a client's first heartbeat that asked for the final
+    /// check's ACK: an answer to it or to any later ask will do, so an
+    /// answer that comes after a re-ask is not thrown away.
+    pub check_from_seq: Vec<AtomicU32>,
     pub ack_sent_us: Vec<AtomicU64>,
     pub welcomed: AtomicUsize,
     pub refused: AtomicUsize,
@@ -48,6 +52,8 @@ pub struct Shared {
     /// When the latest first WELCOME arrived, µs on this clock.
     pub last_welcome_us: AtomicU64,
     pub counting: AtomicBool,
+    /// ACK answers are round trips under load until the final check.
+    pub recording_rtt: AtomicBool,
     pub stop: AtomicBool,
 }
 
@@ -71,6 +77,7 @@ impl Shared {
             gap_end_us: (0..n).map(|_| AtomicU64::new(0)).collect(),
             interval_us: interval.as_micros() as u64,
             ack_seq: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            check_from_seq: (0..n).map(|_| AtomicU32::new(0)).collect(),
             ack_sent_us: (0..n).map(|_| AtomicU64::new(0)).collect(),
             welcomed: AtomicUsize::new(0),
             refused: AtomicUsize::new(0),
@@ -80,6 +87,7 @@ impl Shared {
             explained_expiries: AtomicUsize::new(0),
             last_welcome_us: AtomicU64::new(0),
             counting: AtomicBool::new(false),
+            recording_rtt: AtomicBool::new(true),
             stop: AtomicBool::new(false),
         }
     }

@@ -35,6 +35,8 @@ pub struct RunResult {
     pub lost: u64,
     /// Whether the datagrams left as GSO runs.
     pub gso: bool,
+    /// `--pace`: one datagram a system call, each at its moment.
+    pub paced: bool,
     /// Expiries of clients that had sent nothing for a TTL.
     pub explained: usize,
     /// The server's live sessions and the clients this run believes
@@ -73,7 +75,7 @@ pub struct FinalCheck {
     pub said_gone: usize,
     /// Never answered at all, with the load stopped and three asks: counted
     /// as false expiries (a session the server lost without a word).
-    pub silent: usize,
+    pub never_answered: usize,
     /// The asks repeated with the load stopped.
     pub asked_again: usize,
 }
@@ -392,7 +394,7 @@ fn write_sessions(r: &RunResult, f: &Figures, text: &mut String) {
         let _ = writeln!(
             text,
             "  final check             {:>12}   live clients asked for an ACK after the run: {} answered, {} found their session gone, {} never answered ({} asks repeated with the load stopped)",
-            c.asked, c.answered, c.said_gone, c.silent, c.asked_again
+            c.asked, c.answered, c.said_gone, c.never_answered, c.asked_again
         );
     }
     if let Some((server, alive)) = r.live_check {
@@ -446,7 +448,9 @@ fn write_usage(r: &RunResult, f: &Figures, text: &mut String) {
         Target::Server => "",
     };
     let (tool_pct, sender_pct) = (f.tool_pct, f.sender_pct);
-    let sending = if r.gso {
+    let sending = if r.paced {
+        "one datagram a call, paced"
+    } else if r.gso {
         "GSO runs of up to 64"
     } else {
         "one datagram per entry"
@@ -514,7 +518,7 @@ fn run_json(r: &RunResult, f: &Figures) -> Json {
                 .num("asked", c.asked)
                 .num("answered", c.answered)
                 .num("said_gone", c.said_gone)
-                .num("silent", c.silent)
+                .num("never_answered", c.never_answered)
                 .num("asked_again", c.asked_again);
             j.raw("final_check", &check.finish());
         }
@@ -584,7 +588,16 @@ pub fn summarize(args: &Args, results: &[RunResult]) {
         .num("duration_s", args.duration.as_secs_f64())
         .num("keyed", args.key_file.is_some())
         .num("herd", args.herd)
-        .float("loss", args.loss);
+        .float("loss", args.loss)
+        .str(
+            "order",
+            match args.order() {
+                crate::args::Order::Random => "random",
+                crate::args::Order::Index => "index",
+            },
+        )
+        .num("pace", args.pace)
+        .float("final_check", args.final_check_share());
     for r in results {
         let figures = Figures::of(r);
         write_run(args, r, &figures, &mut text);
