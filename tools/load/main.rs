@@ -199,7 +199,11 @@ fn run_once(args: &Args, target: Target, key: Option<MacKey>) -> Result<RunResul
     };
     let addr = sink.as_ref().map_or(args.server, |s| s.addr);
     let sockets = sender::connect_sockets(addr, args.sockets.clamp(1, args.clients))?;
-    let shared = Arc::new(Shared::new(args.clients, args.interval, args.ttl));
+    let mut shared = Shared::new(args.clients, args.interval, args.ttl);
+    if args.order() == args::Order::Random && args.clients > 1 {
+        shared.ids = Some(shared::Ids::shuffled(args.clients));
+    }
+    let shared = Arc::new(shared);
     let receiver = receiver::spawn(&sockets, &shared, key.clone())?;
     let run = Run {
         args,

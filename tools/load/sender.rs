@@ -11,10 +11,12 @@ use std::time::{Duration, Instant};
 use tether::batch::SendBatch;
 use tether::wire::{Datagram, Flags, Header, MacKey, Message, MAX_DATAGRAM};
 
-use crate::args::{Args, Order};
+use crate::args::Args;
 use crate::outbox::{Mode, Outbox, Sent};
 use crate::progress::Progress;
-use crate::shared::{Shared, ACCEPTED, ANSWERED, CHECKED, FALSE_EXPIRY, REFUSED, SILENT, WELCOMED};
+use crate::shared::{
+    Ids, Shared, ACCEPTED, ANSWERED, CHECKED, FALSE_EXPIRY, REFUSED, SILENT, WELCOMED,
+};
 
 /// Builds each client's datagrams on schedule and queues them per socket.
 pub struct Sender {
@@ -35,9 +37,9 @@ pub struct Sender {
     next_event: u64,
     /// With `--herd`: HELLO retries by backoff instead of every interval.
     herd: Option<Herd>,
-    /// With `--order random`: the heartbeats' order from the second
-    /// interval on.
-    shuffle: Option<Shuffle>,
+    /// Whether the switch from id order to slot order needs bridging
+    /// heartbeats (see `visit`).
+    bridging: bool,
     /// `--pace`: each datagram leaves on its own, at its time.
     pace: bool,
     /// During the final check: the share of live clients (per million)
@@ -57,47 +59,28 @@ pub struct Sender {
     scratch: Vec<u8>,
 }
 
-/// A fixed permutation of the clients for the heartbeats: the first
-/// interval goes in index order (so the server's session table fills in
-/// that order), every later one in this order, so the server meets its
-/// sessions scattered over memory. In the second interval a client whose
-/// place in the new order comes after its index also beats at its old
-/// time, so no client goes longer than an interval unheard at the switch.
-struct Shuffle {
-    client_at: Vec<u32>,
-    place_of: Vec<u32>,
-}
-
-impl Shuffle {
-    /// Fisher-Yates driven by `mix` from a fixed seed: the same order every
-    /// run, so runs compare.
-    fn new(n: usize) -> Shuffle {
-        let mut client_at: Vec<u32> = (0..n as u32).collect();
-        for k in (1..n).rev() {
-            let j = (mix(k as u64 ^ 0x0dde_5eed) % (k as u64 + 1)) as usize;
-            client_at.swap(k, j);
+/// Whose turn `turn` of interval `lap` is (a slot), and, in the interval
+/// of the switch, whose bridging heartbeat goes with it. With shuffled ids
+/// (`Ids`) the first interval goes in id order, so the server's session
+/// table fills in id order, and every later one in slot order, so the
+/// server meets its sessions scattered while the tool walks its own state
+/// in order. At the switch a client whose slot comes after its id goes up
+/// to two intervals unheard; when the TTL leaves less than an interval's
+/// margin over that (`bridging`), such a client also beats at its old time
+/// in the second interval, so none goes longer than an interval. With the
+/// usual TTL of three intervals or more there are no bridges and the switch
+/// adds no traffic (in a herd of a million, half a million datagrams).
+fn visit(ids: Option<&Ids>, bridging: bool, lap: u64, turn: usize) -> (usize, Option<usize>) {
+    let Some(ids) = ids else {
+        return (turn, None);
+    };
+    match lap {
+        0 => (ids.slot_of_id[turn] as usize, None),
+        1 => {
+            let slot = ids.slot_of_id[turn] as usize;
+            (turn, (bridging && slot > turn).then_some(slot))
         }
-        let mut place_of = vec![0; n];
-        for (place, &client) in client_at.iter().enumerate() {
-            place_of[client as usize] = place as u32;
-        }
-        Shuffle {
-            client_at,
-            place_of,
-        }
-    }
-
-    /// Whose turn `turn` of interval `lap` is, and, in the interval of the
-    /// switch, whose bridging heartbeat goes with it.
-    fn visit(&self, lap: u64, turn: usize) -> (usize, Option<usize>) {
-        match lap {
-            0 => (turn, None),
-            1 => (
-                self.client_at[turn] as usize,
-                (self.place_of[turn] as usize > turn).then_some(turn),
-            ),
-            _ => (self.client_at[turn] as usize, None),
-        }
+        _ => (turn, None),
     }
 }
 
@@ -188,7 +171,7 @@ impl Sender {
             loss_per_million: (args.loss * 1_000_000.0).round() as u64,
             next_event: 0,
             herd,
-            shuffle: (args.order() == Order::Random && n > 1).then(|| Shuffle::new(n)),
+            bridging: args.ttl < 3 * args.interval,
             check_per_million: None,
             pace: args.pace,
             send_errors: 0,
@@ -216,7 +199,7 @@ impl Sender {
         let d = Datagram {
             header: Header {
                 flags,
-                client_id: self.shared.base_id + i as u64 + 1,
+                client_id: self.shared.client_id(i),
                 incarnation: self.shared.incarnation(i),
                 seq: self.seq[i],
             },
@@ -254,11 +237,10 @@ impl Sender {
             }
             self.shared.set(i, CHECKED);
         }
-        // Clients in contiguous blocks per socket, by their place in the
-        // heartbeat order: a step's datagrams share a few sockets and leave
-        // in long GSO runs even at low rates. A client keeps its socket.
-        let place = self.shuffle.as_ref().map_or(i, |s| s.place_of[i] as usize);
-        let s = place * self.sockets.len() / self.seq.len();
+        // Clients in contiguous blocks per socket: the schedule visits them
+        // in order, so a step's datagrams share a few sockets and leave in
+        // long GSO runs even at low rates.
+        let s = i * self.sockets.len() / self.seq.len();
         self.outboxes[s].queue(
             bytes,
             Sent {
@@ -345,7 +327,7 @@ impl Sender {
             // Shuffled, the measured phase starts once the order switched
             // (by the schedule's progress, not the clock, should the sender
             // be behind).
-            let laps = if self.shuffle.is_some() { 2 } else { 1 };
+            let laps = if self.shared.ids.is_some() { 2 } else { 1 };
             let switched = self.next_event >= laps * n as u64;
             if switched && answered >= n && accepted >= silent {
                 return Ok(());
@@ -372,7 +354,7 @@ impl Sender {
     /// Runs the schedule (untimed) until the shuffled order has taken over
     /// from the first interval's index order. Nothing to do unshuffled.
     pub fn settle_order(&mut self, args: &Args, schedule_start: Instant) {
-        if self.shuffle.is_none() {
+        if self.shared.ids.is_none() {
             return;
         }
         let switched_at = 2 * self.seq.len() as u64;
@@ -425,10 +407,7 @@ impl Sender {
             while work < 4096 && due_at(self.next_event) <= now_us {
                 let due_us = due_at(self.next_event);
                 let (lap, turn) = (self.next_event / n, (self.next_event % n) as usize);
-                let (i, bridge) = match &self.shuffle {
-                    Some(shuffle) => shuffle.visit(lap, turn),
-                    None => (turn, None),
-                };
+                let (i, bridge) = visit(self.shared.ids.as_ref(), self.bridging, lap, turn);
                 self.next_event += 1;
                 work += 1;
                 self.take_turn(i, due_us, ttl_ms);
@@ -465,7 +444,7 @@ impl Sender {
         self.sent - sent_before
     }
 
-    /// The extra heartbeat of the order's switch (see `Shuffle`), for a
+    /// The extra heartbeat of the order's switch (see `visit`), for a
     /// client with an open session that is not yet silent.
     fn bridge(&mut self, i: usize, due_us: u64) {
         let flags = self.shared.flag(i);
@@ -651,45 +630,61 @@ pub fn connect_sockets(addr: SocketAddr, count: usize) -> Result<Vec<UdpSocket>,
 mod tests {
     use super::*;
 
-    #[test]
-    fn the_shuffled_order_visits_everyone_once_an_interval_and_no_one_waits_longer() {
-        let n = 1000;
-        let shuffle = Shuffle::new(n);
-        assert_eq!(Shuffle::new(n).client_at, shuffle.client_at, "a fixed seed");
-        // Each client's send times, in turns (n to an interval), over four
-        // intervals: the first in index order, the rest shuffled.
+    /// Each slot's send times, in turns (n to an interval), over four
+    /// intervals.
+    fn sends(ids: &Ids, bridging: bool, n: usize) -> Vec<Vec<u64>> {
         let mut sends = vec![Vec::new(); n];
-        let mut in_order_after_first = 0;
         for event in 0..4 * n as u64 {
             let (lap, turn) = (event / n as u64, (event % n as u64) as usize);
-            let (i, bridge) = shuffle.visit(lap, turn);
+            let (i, bridge) = visit(Some(ids), bridging, lap, turn);
             sends[i].push(event);
             if let Some(j) = bridge {
                 sends[j].push(event);
             }
-            if lap > 0 && i == turn {
-                in_order_after_first += 1;
-            }
         }
-        assert!(in_order_after_first < 3 * 10, "the order really changed");
-        for (client, times) in sends.iter().enumerate() {
-            let laps: Vec<u64> = times.iter().map(|t| t / n as u64).collect();
+        sends
+    }
+
+    fn longest_gap(times: &[u64]) -> u64 {
+        times.windows(2).map(|w| w[1] - w[0]).max().unwrap()
+    }
+
+    #[test]
+    fn shuffled_ids_visit_everyone_once_an_interval_and_no_one_waits_longer() {
+        let n = 1000;
+        let ids = Ids::shuffled(n);
+        assert_eq!(Ids::shuffled(n).id_of_slot, ids.id_of_slot, "a fixed seed");
+        let in_place = (0..n).filter(|&s| ids.id_of_slot[s] as usize == s).count();
+        assert!(in_place < 10, "the ids really are shuffled");
+        let bridged = sends(&ids, true, n);
+        for (slot, times) in bridged.iter().enumerate() {
             for lap in 0..4 {
-                assert!(laps.contains(&lap), "client {client} missed interval {lap}");
+                assert!(
+                    times.iter().any(|t| t / n as u64 == lap),
+                    "slot {slot} missed interval {lap}"
+                );
             }
             assert_eq!(
-                times[0], client as u64,
-                "the first interval goes in index order"
+                times[0],
+                u64::from(ids.id_of_slot[slot]),
+                "the first interval goes in id order"
             );
-            let longest = times.windows(2).map(|w| w[1] - w[0]).max().unwrap();
+            let longest = longest_gap(times);
             assert!(
                 longest <= n as u64,
-                "client {client} went {longest} turns (> an interval) unheard"
+                "slot {slot} went {longest} turns (> an interval) unheard"
             );
         }
         // The bridges are the switch's only extra heartbeats.
-        let extra: usize = sends.iter().map(|t| t.len() - 4).sum();
+        let extra: usize = bridged.iter().map(|t| t.len() - 4).sum();
         assert!(extra > n / 3 && extra < 2 * n / 3, "{extra} bridges");
+
+        // Without bridges (a TTL of three intervals or more): no extra
+        // heartbeat, and no gap reaches two intervals.
+        let unbridged = sends(&ids, false, n);
+        assert!(unbridged.iter().all(|t| t.len() == 4));
+        let longest = unbridged.iter().map(|t| longest_gap(t)).max().unwrap();
+        assert!(longest < 2 * n as u64 && longest > n as u64, "{longest}");
     }
 
     #[test]

@@ -18,9 +18,41 @@ pub const CHECKED: u8 = 64;
 /// The final check's ACK came back.
 pub const ANSWERED: u8 = 128;
 
+/// With `--order random`: which client each of the tool's slots plays. The
+/// tool keeps its per-client state by slot and beats slot after slot, so
+/// its own memory walk stays sequential however many clients it plays;
+/// the client ids, and so the server's sessions (opened in id order), are
+/// a fixed random permutation of the slots, so the server's walk is not.
+pub struct Ids {
+    pub id_of_slot: Vec<u32>,
+    pub slot_of_id: Vec<u32>,
+}
+
+impl Ids {
+    /// Fisher-Yates driven by a fixed seed: the same order every run, so
+    /// runs compare.
+    pub fn shuffled(n: usize) -> Ids {
+        let mut id_of_slot: Vec<u32> = (0..n as u32).collect();
+        for k in (1..n).rev() {
+            let j = (crate::sender::mix(k as u64 ^ 0x0dde_5eed) % (k as u64 + 1)) as usize;
+            id_of_slot.swap(k, j);
+        }
+        let mut slot_of_id = vec![0; n];
+        for (slot, &id) in id_of_slot.iter().enumerate() {
+            slot_of_id[id as usize] = slot as u32;
+        }
+        Ids {
+            id_of_slot,
+            slot_of_id,
+        }
+    }
+}
+
 /// State the sender and the receiver share, one slot per client.
 pub struct Shared {
     pub base_id: u64,
+    /// How slots map to client ids; `None`: slot `i` is client `i`.
+    pub ids: Option<Ids>,
     pub incarnation: u64,
     pub ttl_us: u64,
     pub start: Instant,
@@ -68,6 +100,7 @@ impl Shared {
             // Distinct ids per run, so a rerun never meets an earlier run's
             // sessions (or stale-HELLO records) on the server.
             base_id: (now_ns & 0x0000_ffff_ffff_ffff) << 16,
+            ids: None,
             incarnation: now_ns,
             ttl_us: ttl.as_micros() as u64,
             start: Instant::now(),
@@ -94,9 +127,26 @@ impl Shared {
     pub fn now_us(&self) -> u64 {
         self.start.elapsed().as_micros() as u64
     }
+    /// The slot playing `client_id`.
     pub fn index(&self, client_id: u64) -> Option<usize> {
         let i = client_id.checked_sub(self.base_id + 1)? as usize;
-        (i < self.flags.len()).then_some(i)
+        if i >= self.flags.len() {
+            return None;
+        }
+        Some(
+            self.ids
+                .as_ref()
+                .map_or(i, |ids| ids.slot_of_id[i] as usize),
+        )
+    }
+
+    /// The client id slot `i` plays.
+    pub fn client_id(&self, i: usize) -> u64 {
+        let id = self
+            .ids
+            .as_ref()
+            .map_or(i, |ids| ids.id_of_slot[i] as usize);
+        self.base_id + id as u64 + 1
     }
     /// Client `i`'s current incarnation.
     pub fn incarnation(&self, i: usize) -> u64 {
