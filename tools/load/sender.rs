@@ -375,8 +375,9 @@ impl Sender {
         }
     }
 
-    /// Every client once per interval, client `i` at offset `i / n` of the
-    /// interval, until `until` after `schedule_start`: a HELLO while it is
+    /// Every client once per interval, slot `i` at offset `i / n` of the
+    /// interval (in the first interval of shuffled ids, by id instead: see
+    /// `visit`), until `until` after `schedule_start`: a HELLO while it is
     /// not welcomed (in a herd, only the first; the retries come from the
     /// backoff), its SUBMIT while a silent client's task is not yet
     /// accepted, else a heartbeat until its silence begins. Returns the

@@ -160,3 +160,28 @@ impl Shared {
         self.flags[i].fetch_or(bit, Ordering::AcqRel) & bit == 0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slot_and_the_id_it_plays_map_back_to_each_other() {
+        let mut shared = Shared::new(1000, Duration::from_secs(1), Duration::from_secs(3));
+        let plain: Vec<u64> = (0..1000).map(|i| shared.client_id(i)).collect();
+        assert!(plain.windows(2).all(|w| w[1] == w[0] + 1));
+        shared.ids = Some(Ids::shuffled(1000));
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..1000 {
+            let id = shared.client_id(i);
+            assert_eq!(shared.index(id), Some(i), "slot {i}");
+            assert!(seen.insert(id), "two slots play {id}");
+        }
+        assert!(
+            plain.iter().all(|id| seen.contains(id)),
+            "the same ids, shuffled"
+        );
+        assert_eq!(shared.index(shared.base_id), None);
+        assert_eq!(shared.index(shared.base_id + 1001), None);
+    }
+}
