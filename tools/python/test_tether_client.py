@@ -67,6 +67,19 @@ class Server:
         self.proc.stdout.close()
 
 
+class OneServerForTheClass(unittest.TestCase):
+    """Starts one `tether serve` for all the tests of a class, stopped after
+    the last."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.server = Server()
+
+    @classmethod
+    def tearDownClass(cls):
+        cls.server.__exit__(None, None, None)
+
+
 class CodecTests(unittest.TestCase):
     def test_task_state_decodes_and_replays_are_refused(self):
         body = struct.pack(">QB", 77, 5) + bytes([1])
@@ -625,15 +638,7 @@ class ServerRestartTests(unittest.TestCase):
         self.assertEqual(asyncio.run(main()), b"after")
 
 
-class BlockingClientTests(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.server = Server()
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.server.__exit__(None, None, None)
-
+class BlockingClientTests(OneServerForTheClass):
     def test_standard_jobs(self):
         with tc.Client(self.server.addr, client_id=101) as c:
             self.assertEqual(c.ttl, 3.0)
@@ -695,15 +700,7 @@ class BlockingClientTests(unittest.TestCase):
                     tc.Client(keyed.addr, client_id=105, key=b"t" * 32, tries=2, retry_after=0.1)
 
 
-class AsyncSessionTests(unittest.TestCase):
-    @classmethod
-    def setUpClass(cls):
-        cls.server = Server()
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.server.__exit__(None, None, None)
-
+class AsyncSessionTests(OneServerForTheClass):
     def test_run_returns_final_state(self):
         async def main():
             async with tc.AsyncSession(self.server.addr, client_id=201) as s:
@@ -1106,16 +1103,8 @@ class DefaultClientIdTests(unittest.TestCase):
             self.assertEqual(asyncio.run(main()), tc.default_client_id())
 
 
-class HandleTests(unittest.TestCase):
+class HandleTests(OneServerForTheClass):
     """``submit`` gives a handle in both clients, ``run`` the final state."""
-
-    @classmethod
-    def setUpClass(cls):
-        cls.server = Server()
-
-    @classmethod
-    def tearDownClass(cls):
-        cls.server.__exit__(None, None, None)
 
     def test_blocking_handles(self):
         with tc.Client(self.server.addr, client_id=401) as c:

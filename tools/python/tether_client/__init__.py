@@ -692,6 +692,22 @@ class _Hosts:
         return server if server in self._listed else None
 
 
+def _move_on_or_raise(failed: TetherError, left: int, n: int) -> None:
+    """Opening's rule, for both clients, after a HELLO to one of `n` hosts
+    failed with `failed` and `left` hosts are still untried: returns when
+    the client moves on to the next host, else raises. A refusal moves on
+    only when the host is full or stopping (another host may take the
+    client); silence moves on while a host is left."""
+    if isinstance(failed, Rejected):
+        if failed.code not in (5, 6) or not left:
+            raise failed
+    elif not left:
+        if n == 1:
+            raise failed
+        raise Timeout(f"no reply from any of the {n} servers "
+                      "(are they running, and is the key right?)") from None
+
+
 def _lookup(hosts: _Hosts) -> _Found:
     """Resolves ``hosts``' names now: {index: getaddrinfo's list, or the
     exception it raised}."""
@@ -1132,16 +1148,8 @@ class Client(_SessionView):
         for left in reversed(range(n)):
             try:
                 return self._hello()
-            except Rejected as refused:
-                # Full or stopping: another host may take the client.
-                if refused.code not in (5, 6) or not left:
-                    raise
-            except Timeout:
-                if not left:
-                    if n == 1:
-                        raise
-                    raise Timeout(f"no reply from any of the {n} servers "
-                                  "(are they running, and is the key right?)") from None
+            except (Rejected, Timeout) as failed:
+                _move_on_or_raise(failed, left, n)
             with self._lock:
                 self._move(self._hosts.after(self._hosts.current))
         raise TetherError("no server to open a session on")  # n == 0: _Hosts refuses that
@@ -1647,16 +1655,8 @@ class AsyncSession(_SessionView):
         for left in reversed(range(n)):
             try:
                 return await self._hello()
-            except Rejected as refused:
-                # Full or stopping: another host may take the client.
-                if refused.code not in (5, 6) or not left:
-                    raise
-            except Timeout:
-                if not left:
-                    if n == 1:
-                        raise
-                    raise Timeout(f"no reply from any of the {n} servers "
-                                  "(are they running, and is the key right?)") from None
+            except (Rejected, Timeout) as failed:
+                _move_on_or_raise(failed, left, n)
             self._move(self._hosts.after(self._hosts.current))
         raise TetherError("no server to open a session on")  # n == 0: _Hosts refuses that
 
