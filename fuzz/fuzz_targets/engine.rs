@@ -26,18 +26,18 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let limited = mode & 1 == 1;
-    let config = Config {
-        amplification_limit: limited,
-        max_sessions: 8,
-        max_client_records: 8,
-        max_tasks_per_session: 4,
-        max_waiting_tasks: 8,
-        max_finished_tasks: 16,
-        max_outbox_bytes: 64 * 1024,
-        jobs: Registry::with_standard_jobs().table(),
-        record_events: true,
-        ..Config::default()
-    };
+    // `Config` is `#[non_exhaustive]`: outside the crate it is built by
+    // setting the fields of its default.
+    let mut config = Config::default();
+    config.amplification_limit = limited;
+    config.max_sessions = 8;
+    config.max_client_records = 8;
+    config.max_tasks_per_session = 4;
+    config.max_waiting_tasks = 8;
+    config.max_finished_tasks = 16;
+    config.max_outbox_bytes = 64 * 1024;
+    config.jobs = Registry::with_standard_jobs().table();
+    config.record_events = true;
     let one = config.client_bound(WORKERS);
     let bound = Footprint {
         live_sessions: one.live_sessions * CLIENTS,
@@ -76,7 +76,9 @@ fuzz_target!(|data: &[u8]| {
                 datagram.extend_from_slice(&(body.len() as u16).to_be_bytes());
                 datagram.extend_from_slice(&u64::from(op >> 5 | 1).to_be_bytes());
                 datagram.extend_from_slice(&1u64.to_be_bytes());
-                datagram.extend_from_slice(&u32::from(chunk.get(1).copied().unwrap_or(1) | 1).to_be_bytes());
+                datagram.extend_from_slice(
+                    &u32::from(chunk.get(1).copied().unwrap_or(1) | 1).to_be_bytes(),
+                );
                 datagram.extend_from_slice(body);
                 *received.entry(from).or_default() += datagram.len();
                 let _ = engine.handle_datagram(now, from, &datagram);
