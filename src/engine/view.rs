@@ -16,8 +16,8 @@ use super::{Engine, Session};
 /// Slab slots one page looks at, at most. Each live one costs a deadline
 /// lookup and, for a session with unfinished tasks, a lookup per task (at
 /// most `--max-tasks-per-session`); measured with one task in a hundred
-/// sessions, a page of a thousand costs both threads about half a
-/// millisecond (BENCHMARKS.md, "Reading the sessions").
+/// sessions, a page of a thousand costs both threads about a millisecond
+/// on the project's 2-core VM (BENCHMARKS.md, "Reading the sessions").
 pub const SCAN_PER_PAGE: usize = 4096;
 
 /// A live session as `/sessions` shows it.

@@ -104,7 +104,8 @@ const STRANGERS: Token = Token(3);
 /// see 1/N of the traffic, so each waits N times `--coalesce` (at most half
 /// a tick) to read batches as large as one loop's, and pays its wake-ups
 /// as rarely. Measured at 100K heartbeats/s on 2 shards: 1.29x one loop's
-/// CPU per heartbeat with the wait unscaled, 1.04x scaled (BENCHMARKS.md).
+/// CPU per heartbeat with the wait unscaled, 1.04x scaled
+/// (docs/benchmarks-history.md).
 fn shard_coalesce(config: &ServerConfig) -> Duration {
     let half_tick = Duration::from_micros(config.engine.tick_us / 2);
     (config.coalesce * config.shards as u32).min(half_tick.max(config.coalesce))
