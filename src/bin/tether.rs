@@ -157,9 +157,10 @@ struct ServeArgs {
     workers: Option<usize>,
     /// Event loops, each on a thread of its own with its own sockets,
     /// sessions and workers; the kernel sends every datagram of a client
-    /// to the shard of its client_id. One holds a million clients at half
-    /// a million heartbeats a second in about half a core; add shards when
-    /// the loop's CPU nears a core (README, "Scaling out").
+    /// to the shard of its client_id. One keeps a million clients at half
+    /// a million heartbeats a second in half to three quarters of a core
+    /// of a small VM; add shards when the loop's CPU nears 70% of a core
+    /// (README, "Scaling out").
     #[arg(long, default_value_t = 1, value_name = "N")]
     shards: usize,
     /// Live sessions at most; further HELLOs get REJECTED 6.
