@@ -15,6 +15,9 @@ use tether::engine::{Config, Effect, Engine, JobOutcome, TaskEvent, TaskId, Time
 use tether::pool::{CancelFlag, Registry};
 use tether::wire::{Datagram, Flags, MacKey, Message, MAX_DATAGRAM};
 
+mod common;
+use common::{shuffle, xorshift};
+
 const INCARNATION: u64 = 1_700_000_000_000_000_000;
 
 fn addr(i: u32) -> SocketAddr {
@@ -51,11 +54,17 @@ fn engine_with(n: u32, ttl_ms: u32, key: Option<MacKey>) -> Engine {
     config.max_finished_tasks = n as usize;
     config.jobs = Registry::with_standard_jobs().table();
     let mut engine = Engine::new(config, Timestamp(0)).expect("valid config");
+    open_sessions(&mut engine, key.as_ref(), 1, n, ttl_ms);
+    engine
+}
+
+/// Opens `n` sessions at 0: client `first_id + i` from `addr(i)`.
+fn open_sessions(engine: &mut Engine, key: Option<&MacKey>, first_id: u64, n: u32, ttl_ms: u32) {
     let mut buf = [0u8; MAX_DATAGRAM];
     for i in 0..n {
         let hello = signed(
-            key.as_ref(),
-            u64::from(i) + 1,
+            key,
+            first_id + u64::from(i),
             1,
             Message::Hello { ttl_ms, name: "" },
         );
@@ -64,14 +73,6 @@ fn engine_with(n: u32, ttl_ms: u32, key: Option<MacKey>) -> Engine {
             .unwrap();
         while engine.poll_transmit(&mut buf).is_some() {}
     }
-    engine
-}
-
-fn xorshift(state: &mut u64) -> u64 {
-    *state ^= *state << 13;
-    *state ^= *state >> 7;
-    *state ^= *state << 17;
-    *state
 }
 
 fn heartbeat_path(c: &mut Criterion) {
@@ -285,9 +286,7 @@ fn mass_expiry(c: &mut Criterion) {
         let mut first_id = 1;
         if random_order {
             let mut order: Vec<u32> = (0..total).collect();
-            for k in (1..order.len()).rev() {
-                order.swap(k, (xorshift(&mut rng) % (k as u64 + 1)) as usize);
-            }
+            shuffle(&mut order, &mut rng);
             let mut buf = [0u8; MAX_DATAGRAM];
             for &i in &order {
                 let bye = datagram(u64::from(i) + 1, 2, Message::Bye);
@@ -295,20 +294,7 @@ fn mass_expiry(c: &mut Criterion) {
                 while engine.poll_transmit(&mut buf).is_some() {}
             }
             first_id = u64::from(total) + 1;
-            for i in 0..total {
-                let hello = datagram(
-                    first_id + u64::from(i),
-                    1,
-                    Message::Hello {
-                        ttl_ms: 3000,
-                        name: "",
-                    },
-                );
-                engine
-                    .handle_datagram(Timestamp(0), addr(i), &hello)
-                    .unwrap();
-                while engine.poll_transmit(&mut buf).is_some() {}
-            }
+            open_sessions(&mut engine, None, first_id, total, 3000);
             while engine.poll_effect().is_some() {}
             assert_eq!(engine.live_sessions(), total as usize);
         }

@@ -16,14 +16,10 @@ use tokio_util::time::{delay_queue, DelayQueue};
 
 use tether::wheel::{Expired, Tick, Wheel, WheelKey};
 
-const SIZES: [u32; 3] = [1_000, 100_000, 1_000_000];
+mod common;
+use common::{shuffle, xorshift};
 
-fn xorshift(state: &mut u64) -> u64 {
-    *state ^= *state << 13;
-    *state ^= *state >> 7;
-    *state ^= *state << 17;
-    *state
-}
+const SIZES: [u32; 3] = [1_000, 100_000, 1_000_000];
 
 /// A binary heap of deadlines where a reset pushes a new entry and the old
 /// one is skipped when popped (its generation no longer matches).
@@ -222,11 +218,7 @@ fn expire_all(c: &mut Criterion) {
 /// `0..n` in a fixed random order (Fisher-Yates over xorshift).
 fn permutation(n: u32, seed: u64) -> Vec<u32> {
     let mut keys: Vec<u32> = (0..n).collect();
-    let mut rng = seed | 1;
-    for i in (1..keys.len()).rev() {
-        let j = (xorshift(&mut rng) % (i as u64 + 1)) as usize;
-        keys.swap(i, j);
-    }
+    shuffle(&mut keys, &mut (seed | 1));
     keys
 }
 
