@@ -400,12 +400,19 @@ impl Sender {
             |event: u64| (u128::from(event) * u128::from(interval_us) / u128::from(n)) as u64;
         loop {
             let now_us = schedule_start.elapsed().as_micros() as u64;
-            if now_us >= until_us {
+            // Every turn due before `until` is taken, even when the thread
+            // wakes past it: a turn skipped at the end of the last call
+            // (the final check's) would never be taken.
+            let past_until = now_us >= until_us;
+            if past_until && due_at(self.next_event) >= until_us {
                 break;
             }
             self.retry_hellos(now_us, ttl_ms);
             let mut work = 0;
-            while work < 4096 && due_at(self.next_event) <= now_us {
+            while work < 4096
+                && due_at(self.next_event) <= now_us
+                && due_at(self.next_event) < until_us
+            {
                 let due_us = due_at(self.next_event);
                 let (lap, turn) = (self.next_event / n, (self.next_event % n) as usize);
                 let (i, bridge) = visit(self.shared.ids.as_ref(), self.bridging, lap, turn);
@@ -425,7 +432,7 @@ impl Sender {
                     progress.beating(&self.shared, done_us, span_us, self.sent - sent_before);
                 }
             }
-            if work < 4096 {
+            if work < 4096 && !past_until {
                 let due = due_at(self.next_event).min(until_us);
                 let wait = due.saturating_sub(schedule_start.elapsed().as_micros() as u64);
                 if self.pace && wait < PACE_SPIN_US {
