@@ -17,8 +17,10 @@
 //!   occupied: 4096-bit bitmap + a 64-bit summary of its words
 //! ```
 //!
-//! The heartbeat path is [`Wheel::extend`] to a later deadline, and it is a
-//! single store into the deadline array: the entry stays where it is filed, and only when its slot
+//! The heartbeat path is [`Wheel::deadline`] and [`Wheel::extend`] to a later
+//! deadline, one read and one store in the deadline array, which also tells
+//! whether a key is present (0: absent), so a heartbeat touches one cache line
+//! of the wheel: the entry stays where it is filed, and only when its slot
 //! comes round does [`Wheel::advance`] find the deadline has moved and re-file
 //! it. A client heartbeating every second with a three-second TTL is thus
 //! touched by the wheel about once per TTL rather than once per heartbeat.
@@ -40,7 +42,9 @@ pub const SLOTS: usize = 4096;
 const MASK: u64 = SLOTS as u64 - 1;
 const WORDS: usize = SLOTS / 64;
 const NIL: u32 = u32::MAX;
-const ABSENT: u16 = u16::MAX;
+/// The deadline of a key not in the wheel. A filed deadline is after `now`,
+/// so it is never 0.
+const ABSENT: u64 = 0;
 
 /// A point in wheel time: a count of ticks from an origin the caller chose.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -63,20 +67,21 @@ pub struct Expired {
 /// 10 ms tick that is some 89,000 years away, so "never").
 pub const MAX_DEADLINE: Tick = Tick((1 << 48) - 1);
 
-/// An entry's place in its slot's list: 12 bytes. Deadlines live in their
-/// own array, so moving a deadline later touches nothing else.
+/// An entry's place in its slot's list: 12 bytes. Deadlines (and so
+/// presence) live in their own array, so a heartbeat, which reads and moves
+/// a deadline, touches nothing else.
 #[derive(Debug, Clone, Copy)]
 struct Link {
     next: u32,
     prev: u32,
-    /// The slot the entry is filed in, or `ABSENT`.
+    /// The slot the entry is filed in, while it is present.
     slot: u16,
 }
 
 const UNLINKED: Link = Link {
     next: NIL,
     prev: NIL,
-    slot: ABSENT,
+    slot: 0,
 };
 
 /// The timing wheel. See the module documentation.
@@ -132,7 +137,7 @@ impl Wheel {
     }
 
     fn is_present(&self, i: usize) -> bool {
-        self.links.get(i).is_some_and(|l| l.slot != ABSENT)
+        self.deadlines.get(i).is_some_and(|&d| d != ABSENT)
     }
 
     /// The deadline of `key`, if it is in the wheel.
@@ -152,9 +157,9 @@ impl Wheel {
         let i = key.0 as usize;
         if i >= self.links.len() {
             self.links.resize(i + 1, UNLINKED);
-            self.deadlines.resize(i + 1, 0);
+            self.deadlines.resize(i + 1, ABSENT);
         }
-        if self.links[i].slot != ABSENT {
+        if self.deadlines[i] != ABSENT {
             return Err(WheelError::Occupied);
         }
         let deadline = deadline.0.min(MAX_DEADLINE.0);
@@ -208,7 +213,7 @@ impl Wheel {
             return false;
         }
         self.unlink(key.0);
-        self.links[key.0 as usize].slot = ABSENT;
+        self.deadlines[key.0 as usize] = ABSENT;
         self.len -= 1;
         true
     }
@@ -254,7 +259,7 @@ impl Wheel {
                 let next = self.links[i as usize].next;
                 let deadline = self.deadlines[i as usize];
                 if deadline <= to {
-                    self.links[i as usize].slot = ABSENT;
+                    self.deadlines[i as usize] = ABSENT;
                     self.len -= 1;
                     expired.push(Expired {
                         key: WheelKey(i),

@@ -119,6 +119,9 @@ pub struct Engine {
     /// Slab slots ever used (the highest session index, plus one): where a
     /// walk over the sessions can stop (`view.rs`).
     session_slots_used: usize,
+    /// Live sessions whose TTL is not a whole number of ticks (see
+    /// [`Engine::arrival_can_move_deadlines`]).
+    sessions_off_tick: usize,
 }
 
 impl Engine {
@@ -166,6 +169,7 @@ impl Engine {
             config,
             place_kept: false,
             session_slots_used: 0,
+            sessions_off_tick: 0,
         })
     }
 
@@ -357,7 +361,7 @@ impl Engine {
     /// With a million sessions, each datagram's index slot and session are
     /// cache misses (and TLB misses) that one call would take one after
     /// another. Here a first pass reads every datagram's index slot and a
-    /// second every session and its wheel entry (link and deadline), both
+    /// second every session and its wheel deadline, both
     /// passes of independent loads that the CPU overlaps, so the third
     /// pass, the real work, finds them in cache.
     /// Each datagram comes with its arrival, if known (see
@@ -376,8 +380,8 @@ impl Engine {
             if let Some(index) = wire::peek_client_id(bytes).and_then(|id| self.live_session(id)) {
                 let session = &self.sessions[index.slot()];
                 touched ^= session.incarnation ^ u64::from(session.ttl_ms);
-                // The wheel's entry (its link and its deadline, two arrays)
-                // is the heartbeat's last miss: read it here too.
+                // The wheel's deadline (which also says the entry is
+                // present) is the heartbeat's last miss: read it here too.
                 touched ^= self
                     .session_wheel
                     .deadline(index.wheel_key())
@@ -552,6 +556,22 @@ impl Engine {
         Some(self.ticks.start(next))
     }
 
+    /// Whether a member's datagram that arrived at some instant in
+    /// `earliest..=latest`, handled without its arrival (as if it arrived
+    /// at `latest`, see [`Engine::handle_datagram`]), could leave its
+    /// session a later deadline than its arrival gives. It cannot when
+    /// every live session's TTL is a whole number of ticks and no tick
+    /// begins inside the window: every instant of the window then rounds
+    /// to the same deadline. A caller that reads in batches asks before a
+    /// read whether the kernel's arrival stamps are worth their cost.
+    ///
+    /// Deadlines already due are another matter: a datagram that arrived
+    /// after one must find its session expired, which only its stamp can
+    /// tell. The caller learns of those from [`Engine::poll_timeout`].
+    pub fn arrival_can_move_deadlines(&self, earliest: Timestamp, latest: Timestamp) -> bool {
+        self.sessions_off_tick > 0 || self.ticks.boundary_within(earliest, latest)
+    }
+
     /// Copies the next queued reply into `buf` (which must hold
     /// [`wire::MAX_DATAGRAM`] bytes) and returns its destination and length.
     /// A reply taken here is the caller's: if the socket would block, keep
@@ -580,6 +600,11 @@ impl Engine {
     /// Whether replies are waiting.
     pub fn has_transmits(&self) -> bool {
         !self.replies.is_empty()
+    }
+
+    /// How many replies are waiting.
+    pub fn queued_transmits(&self) -> usize {
+        self.replies.len()
     }
 
     #[inline]
@@ -746,6 +771,9 @@ impl Engine {
         }
         .clamp(self.config.min_ttl_ms, self.config.max_ttl_ms);
         let index = SessionIndex(self.sessions.insert(Session::new(h, from, ttl_ms)) as u32);
+        if !self.ticks.whole(ttl_ms) {
+            self.sessions_off_tick += 1;
+        }
         self.session_slots_used = self.session_slots_used.max(index.slot() + 1);
         let sessions = &self.sessions;
         self.live_by_client
@@ -927,6 +955,9 @@ impl Engine {
         debug_assert!(session.live, "ending session {index:?} twice");
         session.live = false;
         let (client_id, incarnation) = (session.client_id, session.incarnation);
+        if !self.ticks.whole(session.ttl_ms) {
+            self.sessions_off_tick -= 1;
+        }
         let mut ids = std::mem::take(&mut self.task_scratch);
         if let Some(work) = session.work.as_mut() {
             ids.extend_from_slice(&work.unfinished);

@@ -142,6 +142,20 @@ impl Ticks {
         Tick(t.plus_millis(ms).0.div_ceil(self.tick_us))
     }
 
+    /// Whether a TTL of `ms` milliseconds is a whole number of ticks: then
+    /// a deadline counted from `t` moves only when `t` crosses a tick
+    /// boundary.
+    pub(crate) fn whole(self, ms: u32) -> bool {
+        (u64::from(ms) * 1000) % self.tick_us == 0
+    }
+
+    /// Whether a tick begins at some instant in `earliest..latest`: for a
+    /// TTL of whole ticks, that is whether [`Ticks::deadline`] can differ
+    /// between two instants of the window.
+    pub(crate) fn boundary_within(self, earliest: Timestamp, latest: Timestamp) -> bool {
+        earliest.0.div_ceil(self.tick_us) != latest.0.div_ceil(self.tick_us)
+    }
+
     /// When `tick` begins.
     pub(crate) fn start(self, tick: Tick) -> Timestamp {
         Timestamp(tick.0.saturating_mul(self.tick_us))

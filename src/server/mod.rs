@@ -90,8 +90,8 @@ use crate::metrics::Metrics;
 use crate::observe::{EventStream, WallClock};
 use crate::pool::{Applied, CancelOutcome, Pool, Registry, Report};
 use socket::{
-    Arrivals, Incoming, Inlet, Outgoing, RECV_BATCH, STAMPS_NEEDED_AFTER, STRANGERS_AT_LEAST_EVERY,
-    STRANGERS_PER_TURN,
+    Arrivals, Incoming, Inlet, Outgoing, RECV_BATCH, SEND_BATCH, STAMPS_NEEDED_AFTER,
+    STRANGERS_AT_LEAST_EVERY, STRANGERS_PER_TURN,
 };
 use watch::{Thresholds, Watch};
 
@@ -760,17 +760,21 @@ impl Server {
     }
 
     /// Reads the members' socket: at most one receive buffer's worth of
-    /// datagrams, a batch per system call, sending replies as it goes.
-    /// What the budget left is read next turn, at once.
+    /// datagrams, a batch per system call, sending replies a full batch at
+    /// a time as it goes and the rest at the end. What the budget left is
+    /// read next turn, at once.
     fn drain_members(&mut self, state: &mut LoopState) {
         let mut read = 0;
         while read < self.incoming.members.budget {
             match self.read_batch(state, false) {
                 Some(n) => read += n.max(1),
-                None => return,
+                None => break,
             }
         }
-        self.incoming.members.pending = true;
+        if read >= self.incoming.members.budget {
+            self.incoming.members.pending = true;
+        }
+        self.flush(state);
     }
 
     /// Reads up to `STRANGERS_PER_TURN` HELLOs from the strangers' socket,
@@ -796,9 +800,10 @@ impl Server {
         while read < quota {
             match self.read_batch(state, true) {
                 Some(n) => read += n.max(1),
-                None => return,
+                None => break,
             }
         }
+        self.flush(state);
     }
 
     /// Reads one batch from the members' or the strangers' socket into the
@@ -809,18 +814,29 @@ impl Server {
         } else {
             &mut self.incoming.members
         };
-        // Stamps only where they can change a judgement: datagrams that may
-        // have waited, or a deadline due about now (a datagram around it
-        // must be judged by when it arrived).
+        // Stamps only where they can change a judgement: a deadline due
+        // about now (a datagram around it must be judged by when it
+        // arrived), or datagrams that may have waited long enough for their
+        // arrival to round to an earlier deadline than their reading. The
+        // window closes a margin after this read begins: the read ends
+        // well inside it.
         let (before, before_wall) = (self.clock.now(), self.clock.wall());
+        let window_closes = before + STAMPS_NEEDED_AFTER;
         let due_soon = self
             .engine
             .poll_timeout()
             .map(|due| self.start + Duration::from_micros(due.as_micros()))
-            .is_some_and(|due| due <= before + STAMPS_NEEDED_AFTER);
-        inlet.want_stamps(
-            due_soon || before.saturating_duration_since(inlet.emptied_at) > STAMPS_NEEDED_AFTER,
-        );
+            .is_some_and(|due| due <= window_closes);
+        let start = self.start;
+        let on_engine_clock =
+            |at: Instant| Timestamp(at.saturating_duration_since(start).as_micros() as u64);
+        let waited_long = before.saturating_duration_since(inlet.emptied_at) > STAMPS_NEEDED_AFTER;
+        let arrival_matters = waited_long
+            && self.engine.arrival_can_move_deadlines(
+                on_engine_clock(inlet.emptied_at),
+                on_engine_clock(window_closes),
+            );
+        inlet.want_stamps(due_soon || arrival_matters);
         let batch = &mut self.incoming.batch;
         let read = match batch.recv(&inlet.socket, false) {
             Ok(n) => {
@@ -876,8 +892,11 @@ impl Server {
                 Some(1)
             }
         };
-        // Replies go out as we read, so the outbox stays small.
-        if self.engine.has_transmits() {
+        // Replies go out a full send batch at a time as we read, so the
+        // outbox stays small, and the rest when the read ends: a system
+        // call (and a wake-up of the receiver) per batch of replies, not
+        // per batch read.
+        if self.engine.queued_transmits() >= SEND_BATCH {
             self.flush(state);
         }
         read

@@ -23,7 +23,7 @@ use crate::wire::MAX_DATAGRAM;
 pub(super) const RECV_BATCH: usize = 64;
 
 /// Datagrams sent per system call.
-const SEND_BATCH: usize = 64;
+pub(super) const SEND_BATCH: usize = 64;
 
 /// Receive buffer the server asks the kernel for.
 pub const RECV_BUFFER_BYTES: usize = 4 << 20;
@@ -180,9 +180,13 @@ pub(super) const STRANGERS_PER_TURN: usize = 512;
 
 /// How long datagrams may have waited in a socket (it was last found empty
 /// this long ago) before their kernel stamps are asked for: below it, each
-/// counts from its reading, at most this much after it arrived. Also how
-/// close a due deadline must be for stamps to be asked for, so that whether
-/// a datagram came in time is always judged by its stamp.
+/// counts from its reading, at most this much after it arrived. Past it,
+/// stamps are asked for only if an arrival somewhere in the wait could
+/// round to an earlier deadline than the reading (the engine's
+/// `arrival_can_move_deadlines`: a tick begins within the wait, or some
+/// session's TTL is not a whole number of ticks). Also how close a due
+/// deadline must be for stamps to be asked for, so that whether a datagram
+/// came in time is always judged by its stamp.
 pub(super) const STAMPS_NEEDED_AFTER: Duration = Duration::from_millis(1);
 
 /// However busy the members' socket, a batch of strangers is read at least

@@ -728,3 +728,102 @@ fn a_newer_incarnation_arriving_after_the_deadline_finds_the_old_session_expired
         }]
     );
 }
+
+/// Steps the clock a millisecond at a time until no session is live;
+/// returns when that happened.
+fn expiry_instant(sim: &mut Sim) -> Timestamp {
+    for _ in 0..100_000 {
+        if sim.engine.live_sessions() == 0 {
+            return sim.now;
+        }
+        sim.run_ms(1);
+    }
+    panic!("still live at {:?}", sim.now);
+}
+
+/// A session of `ttl_ms` opened at 0 whose last heartbeat arrived at
+/// `arrived` and was read at `read`, with its stamp or without: when it
+/// expires.
+fn expiry_after_heartbeat(ttl_ms: u32, arrived: u64, read: u64, stamped: bool) -> Timestamp {
+    let mut sim = Sim::new(config());
+    let mut c = Client::new(9);
+    sim.hello(&mut c, ttl_ms);
+    sim.run_until(Timestamp(read));
+    let bytes = sim.encode(&mut c, Flags::empty(), Message::Heartbeat);
+    let handled = if stamped {
+        sim.engine
+            .handle_arrival(sim.now, Timestamp(arrived), c.addr, &bytes)
+    } else {
+        sim.engine.handle_datagram(sim.now, c.addr, &bytes)
+    };
+    handled.expect("not dropped");
+    expiry_instant(&mut sim)
+}
+
+#[test]
+fn an_arrival_stamp_moves_no_deadline_unless_the_engine_says_it_can() {
+    // TTLs of whole ticks (10 ms): within a window holding no tick boundary
+    // the stamp is redundant, and the engine says so; across one it is not.
+    let sim = {
+        let mut sim = Sim::new(config());
+        sim.hello(&mut Client::new(1), 3000);
+        sim
+    };
+    let t = |us| Timestamp(us);
+    for (earliest, latest) in [
+        (1_000_001, 1_010_000),
+        (1_012_000, 1_015_500),
+        (1_020_000, 1_020_000),
+    ] {
+        assert!(!sim
+            .engine
+            .arrival_can_move_deadlines(t(earliest), t(latest)));
+        let by_reading = expiry_after_heartbeat(3000, earliest, latest, false);
+        for arrived in [earliest, (earliest + latest) / 2, latest] {
+            assert_eq!(
+                expiry_after_heartbeat(3000, arrived, latest, true),
+                by_reading,
+                "arrived {arrived} µs, read {latest} µs"
+            );
+        }
+    }
+    // A tick begins at 1.01 s: an arrival just before it expires a tick
+    // earlier than its reading would say.
+    let (earliest, latest) = (1_009_000, 1_011_000);
+    assert!(sim
+        .engine
+        .arrival_can_move_deadlines(t(earliest), t(latest)));
+    assert!(
+        expiry_after_heartbeat(3000, earliest, latest, true)
+            < expiry_after_heartbeat(3000, earliest, latest, false)
+    );
+}
+
+#[test]
+fn a_session_whose_ttl_is_not_whole_ticks_makes_every_wait_need_stamps_while_it_lives() {
+    let mut sim = Sim::new(config());
+    let (earliest, latest) = (Timestamp(1_001_000), Timestamp(1_002_000));
+    let mut whole = Client::new(1);
+    sim.hello(&mut whole, 3000);
+    assert!(!sim.engine.arrival_can_move_deadlines(earliest, latest));
+    // 3005 ms: the instants whose arrival rounds differently sit 5 ms into
+    // each tick, so no window is safe.
+    let mut odd = Client::new(2);
+    sim.hello(&mut odd, 3005);
+    assert!(sim.engine.arrival_can_move_deadlines(earliest, latest));
+    assert!(
+        expiry_after_heartbeat(3005, 1_004_000, 1_006_000, true)
+            < expiry_after_heartbeat(3005, 1_004_000, 1_006_000, false)
+    );
+    let reply = sim.ask(&mut odd, Message::Bye);
+    assert_eq!(reply.message(), Message::ByeAck);
+    assert!(!sim.engine.arrival_can_move_deadlines(earliest, latest));
+    // Expiry ends it as well as BYE does.
+    let mut odd = Client::new(3);
+    sim.hello(&mut odd, 1005);
+    assert!(sim.engine.arrival_can_move_deadlines(earliest, latest));
+    sim.run_ms(2000);
+    assert_eq!(sim.engine.stats().sessions_expired, 1);
+    assert_eq!(sim.engine.live_sessions(), 1);
+    assert!(!sim.engine.arrival_can_move_deadlines(earliest, latest));
+}
