@@ -184,7 +184,8 @@ impl Wheel {
             self.links.get(i),
             self.deadlines.get(i)
         );
-        self.deadlines[i] = deadline.0.min(MAX_DEADLINE.0);
+        // Never 0, which would make the entry look absent.
+        self.deadlines[i] = deadline.0.clamp(1, MAX_DEADLINE.0);
     }
 
     /// Moves the deadline of `key` either way. A later deadline is one

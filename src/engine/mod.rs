@@ -557,9 +557,10 @@ impl Engine {
     }
 
     /// Whether a member's datagram that arrived at some instant in
-    /// `earliest..=latest`, handled without its arrival (as if it arrived
-    /// at `latest`, see [`Engine::handle_datagram`]), could leave its
-    /// session a later deadline than its arrival gives. It cannot when
+    /// `earliest..=latest` and is handled without its arrival (so as if it
+    /// arrived when read, see [`Engine::handle_datagram`]; the caller reads
+    /// it by `latest`) could leave its session a later deadline than its
+    /// arrival gives. It cannot when
     /// every live session's TTL is a whole number of ticks and no tick
     /// begins inside the window: every instant of the window then rounds
     /// to the same deadline. A caller that reads in batches asks before a
@@ -600,11 +601,6 @@ impl Engine {
     /// Whether replies are waiting.
     pub fn has_transmits(&self) -> bool {
         !self.replies.is_empty()
-    }
-
-    /// How many replies are waiting.
-    pub fn queued_transmits(&self) -> usize {
-        self.replies.len()
     }
 
     #[inline]

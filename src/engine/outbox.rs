@@ -64,10 +64,6 @@ impl Outbox {
         self.queue.is_empty()
     }
 
-    pub(crate) fn len(&self) -> usize {
-        self.queue.len()
-    }
-
     /// Bytes of the datagrams waiting.
     pub(crate) fn queued_bytes(&self) -> usize {
         self.bytes.len()

@@ -130,10 +130,6 @@ impl Replies {
         self.outbox.pop(buf)
     }
 
-    pub(crate) fn len(&self) -> usize {
-        self.outbox.len()
-    }
-
     pub(crate) fn is_empty(&self) -> bool {
         self.outbox.is_empty()
     }

@@ -90,8 +90,8 @@ use crate::metrics::Metrics;
 use crate::observe::{EventStream, WallClock};
 use crate::pool::{Applied, CancelOutcome, Pool, Registry, Report};
 use socket::{
-    Arrivals, Incoming, Inlet, Outgoing, RECV_BATCH, SEND_BATCH, STAMPS_NEEDED_AFTER,
-    STRANGERS_AT_LEAST_EVERY, STRANGERS_PER_TURN,
+    Arrivals, Incoming, Inlet, Outgoing, RECV_BATCH, STAMPS_NEEDED_AFTER, STRANGERS_AT_LEAST_EVERY,
+    STRANGERS_PER_TURN,
 };
 use watch::{Thresholds, Watch};
 
@@ -760,21 +760,17 @@ impl Server {
     }
 
     /// Reads the members' socket: at most one receive buffer's worth of
-    /// datagrams, a batch per system call, sending replies a full batch at
-    /// a time as it goes and the rest at the end. What the budget left is
-    /// read next turn, at once.
+    /// datagrams, a batch per system call, sending replies as it goes.
+    /// What the budget left is read next turn, at once.
     fn drain_members(&mut self, state: &mut LoopState) {
         let mut read = 0;
         while read < self.incoming.members.budget {
             match self.read_batch(state, false) {
                 Some(n) => read += n.max(1),
-                None => break,
+                None => return,
             }
         }
-        if read >= self.incoming.members.budget {
-            self.incoming.members.pending = true;
-        }
-        self.flush(state);
+        self.incoming.members.pending = true;
     }
 
     /// Reads up to `STRANGERS_PER_TURN` HELLOs from the strangers' socket,
@@ -800,10 +796,9 @@ impl Server {
         while read < quota {
             match self.read_batch(state, true) {
                 Some(n) => read += n.max(1),
-                None => break,
+                None => return,
             }
         }
-        self.flush(state);
     }
 
     /// Reads one batch from the members' or the strangers' socket into the
@@ -818,8 +813,10 @@ impl Server {
         // about now (a datagram around it must be judged by when it
         // arrived), or datagrams that may have waited long enough for their
         // arrival to round to an earlier deadline than their reading. The
-        // window closes a margin after this read begins: the read ends
-        // well inside it.
+        // window closes a margin after this read begins, which a read ends
+        // well inside unless the thread is held: then its unstamped
+        // datagrams count from their reading, as after a short wait (never
+        // early; PROTOCOL.md, "Timing promises").
         let (before, before_wall) = (self.clock.now(), self.clock.wall());
         let window_closes = before + STAMPS_NEEDED_AFTER;
         let due_soon = self
@@ -892,11 +889,8 @@ impl Server {
                 Some(1)
             }
         };
-        // Replies go out a full send batch at a time as we read, so the
-        // outbox stays small, and the rest when the read ends: a system
-        // call (and a wake-up of the receiver) per batch of replies, not
-        // per batch read.
-        if self.engine.queued_transmits() >= SEND_BATCH {
+        // Replies go out as we read, so the outbox stays small.
+        if self.engine.has_transmits() {
             self.flush(state);
         }
         read

@@ -23,7 +23,7 @@ use crate::wire::MAX_DATAGRAM;
 pub(super) const RECV_BATCH: usize = 64;
 
 /// Datagrams sent per system call.
-pub(super) const SEND_BATCH: usize = 64;
+const SEND_BATCH: usize = 64;
 
 /// Receive buffer the server asks the kernel for.
 pub const RECV_BUFFER_BYTES: usize = 4 << 20;
@@ -250,8 +250,9 @@ impl Inlet {
 
     /// Has the kernel hand over arrival stamps with the next reads, or not.
     /// A stamp costs a control message per datagram; it only changes a
-    /// judgement when a datagram may have waited long (see
-    /// [`STAMPS_NEEDED_AFTER`]) or a deadline falls due about now.
+    /// judgement when a datagram may have waited long across a tick
+    /// boundary (see [`STAMPS_NEEDED_AFTER`]) or a deadline falls due about
+    /// now.
     pub(super) fn want_stamps(&mut self, on: bool) {
         if self.stamping.is_some_and(|now| now != on) {
             self.stamping = crate::batch::set_arrival_stamps(&self.socket, on)

@@ -826,4 +826,11 @@ fn a_session_whose_ttl_is_not_whole_ticks_makes_every_wait_need_stamps_while_it_
     assert_eq!(sim.engine.stats().sessions_expired, 1);
     assert_eq!(sim.engine.live_sessions(), 1);
     assert!(!sim.engine.arrival_can_move_deadlines(earliest, latest));
+    // And so does a new incarnation replacing it, whatever its own TTL.
+    let odd = Client::new(4);
+    sim.hello(&mut odd.clone(), 1005);
+    assert!(sim.engine.arrival_can_move_deadlines(earliest, latest));
+    sim.hello(&mut odd.next_incarnation(), 3000);
+    assert_eq!(sim.engine.stats().sessions_replaced, 1);
+    assert!(!sim.engine.arrival_can_move_deadlines(earliest, latest));
 }
