@@ -143,7 +143,10 @@ impl Wheel {
     /// The deadline of `key`, if it is in the wheel.
     pub fn deadline(&self, key: WheelKey) -> Option<Tick> {
         let i = key.0 as usize;
-        self.is_present(i).then(|| Tick(self.deadlines[i]))
+        self.deadlines
+            .get(i)
+            .filter(|&&d| d != ABSENT)
+            .map(|&d| Tick(d))
     }
 
     /// Adds `key` to expire at `deadline` (at most [`MAX_DEADLINE`]). Call

@@ -361,9 +361,9 @@ impl Engine {
     /// With a million sessions, each datagram's index slot and session are
     /// cache misses (and TLB misses) that one call would take one after
     /// another. Here a first pass reads every datagram's index slot and a
-    /// second every session and its wheel deadline, both
-    /// passes of independent loads that the CPU overlaps, so the third
-    /// pass, the real work, finds them in cache.
+    /// second every session and its wheel deadline, both passes of
+    /// independent loads that the CPU overlaps, so the third pass, the real
+    /// work, finds them in cache.
     /// Each datagram comes with its arrival, if known (see
     /// [`Engine::handle_arrival`]).
     pub fn handle_datagrams<'a, I>(&mut self, now: Timestamp, batch: I)
@@ -560,10 +560,9 @@ impl Engine {
     /// `earliest..=latest` and is handled without its arrival (so as if it
     /// arrived when read, see [`Engine::handle_datagram`]; the caller reads
     /// it by `latest`) could leave its session a later deadline than its
-    /// arrival gives. It cannot when
-    /// every live session's TTL is a whole number of ticks and no tick
-    /// begins inside the window: every instant of the window then rounds
-    /// to the same deadline. A caller that reads in batches asks before a
+    /// arrival gives. It cannot when every live session's TTL is a whole
+    /// number of ticks and no tick begins inside the window: every instant
+    /// of the window then rounds to the same deadline. A caller that reads in batches asks before a
     /// read whether the kernel's arrival stamps are worth their cost.
     ///
     /// Deadlines already due are another matter: a datagram that arrived

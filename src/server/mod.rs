@@ -804,10 +804,10 @@ impl Server {
     /// Reads one batch from the members' or the strangers' socket into the
     /// engine. `None` when the socket is empty.
     fn read_batch(&mut self, state: &mut LoopState, strangers: bool) -> Option<usize> {
-        let inlet = if strangers {
-            self.incoming.strangers.as_mut()?
+        let emptied_at = if strangers {
+            self.incoming.strangers.as_ref()?.emptied_at
         } else {
-            &mut self.incoming.members
+            self.incoming.members.emptied_at
         };
         // Stamps only where they can change a judgement: a deadline due
         // about now (a datagram around it must be judged by when it
@@ -819,20 +819,18 @@ impl Server {
         // early; PROTOCOL.md, "Timing promises").
         let (before, before_wall) = (self.clock.now(), self.clock.wall());
         let window_closes = before + STAMPS_NEEDED_AFTER;
-        let due_soon = self
-            .engine
-            .poll_timeout()
-            .map(|due| self.start + Duration::from_micros(due.as_micros()))
-            .is_some_and(|due| due <= window_closes);
-        let start = self.start;
-        let on_engine_clock =
-            |at: Instant| Timestamp(at.saturating_duration_since(start).as_micros() as u64);
-        let waited_long = before.saturating_duration_since(inlet.emptied_at) > STAMPS_NEEDED_AFTER;
+        let due_soon = self.engine_due().is_some_and(|due| due <= window_closes);
+        let waited_long = before.saturating_duration_since(emptied_at) > STAMPS_NEEDED_AFTER;
         let arrival_matters = waited_long
             && self.engine.arrival_can_move_deadlines(
-                on_engine_clock(inlet.emptied_at),
-                on_engine_clock(window_closes),
+                self.timestamp(emptied_at),
+                self.timestamp(window_closes),
             );
+        let inlet = if strangers {
+            self.incoming.strangers.as_mut()?
+        } else {
+            &mut self.incoming.members
+        };
         inlet.want_stamps(due_soon || arrival_matters);
         let batch = &mut self.incoming.batch;
         let read = match batch.recv(&inlet.socket, false) {
