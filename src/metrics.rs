@@ -42,6 +42,8 @@ pub struct EdgeStats {
     pub sessions_live: u64,
     /// `recvmmsg` errors other than "would block".
     pub receive_errors: u64,
+    /// `recvmmsg` calls on the listening sockets.
+    pub receive_calls: u64,
     /// Replies the socket refused.
     pub send_errors: u64,
     /// Lifecycle events not written to the event stream because its buffer
@@ -237,6 +239,12 @@ const SERIES: &[Series] = &[
         "Socket receive errors.",
         Counter,
         |_, e| e.receive_errors
+    ),
+    series!(
+        "tether_receive_calls",
+        "recvmmsg calls on the listening sockets (up to 64 datagrams each): tether_datagrams_read over it is how well reads batch.",
+        Counter,
+        |_, e| e.receive_calls
     ),
     series!(
         "tether_tasks",

@@ -205,8 +205,9 @@ pub(super) struct Inlet {
     pub(super) budget: usize,
     /// It may hold datagrams not read yet.
     pub(super) pending: bool,
-    /// When a read last found it empty: everything read since arrived
-    /// after that. Read before that read began, so it is never late.
+    /// When a read last found it empty (it came back short, or with
+    /// nothing): everything read since arrived after that. Read before that
+    /// read began, so it is never late.
     pub(super) emptied_at: Instant,
     /// The wall clock then, to tell a step of it from a wait.
     pub(super) emptied_wall: SystemTime,

@@ -58,9 +58,11 @@ pub struct Args {
     /// Only measure the raw sink.
     #[arg(long, conflicts_with = "compare_raw")]
     pub raw_only: bool,
-    /// The raw sink waits this long after a read that found two or more
-    /// datagrams, as `tether serve --coalesce` does: the floor for a reader
-    /// that batches like tether (0: the naive reader, a read per wake-up).
+    /// How the raw sink reads. 0: the naive reader, one batch per wake-up,
+    /// on a plain `SO_RCVBUF` (not what `tether serve --coalesce 0` does).
+    /// A wait D: the floor for a reader that batches like `tether serve
+    /// --coalesce D`: tether's receive buffer, reads until the socket is
+    /// empty, and a sleep of D after a round of two or more datagrams.
     #[arg(long, default_value = "0s", value_parser = parse_duration, value_name = "D")]
     pub sink_coalesce: Duration,
     /// The order the clients' heartbeats go out in each interval. `random`
