@@ -137,7 +137,7 @@ impl Wheel {
     }
 
     fn is_present(&self, i: usize) -> bool {
-        self.deadlines.get(i).is_some_and(|&d| d != ABSENT)
+        self.deadline(WheelKey(i as u32)).is_some()
     }
 
     /// The deadline of `key`, if it is in the wheel.

@@ -562,8 +562,9 @@ impl Engine {
     /// it by `latest`) could leave its session a later deadline than its
     /// arrival gives. It cannot when every live session's TTL is a whole
     /// number of ticks and no tick begins inside the window: every instant
-    /// of the window then rounds to the same deadline. A caller that reads in batches asks before a
-    /// read whether the kernel's arrival stamps are worth their cost.
+    /// of the window then rounds to the same deadline. A caller that reads
+    /// in batches asks before a read whether the kernel's arrival stamps are
+    /// worth their cost.
     ///
     /// Deadlines already due are another matter: a datagram that arrived
     /// after one must find its session expired, which only its stamp can

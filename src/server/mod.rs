@@ -764,18 +764,14 @@ impl Server {
     /// datagrams, a batch per system call, sending replies as it goes.
     /// What the budget left is read next turn, at once.
     fn drain_members(&mut self, state: &mut LoopState) {
-        // It is read every turn, woken or not: until a read finds it empty
-        // (comes back short, or with nothing), it may hold datagrams.
-        self.incoming.members.pending = true;
         let mut read = 0;
         while read < self.incoming.members.budget {
             match self.read_batch(state, false) {
-                Some(n) if self.incoming.members.pending => read += n.max(1),
-                _ => return,
+                Some(n) => read += n.max(1),
+                None => return,
             }
         }
-        // The budget ran out: `pending` is still true, so the next turn
-        // reads the rest at once.
+        self.incoming.members.pending = true;
     }
 
     /// Reads up to `STRANGERS_PER_TURN` HELLOs from the strangers' socket,
@@ -800,17 +796,15 @@ impl Server {
         let mut read = 0;
         while read < quota {
             match self.read_batch(state, true) {
-                Some(n) if self.incoming.strangers.as_ref().is_some_and(|s| s.pending) => {
-                    read += n.max(1)
-                }
-                _ => return,
+                Some(n) => read += n.max(1),
+                None => return,
             }
         }
     }
 
     /// Reads one batch from the members' or the strangers' socket into the
-    /// engine. `None` when the socket was empty; a short batch also leaves
-    /// it marked empty (`pending` false), which ends the drain.
+    /// engine. `None` once the read found the socket empty (nothing there,
+    /// or a short batch, read and handled), which ends the drain.
     fn read_batch(&mut self, state: &mut LoopState, strangers: bool) -> Option<usize> {
         let emptied_at = if strangers {
             self.incoming.strangers.as_ref()?.emptied_at
@@ -867,7 +861,8 @@ impl Server {
                 // are not made (at 100K heartbeats a second, paced: 9,870
                 // calls in 4 s against 19,241, `perf stat`). Everything read
                 // later arrived after this read began.
-                if n < RECV_BATCH {
+                let emptied = n < RECV_BATCH;
+                if emptied {
                     inlet.emptied(before, before_wall);
                 }
                 let heard = &mut self.incoming.heard;
@@ -893,7 +888,7 @@ impl Server {
                 } else {
                     &mut edge.read_members
                 } += n as u64;
-                Some(n)
+                (!emptied).then_some(n)
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 inlet.emptied(before, before_wall);
