@@ -494,6 +494,11 @@ fn per_session_structures_stay_compact() {
         64,
         "the slab tag must fit a niche"
     );
+    assert_eq!(
+        std::mem::align_of::<SlabEntry>(),
+        64,
+        "a session must sit in one cache line, not straddle two"
+    );
     assert_eq!(std::mem::size_of::<ReplayWindow>(), 12);
 }
 
