@@ -32,7 +32,7 @@
 //! then waits up to `coalesce` (0.5 ms by default) before polling again, so
 //! the next `recvmmsg` finds a batch. With 100K clients at 1 Hz sending
 //! independently, that cuts the CPU per heartbeat from 5.5 to 2.3 µs
-//! (BENCHMARKS.md: a wake-up shared by ~80 datagrams and a system call by
+//! (BENCHMARKS.md: a wake-up shared by ~80 datagrams and a `recvmmsg` by
 //! ~40, instead of one or two each), and costs replies at most that wait.
 //! Expiry is not delayed (the wait ends at the next due tick), and a lone
 //! client's request/response exchange never waits: its datagrams arrive
