@@ -47,10 +47,11 @@ pub struct Sink {
 impl Sink {
     pub fn start(coalesce: Duration) -> Result<Sink, String> {
         let socket = UdpSocket::bind("127.0.0.1:0").map_err(|e| e.to_string())?;
+        let bytes = tether::server::RECV_BUFFER_BYTES;
         if coalesce.is_zero() {
-            let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(4 << 20);
+            let _ = socket2::SockRef::from(&socket).set_recv_buffer_size(bytes);
         } else {
-            let _ = tether::batch::set_recv_buffer(&socket, 4 << 20);
+            let _ = tether::batch::set_recv_buffer(&socket, bytes);
         }
         socket
             .set_read_timeout(Some(Duration::from_millis(100)))
