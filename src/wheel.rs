@@ -141,6 +141,15 @@ impl Wheel {
     }
 
     /// The deadline of `key`, if it is in the wheel.
+    /// Starts loading `key`'s deadline, which [`Wheel::deadline`] and a
+    /// reset read.
+    #[inline]
+    pub fn prefetch(&self, key: WheelKey) {
+        if let Some(d) = self.deadlines.get(key.0 as usize) {
+            crate::prefetch::prefetch(d);
+        }
+    }
+
     pub fn deadline(&self, key: WheelKey) -> Option<Tick> {
         let i = key.0 as usize;
         self.deadlines

@@ -42,11 +42,18 @@ impl ClientIndex {
         self.hasher.hash_one(client_id) as usize & (self.slots.len() - 1)
     }
 
-    /// Reads the slot a lookup of `client_id` starts at, so that a batch
-    /// can issue all its cache misses before it needs any of them.
+    /// Starts loading the slot a lookup of `client_id` begins at.
     #[inline]
-    pub(crate) fn touch(&self, client_id: u64) -> u32 {
-        self.slots[self.home(client_id)]
+    pub(crate) fn prefetch(&self, client_id: u64) {
+        crate::prefetch::prefetch(&self.slots[self.home(client_id)]);
+    }
+
+    /// The index the slot a lookup of `client_id` begins at points to, if
+    /// any: the session a lookup reads first (another one's on a
+    /// collision), for a batch to prefetch.
+    #[inline]
+    pub(crate) fn first_candidate(&self, client_id: u64) -> Option<u32> {
+        self.slots[self.home(client_id)].checked_sub(1)
     }
 
     /// The index whose session has `client_id`; `key_of` reads the

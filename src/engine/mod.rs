@@ -124,6 +124,20 @@ pub struct Engine {
     sessions_off_tick: usize,
 }
 
+/// A session read for real, and its index: where the slab's entries are.
+type SessionAnchor = (SessionIndex, *const Session);
+
+/// Where session `index` lies in the slab, computed from `anchor` without
+/// reading the slab's entry for it (that read would be the very miss a
+/// prefetch is meant to hide). The slab does not say where its entries
+/// start; each is a `Session` in size (`per_session_structures_stay_compact`),
+/// so they lie a `Session` apart. Only ever prefetched: were the layout to
+/// change, a wrong address would waste a cache line, never change a result.
+fn session_address(anchor: SessionAnchor, index: SessionIndex) -> *const Session {
+    let (at, address) = anchor;
+    address.wrapping_offset(index.slot() as isize - at.slot() as isize)
+}
+
 impl Engine {
     /// An engine whose clock starts at `now`, once `config` passes
     /// [`Config::validate`].
@@ -358,37 +372,45 @@ impl Engine {
     /// Handles datagrams read together at `now`: the same as calling
     /// [`Engine::handle_datagram`] for each in order, but faster at scale.
     ///
-    /// With a million sessions, each datagram's index slot and session are
-    /// cache misses (and TLB misses) that one call would take one after
-    /// another. Here a first pass reads every datagram's index slot and a
-    /// second every session and its wheel deadline, both passes of
-    /// independent loads that the CPU overlaps, so the third pass, the real
-    /// work, finds them in cache.
+    /// Each heartbeat reads three scattered cache lines: its index slot,
+    /// its session and its wheel deadline. One call at a time would wait
+    /// for each miss in turn. Here a first pass prefetches every
+    /// datagram's index slot, a second reads those slots (arrived by then)
+    /// and prefetches the sessions and deadlines they point to, and the
+    /// third, the real work, finds the batch's lines in cache or on their
+    /// way. Prefetches retire at once, so a whole batch's misses are in
+    /// flight together, where loads would overlap only as many as the
+    /// CPU's reorder window holds (BENCHMARKS.md: the engine table).
     /// Each datagram comes with its arrival, if known (see
     /// [`Engine::handle_arrival`]).
     pub fn handle_datagrams<'a, I>(&mut self, now: Timestamp, batch: I)
     where
         I: Iterator<Item = (SocketAddr, &'a [u8], Option<Timestamp>)> + Clone,
     {
-        let mut touched = 0u64;
         for (_, bytes, _) in batch.clone() {
             if let Some(id) = wire::peek_client_id(bytes) {
-                touched ^= u64::from(self.live_by_client.touch(id));
+                self.live_by_client.prefetch(id);
             }
         }
+        let mut anchor: Option<SessionAnchor> = None;
         for (_, bytes, _) in batch.clone() {
-            if let Some(index) = wire::peek_client_id(bytes).and_then(|id| self.live_session(id)) {
-                let session = &self.sessions[index.slot()];
-                touched ^= session.incarnation ^ u64::from(session.ttl_ms);
-                // The wheel's deadline (which also says the entry is
-                // present) is the heartbeat's last miss: read it here too.
-                touched ^= self
-                    .session_wheel
-                    .deadline(index.wheel_key())
-                    .map_or(0, |t| t.0);
+            let Some(index) = wire::peek_client_id(bytes)
+                .and_then(|id| self.live_by_client.first_candidate(id))
+                .map(SessionIndex)
+            else {
+                continue;
+            };
+            if anchor.is_none() {
+                anchor = self
+                    .sessions
+                    .get(index.slot())
+                    .map(|s| (index, s as *const Session));
             }
+            if let Some(anchor) = anchor {
+                crate::prefetch::prefetch(session_address(anchor, index));
+            }
+            self.session_wheel.prefetch(index.wheel_key());
         }
-        std::hint::black_box(touched);
         for (from, bytes, arrived) in batch {
             let _ = self.receive(now, arrived, from, bytes);
         }
