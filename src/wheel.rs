@@ -140,7 +140,6 @@ impl Wheel {
         self.deadline(WheelKey(i as u32)).is_some()
     }
 
-    /// The deadline of `key`, if it is in the wheel.
     /// Starts loading `key`'s deadline, which [`Wheel::deadline`] and a
     /// reset read.
     #[inline]
@@ -150,6 +149,7 @@ impl Wheel {
         }
     }
 
+    /// The deadline of `key`, if it is in the wheel.
     pub fn deadline(&self, key: WheelKey) -> Option<Tick> {
         let i = key.0 as usize;
         self.deadlines

@@ -48,9 +48,9 @@ impl ClientIndex {
         crate::prefetch::prefetch(&self.slots[self.home(client_id)]);
     }
 
-    /// The index the slot a lookup of `client_id` begins at points to, if
-    /// any: the session a lookup reads first (another one's on a
-    /// collision), for a batch to prefetch.
+    /// The session index held by the slot where a lookup of `client_id`
+    /// begins, if that slot is taken: the session such a lookup reads
+    /// first (on a collision, another client's), for a batch to prefetch.
     #[inline]
     pub(crate) fn first_candidate(&self, client_id: u64) -> Option<u32> {
         self.slots[self.home(client_id)].checked_sub(1)

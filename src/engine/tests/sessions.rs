@@ -503,8 +503,8 @@ fn per_session_structures_stay_compact() {
 }
 
 #[test]
-fn a_batch_finds_sessions_where_the_slab_keeps_them() {
-    // The batch prefetches sessions at addresses it computes from one
+fn session_addresses_computed_from_an_anchor_are_the_slabs() {
+    // A batch prefetches sessions at addresses it computes from one
     // session read for real; a wrong address would silently cost the
     // prefetch its point. Every live session's computed address is its own.
     let mut sim = Sim::new(config());
@@ -520,8 +520,16 @@ fn a_batch_finds_sessions_where_the_slab_keeps_them() {
     let sessions = &sim.engine.sessions;
     let keys: Vec<usize> = sessions.iter().map(|(k, _)| k).collect();
     assert_eq!(keys.len(), 300 - 43, "every seventh session left");
+    let vacant = (0..300).find(|k| !sessions.contains(*k)).expect("a hole");
+    assert!(sim
+        .engine
+        .session_anchor(SessionIndex(vacant as u32))
+        .is_none());
     for &at in [keys[0], keys[keys.len() / 2], keys[keys.len() - 1]].iter() {
-        let anchor = (SessionIndex(at as u32), &sessions[at] as *const Session);
+        let anchor = sim
+            .engine
+            .session_anchor(SessionIndex(at as u32))
+            .expect("a live session anchors");
         for &k in &keys {
             assert_eq!(
                 session_address(anchor, SessionIndex(k as u32)),
