@@ -8,9 +8,9 @@
 //! ("Prefetching the batch").
 //!
 //! Only x86_64 has it here (its prefetch is stable in `core::arch`;
-//! aarch64's is not). Elsewhere [`prefetch`] reads the value instead, as
-//! the engine did before, and [`prefetch_address`] does nothing (the
-//! engine reads those sessions through the slab instead).
+//! aarch64's is not). Elsewhere [`prefetch`] reads the value instead and
+//! [`prefetch_address`] does nothing: the engine then keeps the look-ahead
+//! of loads it had before (not measured on another architecture).
 
 #![allow(unsafe_code)]
 

@@ -131,9 +131,11 @@ type SessionAnchor = (SessionIndex, *const Session);
 /// Where session `index` lies in the slab, computed from `anchor` without
 /// reading the slab's entry for it (that read would be the very miss a
 /// prefetch is meant to hide). The slab does not say where its entries
-/// start; each is a `Session` in size (`per_session_structures_stay_compact`),
-/// so they lie a `Session` apart. Only ever prefetched: were the layout to
-/// change, a wrong address would waste a cache line, never change a result.
+/// start; each is a `Session` in size, so they lie a `Session` apart (the
+/// slab's private layout, which the lock file pins; the test
+/// `session_addresses_computed_from_an_anchor_are_the_slabs` would catch
+/// a change). Only ever prefetched: a wrong address would waste a cache
+/// line, never change a result.
 fn session_address(anchor: SessionAnchor, index: SessionIndex) -> *const Session {
     let (at, address) = anchor;
     address.wrapping_offset(index.slot() as isize - at.slot() as isize)
@@ -382,7 +384,7 @@ impl Engine {
     /// work, finds the batch's lines in cache or on their way. A prefetch
     /// asks for a line without the CPU waiting for it, and the passes do
     /// no lookups of their own. Measured against the plain loads it
-    /// replaced: faster at 1K and 100K sessions, the same at 1M
+    /// replaced: faster at 1K and 100K sessions, no gain at 1M
     /// (docs/benchmarks-history.md, "Prefetching the batch").
     /// Each datagram comes with its arrival, if known (see
     /// [`Engine::handle_arrival`]).
@@ -397,25 +399,29 @@ impl Engine {
         }
         let mut anchor: Option<SessionAnchor> = None;
         for (_, bytes, _) in batch.clone() {
-            let Some(index) = wire::peek_client_id(bytes)
-                .and_then(|id| self.live_by_client.first_candidate(id))
-                .map(SessionIndex)
-            else {
+            let Some(id) = wire::peek_client_id(bytes) else {
                 continue;
             };
             if cfg!(target_arch = "x86_64") {
+                let Some(index) = self.live_by_client.first_candidate(id).map(SessionIndex) else {
+                    continue;
+                };
                 if anchor.is_none() {
                     anchor = self.session_anchor(index);
                 }
                 if let Some(anchor) = anchor {
                     crate::prefetch::prefetch_address(session_address(anchor, index));
                 }
-            } else if let Some(session) = self.sessions.get(index.slot()) {
-                // No prefetch on this target: a plain read, whose misses
-                // the CPU overlaps as far as its reorder window goes.
-                std::hint::black_box(session.client_id);
+                self.session_wheel.prefetch(index.wheel_key());
+            } else if let Some(index) = self.live_session(id) {
+                // No prefetch on this target: the look-ahead the prefetch
+                // replaced, a whole lookup whose loads the CPU overlaps as
+                // far as its reorder window goes. Reading only what the
+                // prefetch asks for measured slower than this on x86_64.
+                let session = &self.sessions[index.slot()];
+                let deadline = self.session_wheel.deadline(index.wheel_key());
+                std::hint::black_box((session.incarnation, deadline));
             }
-            self.session_wheel.prefetch(index.wheel_key());
         }
         for (from, bytes, arrived) in batch {
             let _ = self.receive(now, arrived, from, bytes);
