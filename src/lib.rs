@@ -92,7 +92,6 @@ pub mod metrics;
 pub mod observe;
 #[doc(hidden)]
 pub mod pool;
-mod prefetch;
 #[doc(hidden)]
 pub mod server;
 #[doc(hidden)]

@@ -140,15 +140,6 @@ impl Wheel {
         self.deadline(WheelKey(i as u32)).is_some()
     }
 
-    /// Starts loading `key`'s deadline, which [`Wheel::deadline`] and a
-    /// reset read.
-    #[inline]
-    pub fn prefetch(&self, key: WheelKey) {
-        if let Some(d) = self.deadlines.get(key.0 as usize) {
-            crate::prefetch::prefetch(d);
-        }
-    }
-
     /// The deadline of `key`, if it is in the wheel.
     pub fn deadline(&self, key: WheelKey) -> Option<Tick> {
         let i = key.0 as usize;

@@ -42,18 +42,11 @@ impl ClientIndex {
         self.hasher.hash_one(client_id) as usize & (self.slots.len() - 1)
     }
 
-    /// Starts loading the slot a lookup of `client_id` begins at.
+    /// Reads the slot a lookup of `client_id` starts at, so that a batch
+    /// can issue all its cache misses before it needs any of them.
     #[inline]
-    pub(crate) fn prefetch(&self, client_id: u64) {
-        crate::prefetch::prefetch(&self.slots[self.home(client_id)]);
-    }
-
-    /// The session index held by the slot where a lookup of `client_id`
-    /// begins, if that slot is taken: the session such a lookup reads
-    /// first (on a collision, another client's), for a batch to prefetch.
-    #[inline]
-    pub(crate) fn first_candidate(&self, client_id: u64) -> Option<u32> {
-        self.slots[self.home(client_id)].checked_sub(1)
+    pub(crate) fn touch(&self, client_id: u64) -> u32 {
+        self.slots[self.home(client_id)]
     }
 
     /// The index whose session has `client_id`; `key_of` reads the

@@ -124,23 +124,6 @@ pub struct Engine {
     sessions_off_tick: usize,
 }
 
-/// A session read for real, and its index: where the slab's entries are
-/// (see [`Engine::session_anchor`]).
-type SessionAnchor = (SessionIndex, *const Session);
-
-/// Where session `index` lies in the slab, computed from `anchor` without
-/// reading the slab's entry for it (that read would be the very miss a
-/// prefetch is meant to hide). The slab does not say where its entries
-/// start; each is a `Session` in size, so they lie a `Session` apart (the
-/// slab's private layout, which the lock file pins; the test
-/// `session_addresses_computed_from_an_anchor_are_the_slabs` would catch
-/// a change). Only ever prefetched: a wrong address would waste a cache
-/// line, never change a result.
-fn session_address(anchor: SessionAnchor, index: SessionIndex) -> *const Session {
-    let (at, address) = anchor;
-    address.wrapping_offset(index.slot() as isize - at.slot() as isize)
-}
-
 impl Engine {
     /// An engine whose clock starts at `now`, once `config` passes
     /// [`Config::validate`].
@@ -375,65 +358,40 @@ impl Engine {
     /// Handles datagrams read together at `now`: the same as calling
     /// [`Engine::handle_datagram`] for each in order, but faster at scale.
     ///
-    /// Each heartbeat reads three scattered cache lines: its index slot,
-    /// its session and its wheel deadline. One call at a time would wait
-    /// for each miss in turn. Here a first pass prefetches every
-    /// datagram's index slot, a second reads those slots and prefetches
-    /// the sessions and deadlines they point to (the session a lookup
-    /// reads first: on a collision, another's), and the third, the real
-    /// work, finds the batch's lines in cache or on their way. A prefetch
-    /// asks for a line without the CPU waiting for it, and the passes do
-    /// no lookups of their own. Measured against the plain loads it
-    /// replaced: faster at 1K and 100K sessions, no gain at 1M
-    /// (docs/benchmarks-history.md, "Prefetching the batch").
+    /// With a million sessions, each datagram's index slot and session are
+    /// cache misses (and TLB misses) that one call would take one after
+    /// another. Here a first pass reads every datagram's index slot and a
+    /// second every session and its wheel deadline, both passes of
+    /// independent loads that the CPU overlaps, so the third pass, the real
+    /// work, finds them in cache.
     /// Each datagram comes with its arrival, if known (see
     /// [`Engine::handle_arrival`]).
     pub fn handle_datagrams<'a, I>(&mut self, now: Timestamp, batch: I)
     where
         I: Iterator<Item = (SocketAddr, &'a [u8], Option<Timestamp>)> + Clone,
     {
+        let mut touched = 0u64;
         for (_, bytes, _) in batch.clone() {
             if let Some(id) = wire::peek_client_id(bytes) {
-                self.live_by_client.prefetch(id);
+                touched ^= u64::from(self.live_by_client.touch(id));
             }
         }
-        let mut anchor: Option<SessionAnchor> = None;
         for (_, bytes, _) in batch.clone() {
-            let Some(id) = wire::peek_client_id(bytes) else {
-                continue;
-            };
-            if cfg!(target_arch = "x86_64") {
-                let Some(index) = self.live_by_client.first_candidate(id).map(SessionIndex) else {
-                    continue;
-                };
-                if anchor.is_none() {
-                    anchor = self.session_anchor(index);
-                }
-                if let Some(anchor) = anchor {
-                    crate::prefetch::prefetch_address(session_address(anchor, index));
-                }
-                self.session_wheel.prefetch(index.wheel_key());
-            } else if let Some(index) = self.live_session(id) {
-                // No prefetch on this target: the look-ahead the prefetch
-                // replaced, a whole lookup whose loads the CPU overlaps as
-                // far as its reorder window goes. Reading only what the
-                // prefetch asks for measured slower than this on x86_64.
+            if let Some(index) = wire::peek_client_id(bytes).and_then(|id| self.live_session(id)) {
                 let session = &self.sessions[index.slot()];
-                let deadline = self.session_wheel.deadline(index.wheel_key());
-                std::hint::black_box((session.incarnation, deadline));
+                touched ^= session.incarnation ^ u64::from(session.ttl_ms);
+                // The wheel's deadline (which also says the entry is
+                // present) is the heartbeat's last miss: read it here too.
+                touched ^= self
+                    .session_wheel
+                    .deadline(index.wheel_key())
+                    .map_or(0, |t| t.0);
             }
         }
+        std::hint::black_box(touched);
         for (from, bytes, arrived) in batch {
             let _ = self.receive(now, arrived, from, bytes);
         }
-    }
-
-    /// `index`'s session, read for real, as the anchor from which
-    /// [`session_address`] finds the others.
-    fn session_anchor(&self, index: SessionIndex) -> Option<SessionAnchor> {
-        self.sessions
-            .get(index.slot())
-            .map(|s| (index, s as *const Session))
     }
 
     /// Call when [`Engine::poll_timeout`]'s time has come (calling more

@@ -31,10 +31,10 @@ pub(crate) struct SessionWork {
     pub(crate) unfinished: Vec<TaskId>,
 }
 
-/// One cache line each (`align(64)`): a batch of heartbeats prefetches
-/// one line per session, and the slab's allocation is only 16-aligned,
-/// so unaligned its 64 bytes would straddle two lines and a lookup would
-/// miss on both.
+/// One cache line each (`align(64)`): a heartbeat's look-ahead reads the
+/// session right after a cache miss on the index, and the slab's
+/// allocation is only 16-aligned, so unaligned its 64 bytes would straddle
+/// two lines and a lookup would read both.
 #[derive(Debug)]
 #[repr(align(64))]
 pub(crate) struct Session {

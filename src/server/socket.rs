@@ -279,8 +279,8 @@ pub(super) struct Incoming {
     pub(super) batch: RecvBatch,
     /// Each datagram of the batch read last: its index in the batch, source
     /// and arrival, worked out once. The engine walks a batch three times
-    /// (two passes of prefetches, then the work), and this keeps the
-    /// address parsing and stamp conversion out of the first two.
+    /// (two passes of loads it overlaps, then the work), and this keeps
+    /// the address parsing and stamp conversion out of the first two.
     pub(super) heard: Vec<(usize, SocketAddr, Option<Timestamp>)>,
     pub(super) members: Inlet,
     pub(super) strangers: Option<Inlet>,

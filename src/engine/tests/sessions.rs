@@ -503,44 +503,6 @@ fn per_session_structures_stay_compact() {
 }
 
 #[test]
-fn session_addresses_computed_from_an_anchor_are_the_slabs() {
-    // A batch prefetches sessions at addresses it computes from one
-    // session read for real; a wrong address would silently cost the
-    // prefetch its point. Every live session's computed address is its own.
-    let mut sim = Sim::new(config());
-    let mut clients: Vec<Client> = (1..=300).map(Client::new).collect();
-    for c in clients.iter_mut() {
-        sim.hello(c, 0);
-    }
-    // Holes in the slab: the layout must hold across vacant entries too.
-    for c in clients.iter_mut().step_by(7) {
-        let bye = sim.encode(c, Flags::empty(), Message::Bye);
-        let _ = sim.engine.handle_datagram(sim.now, c.addr, &bye);
-    }
-    let sessions = &sim.engine.sessions;
-    let keys: Vec<usize> = sessions.iter().map(|(k, _)| k).collect();
-    assert_eq!(keys.len(), 300 - 43, "every seventh session left");
-    let vacant = (0..300).find(|k| !sessions.contains(*k)).expect("a hole");
-    assert!(sim
-        .engine
-        .session_anchor(SessionIndex(vacant as u32))
-        .is_none());
-    for &at in [keys[0], keys[keys.len() / 2], keys[keys.len() - 1]].iter() {
-        let anchor = sim
-            .engine
-            .session_anchor(SessionIndex(at as u32))
-            .expect("a live session anchors");
-        for &k in &keys {
-            assert_eq!(
-                session_address(anchor, SessionIndex(k as u32)),
-                &sessions[k] as *const Session,
-                "session {k} from the anchor at {at}"
-            );
-        }
-    }
-}
-
-#[test]
 fn a_batch_is_handled_exactly_as_one_datagram_at_a_time() {
     // The same traffic, one engine fed datagram by datagram and the other
     // in batches: identical replies, effects and counters.
